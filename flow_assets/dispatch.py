@@ -1,0 +1,89 @@
+"""The handler's view of one page's jobs: report outcomes as idempotent state transitions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from resources.redaction import redact_text
+
+PENDING, COMPLETED, FAILED = "pending", "completed", "failed"
+MAX_ERROR_CHARS = 2000
+
+
+class JobBatch:
+    """The deduplicated records of one page, one job each, handed to a flow's handler.
+
+    A job's outcome is a state transition: pending -> completed or failed, and failed ->
+    completed (a successful retry). Repeating a transition (a double ack) changes nothing,
+    and a completed job stays completed. Jobs still pending when the handler returns
+    normally are completed.
+
+    Args:
+        keys: the record keys, one per record.
+        records: the records, in page order.
+
+    Examples:
+        >>> batch = JobBatch(["a", "b"], [{"id": "a"}, {"id": "b"}])
+        >>> batch.fail(batch.records[1], ValueError("bad"))
+        >>> batch.fail("b", ValueError("bad again"))  # repeated: no change
+        >>> batch.finish()
+        (1, 1)
+    """
+
+    def __init__(self, keys: Sequence[str], records: Sequence[Mapping[str, Any]]) -> None:
+        self.keys = list(keys)
+        self.records = list(records)
+        self._key_by_id = {id(record): key for key, record in zip(keys, records, strict=True)}
+        self._state = dict.fromkeys(self.keys, PENDING)
+        self._errors: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        return iter(self.records)
+
+    def items(self) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        """``(key, record)`` pairs."""
+        return zip(self.keys, self.records, strict=True)
+
+    def complete(self, job: str | Mapping[str, Any]) -> None:
+        """Mark a job completed (a record of this batch, or its key)."""
+        key = self._key(job)
+        self._state[key] = COMPLETED
+        self._errors.pop(key, None)
+
+    def fail(self, job: str | Mapping[str, Any], error: BaseException | str) -> None:
+        """Mark a job failed with its error, unless it already completed."""
+        key = self._key(job)
+        if self._state[key] == PENDING:
+            self._state[key] = FAILED
+            self._errors[key] = _error_text(error)
+
+    def finish(self) -> tuple[int, int]:
+        """Complete what is still pending; return ``(completed, failed)``."""
+        for key, state in self._state.items():
+            if state == PENDING:
+                self._state[key] = COMPLETED
+        failed = len(self._errors)
+        return len(self._state) - failed, failed
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """Error text of each failed job, by record key."""
+        return dict(self._errors)
+
+    def _key(self, job: str | Mapping[str, Any]) -> str:
+        key = job if isinstance(job, str) else self._key_by_id.get(id(job))
+        if key is None or key not in self._state:
+            raise KeyError(
+                "JobBatch: that record is not part of this batch; report the record object the"
+                " batch handed you, or its key"
+            )
+        return key
+
+
+def _error_text(error: BaseException | str) -> str:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return redact_text(text)[:MAX_ERROR_CHARS]

@@ -1,0 +1,169 @@
+"""Declaring a flow: a source, a record key, a handler, and how much failure is tolerable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import dagster as dg
+from croniter import croniter
+
+from flow_assets.dispatch import JobBatch
+from flow_assets.errors import FlowDefinitionError
+from flow_assets.sources.base import Source
+from resources.names import InvalidNameError, validate_name
+from sensors.classify import Tolerance
+
+KeySpec = str | Callable[[Mapping[str, Any]], Hashable]
+Handler = Callable[[JobBatch], None]
+
+_OPTIONS = (
+    "name", "source", "key", "handler", "partitions", "schedule", "max_failed_jobs", "group",
+    "pages_per_step", "retry_policy", "deadline", "max_record_bytes", "description",
+)  # fmt: skip
+
+
+class Flow:
+    """A paginated source whose records are deduplicated and dispatched as jobs to a handler.
+
+    Args:
+        name: safe name (lower-case letters, digits, ``_``); becomes the Dagster job
+            ``<name>_job``, the asset ``flows/<name>``, Redis keys and SQL values.
+        source: where records come from (``HttpJsonSource``, ``FileSource``, ...).
+        key: the record field holding its identity, or a function of the record returning
+            it (str or int). Records without a usable key are rejected and quarantined.
+        handler: called with a ``JobBatch`` of one page's deduplicated records; reports each
+            record's outcome with ``batch.complete(record)`` / ``batch.fail(record, error)``.
+            Records left unreported when it returns count as completed; if it raises, the
+            page step fails and Dagster's retry policy re-runs it (pages count once).
+        partitions: a Dagster ``PartitionsDefinition`` (daily, static, dynamic); the source
+            receives the partition key.
+        schedule: a cron string. For time-window partitions the schedule runs the latest
+            partition at that cadence.
+        max_failed_jobs: failed jobs tolerated before the run is ``failed``: an int count or
+            a float ratio of dispatched jobs (default 0: any failure fails the run).
+        group: Dagster group name of the flow's job and asset (default ``flows``).
+        pages_per_step: pages handled by one mapped step; larger amortises Dagster's
+            per-step cost, smaller spreads work wider (default 8).
+        retry_policy: Dagster ``RetryPolicy`` for page steps (default: 2 retries).
+        deadline: a run with pending jobs and no progress for this long is ``failed``
+            (reason ``stalled``).
+        max_record_bytes: records larger than this (as JSON) are rejected; None (the
+            default) skips the size check, which costs a JSON encoding per record.
+        description: shown in the Dagster UI.
+
+    Examples:
+        >>> from flow_assets import Flow, FileSource
+        >>> orders = Flow(
+        ...     name="orders",
+        ...     source=FileSource("data/orders.jsonl", page_size=500),
+        ...     key="order_id",
+        ...     handler=lambda batch: None,
+        ...     max_failed_jobs=0.01,
+        ... )
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        source: Source,
+        key: KeySpec,
+        handler: Handler,
+        partitions: dg.PartitionsDefinition | None = None,
+        schedule: str | None = None,
+        max_failed_jobs: int | float = 0,
+        group: str | None = None,
+        pages_per_step: int = 8,
+        retry_policy: dg.RetryPolicy | None = None,
+        deadline: timedelta = timedelta(hours=1),
+        max_record_bytes: int | None = None,
+        description: str | None = None,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise FlowDefinitionError(
+                f"Flow got unknown option(s) {sorted(unknown)}; valid options are {list(_OPTIONS)}"
+            )
+        self.name = _checked_name(name, "Flow name")
+        self.source = _checked(source, isinstance(source, Source), "source",
+                               "an object with plan(), fetch() and pages(), e.g. FileSource(...)")
+        self.key = _checked(key, (isinstance(key, str) and bool(key)) or callable(key), "key",
+                            "a non-empty column name or a function of the record")
+        self.handler = _checked(handler, callable(handler), "handler",
+                                "a function taking a JobBatch")
+        self.partitions = _checked(
+            partitions, partitions is None or isinstance(partitions, dg.PartitionsDefinition),
+            "partitions", "a Dagster PartitionsDefinition such as DailyPartitionsDefinition",
+        )
+        self.schedule = _checked_schedule(schedule, partitions)
+        try:
+            self.tolerance = Tolerance(max_failed_jobs)
+        except ValueError as exc:
+            raise FlowDefinitionError(f"Flow {name!r}: {exc}") from exc
+        self.group = _checked_name(group or "flows", "Flow group")
+        self.pages_per_step = _checked(
+            pages_per_step, _positive_int(pages_per_step), "pages_per_step", "an int >= 1")
+        self.retry_policy = retry_policy or dg.RetryPolicy(max_retries=2, delay=0.5)
+        self.deadline = _checked(deadline, isinstance(deadline, timedelta) and
+                                 deadline.total_seconds() > 0, "deadline", "a positive timedelta")
+        self.max_record_bytes = _checked(
+            max_record_bytes, max_record_bytes is None or _positive_int(max_record_bytes),
+            "max_record_bytes", "None or an int >= 1")
+        self.description = description or f"Flow {name}: {source}"
+
+    @property
+    def job_name(self) -> str:
+        return f"{self.name}_job"
+
+    @property
+    def asset_key(self) -> dg.AssetKey:
+        return dg.AssetKey(["flows", self.name])
+
+    def __repr__(self) -> str:
+        return f"Flow(name={self.name!r}, source={self.source})"
+
+
+def _checked_name(value: object, what: str) -> str:
+    try:
+        return validate_name(value, what)
+    except InvalidNameError as exc:
+        raise FlowDefinitionError(str(exc)) from exc
+
+
+def _checked(value: Any, ok: bool, option: str, expected: str) -> Any:
+    if not ok:
+        raise FlowDefinitionError(f"Flow option {option}={value!r} is invalid: expected {expected}")
+    return value
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _checked_schedule(schedule: str | None, partitions: object) -> str | None:
+    if schedule is None:
+        return None
+    if not isinstance(schedule, str) or not croniter.is_valid(schedule):
+        raise FlowDefinitionError(
+            f"Flow option schedule={schedule!r} is not a cron string; use e.g. '0 * * * *'"
+        )
+    if partitions is not None and not isinstance(partitions, dg.TimeWindowPartitionsDefinition):
+        raise FlowDefinitionError(
+            "Flow option schedule needs unpartitioned or time-window partitioned flows; for static"
+            " or dynamic partitions launch runs from a sensor or the UI instead"
+        )
+    return schedule
+
+
+def unique_flows(flows: list[Flow]) -> dict[str, Flow]:
+    """Flows by name; a name used twice is refused."""
+    by_name: dict[str, Flow] = {}
+    for flow in flows:
+        if flow.name in by_name:
+            raise FlowDefinitionError(
+                f"two flows are named {flow.name!r}: flow names must be unique; rename one"
+            )
+        by_name[flow.name] = flow
+    return by_name

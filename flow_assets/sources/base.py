@@ -1,0 +1,63 @@
+"""What a source is: something that yields pages of records, deterministically per partition.
+
+Two shapes, chosen by the source:
+
+* random access (``plan`` returns page refs): page N can be fetched on its own, so the
+  plan op fans page refs out and each page step fetches its pages;
+* sequential (``plan`` returns None): pages are read in order (cursor, next link, file
+  chunks) by the plan op, which fans the pages themselves out.
+
+Either way a page has a stable ``index`` (0-based, in source order) so that a retried or
+re-executed step reads - and is accounted as - the same page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class PageRef:
+    """Where to fetch one page of a random-access source.
+
+    Args:
+        index: the page's 0-based position in the source.
+        params: JSON-serialisable request parameters the source needs to fetch it.
+    """
+
+    index: int
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of raw records, as the source returned them (not yet validated).
+
+    Args:
+        index: the page's 0-based position in the source.
+        records: the raw records; validation happens in the page step.
+        label: where the page came from, for logs and errors (no credentials).
+    """
+
+    index: int
+    records: list[Any]
+    label: str = ""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A paginated source of records."""
+
+    def plan(self, partition_key: str | None) -> list[PageRef] | None:
+        """Page refs for a random-access source, or None to be read with ``pages``."""
+        ...
+
+    def fetch(self, ref: PageRef) -> Page:
+        """Fetch one planned page."""
+        ...
+
+    def pages(self, partition_key: str | None) -> Iterator[Page]:
+        """Read every page in order (sequential sources; random ones may too)."""
+        ...

@@ -1,0 +1,71 @@
+"""Split a page's raw records into keyed records and rejects (kept, with their reason)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_KEY_CHARS = 512
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A record that cannot become a job: its position on the page, why, and the record."""
+
+    position: int
+    reason: str
+    raw: str
+
+
+@dataclass
+class ValidatedPage:
+    keys: list[str] = field(default_factory=list)
+    records: list[Mapping[str, Any]] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def validate_records(
+    records: Sequence[Any],
+    key: str | Callable[[Mapping[str, Any]], Hashable],
+    max_record_bytes: int | None = None,
+) -> ValidatedPage:
+    """Key every record, rejecting non-objects, missing or ill-typed keys, oversized records."""
+    page = ValidatedPage()
+    for position, record in enumerate(records):
+        record_key, reason = _key_of(record, key)
+        if reason is None and max_record_bytes is not None:
+            size = len(_raw(record).encode())
+            if size > max_record_bytes:
+                reason = f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
+        if reason is None:
+            page.keys.append(record_key)
+            page.records.append(record)
+        else:
+            page.rejects.append(Reject(position, reason, _raw(record)))
+    return page
+
+
+def _key_of(record: Any, key: str | Callable[[Mapping[str, Any]], Hashable]) -> tuple[str, Any]:
+    if not isinstance(record, Mapping):
+        return "", f"record is a {type(record).__name__}, not an object"
+    if isinstance(key, str):
+        if key not in record:
+            return "", f"record has no key field {key!r}"
+        value = record[key]
+    else:
+        try:
+            value = key(record)
+        except Exception as exc:  # the user's key function: any failure rejects the record
+            return "", f"key function raised {type(exc).__name__}: {exc}"
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return "", f"record key has type {type(value).__name__}; expected str or int"
+    text = str(value)
+    if not text or len(text) > MAX_KEY_CHARS:
+        return "", f"record key must have 1 to {MAX_KEY_CHARS} characters"
+    return text, None
+
+
+def _raw(record: Any) -> str:
+    return json.dumps(record, default=str, ensure_ascii=False)
