@@ -1,0 +1,309 @@
+"""Live run counters in Redis: dedup claims and page counts, one round trip per page.
+
+Redis is a cache of the SQL ledger. Each method is idempotent, so a call retried after a
+dropped connection is harmless; a run whose keys Redis lost is reported as lost (None or
+False) and rebuilt from the ledger with :meth:`RedisCounters.rebuild`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import redis
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from resources import lua
+from resources.counts import COUNT_FIELDS, Counts
+from resources.embedded_redis import ensure_embedded_redis
+from resources.errors import ConfigurationError, CountersUnavailableError
+from resources.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_key, run_keys
+from resources.redaction import redact_url
+
+_SCHEMES = ("redis://", "rediss://", "unix://")
+_T = TypeVar("_T")
+_EMBEDDED = "embedded:"
+_CHUNK = 1000  # fields per HSET when rebuilding: bounded commands, still few round trips
+
+
+class _Connection(NamedTuple):
+    client: redis.Redis
+    claim_page: Script
+    record_page: Script
+
+
+# One client per (process id, target): a forked step process must not share sockets.
+_CONNECTIONS: dict[tuple[int, str], _Connection] = {}
+
+
+class RedisCounters(ConfigurableResource):
+    """Live counters of flow runs in Redis (dedup claims, page counts, run totals).
+
+    Args:
+        url: Redis URL; None reads FLOW_REDIS_URL, else runs the embedded server.
+        key_ttl_seconds: TTL of every run key, refreshed on each write.
+
+    Examples:
+        .. code-block:: python
+
+            from dagster import Definitions, op
+            from resources.redis_counters import RedisCounters
+
+            @op
+            def page_step(context, counters: RedisCounters):
+                owned = counters.claim_page("orders_api", context.run_id, 0, ["a", "b"])
+
+            defs = Definitions(
+                jobs=[...],
+                # url unset: FLOW_REDIS_URL, else the embedded server under FLOW_HOME.
+                resources={"counters": RedisCounters(key_ttl_seconds=6 * 3600)},
+            )
+    """
+
+    url: str | None = Field(
+        default=None,
+        description=(
+            "Redis URL (redis://, rediss:// or unix://). Unset: the FLOW_REDIS_URL environment"
+            " variable, else an embedded Redis server with its socket under FLOW_HOME."
+        ),
+    )
+    key_ttl_seconds: int = Field(
+        default=86400,
+        gt=0,
+        description="Seconds every run-scoped key lives after its last write (default 24 h).",
+    )
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        # Fail when the step starts, naming the setting, rather than at its first page.
+        self._target()
+
+    def client(self) -> redis.Redis:
+        """The cached client of this process (decoded responses, retries with backoff)."""
+        return self._connection(self._target()).client
+
+    def redacted_url(self) -> str:
+        """The URL in use, password hidden; ``embedded:<home>`` for the embedded server."""
+        target = self._target()
+        return redact_url(target) if _is_url(target) else target
+
+    def start_run(self, flow: str, run_id: str) -> None:
+        """Mark the run's state as present in Redis (``meta``), with its TTL."""
+        meta = run_key(flow, run_id, "meta")
+
+        def op(connection: _Connection) -> None:
+            pipe = connection.client.pipeline(transaction=True)
+            pipe.hsetnx(meta, "created_at", _now())
+            pipe.expire(meta, self.key_ttl_seconds)
+            pipe.execute()
+
+        self._run(op)
+
+    def claim_page(
+        self, flow: str, run_id: str, page_index: int, record_keys: Sequence[str]
+    ) -> list[bool] | None:
+        """Claim a page's record keys; True where the page owns the key (dispatch it).
+
+        One round trip. A key already owned by another page, or repeated on this page, is
+        a duplicate (False); a retried page owns its keys again.
+
+        Returns:
+            One flag per record key, or None when Redis lost the run: rebuild it from the
+            SQL ledger and call again.
+        """
+        keys = [run_key(flow, run_id, "meta"), run_key(flow, run_id, "seen")]
+        args: list[str | int] = [_page(page_index), self.key_ttl_seconds, *record_keys]
+        flags = self._run(lambda connection: connection.claim_page(keys=keys, args=args))
+        if flags == lua.LOST:
+            return None
+        return [flag == "1" for flag in flags]
+
+    def record_page(self, flow: str, run_id: str, page_index: int, counts: Counts) -> bool:
+        """Store a page's counts, replacing its earlier ones; False when Redis lost the run.
+
+        One round trip; the run totals move by the difference, so a page recorded twice
+        counts once.
+        """
+        if errors := [f for f in COUNT_FIELDS if getattr(counts, f) < 0]:
+            raise ValueError(f"page {page_index} of run {run_id}: negative counts {errors}")
+        keys = [run_key(flow, run_id, kind) for kind in ("meta", "pages", "totals")]
+        args: list[str | int] = [_page(page_index), self.key_ttl_seconds, *counts.as_tuple()]
+        result = self._run(lambda connection: connection.record_page(keys=keys, args=args))
+        return result != lua.LOST
+
+    def totals(self, flow: str, run_id: str) -> Counts | None:
+        """The run's live totals, or None when Redis has no state for the run."""
+        meta, totals_key = run_key(flow, run_id, "meta"), run_key(flow, run_id, "totals")
+
+        def op(connection: _Connection) -> list[Any]:
+            pipe = connection.client.pipeline(transaction=True)
+            pipe.exists(meta)
+            pipe.hgetall(totals_key)
+            return pipe.execute()
+
+        exists, totals = self._run(op)
+        if not exists:
+            return None
+        return Counts(**{field: int(totals.get(field, 0)) for field in COUNT_FIELDS})
+
+    def rebuild(
+        self,
+        flow: str,
+        run_id: str,
+        claims: Mapping[str, int],
+        pages: Mapping[int, Counts],
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Rewrite the run's state from the SQL ledger, atomically (MULTI/EXEC).
+
+        Args:
+            claims: record key -> index of the page that owns it.
+            pages: page index -> that page's recorded counts.
+            force: rewrite even if the run's state is present.
+
+        Returns:
+            True if rewritten. False if the state was present (unless ``force``), or if
+            another process rebuilt it meanwhile: a second rebuild from an older snapshot
+            of the ledger would drop claims made since, so it is skipped.
+        """
+        meta, seen, pages_key, totals_key = run_keys(flow, run_id)
+        seen_items = [(key, _page(page)) for key, page in claims.items()]
+        page_items = [(_page(i), ",".join(map(str, c.as_tuple()))) for i, c in pages.items()]
+        total = sum(pages.values(), Counts())
+
+        def op(connection: _Connection) -> bool:
+            with connection.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(meta)
+                    if not force and pipe.exists(meta):
+                        return False
+                    pipe.multi()
+                    pipe.delete(seen, pages_key, totals_key, meta)
+                    for key, items in ((seen, seen_items), (pages_key, page_items)):
+                        for start in range(0, len(items), _CHUNK):
+                            pipe.hset(key, mapping=dict(items[start : start + _CHUNK]))
+                    pipe.hset(totals_key, mapping={f: getattr(total, f) for f in COUNT_FIELDS})
+                    pipe.hset(meta, mapping={"created_at": _now(), "rebuilt_at": _now()})
+                    for key in (seen, pages_key, totals_key, meta):
+                        pipe.expire(key, self.key_ttl_seconds)
+                    # One MULTI/EXEC: no claim ever sees a half-rebuilt run.
+                    pipe.execute()
+                except redis.WatchError:
+                    return False
+            return True
+
+        return self._run(op)
+
+    def delete_run(self, flow: str, run_id: str) -> int:
+        """Remove every key of the run; the number of keys removed."""
+        keys = run_keys(flow, run_id)
+        return int(self._run(lambda connection: connection.client.delete(*keys)))
+
+    def ttl_report(self, flow: str, run_id: str) -> dict[str, int]:
+        """Seconds to live of each existing key of the run (-1: no TTL)."""
+        keys = run_keys(flow, run_id)
+
+        def op(connection: _Connection) -> list[int]:
+            pipe = connection.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.ttl(key)
+            return pipe.execute()
+
+        ttls = self._run(op)
+        return {key: int(ttl) for key, ttl in zip(keys, ttls, strict=True) if ttl != -2}
+
+    def stray_runs(self) -> list[tuple[str, str]]:
+        """``(flow, run_id)`` of every run that has keys in Redis (SCAN, never KEYS)."""
+
+        def op(connection: _Connection) -> list[tuple[str, str]]:
+            runs = set()
+            for key in connection.client.scan_iter(match=ALL_RUN_KEYS_PATTERN, count=1000):
+                if parsed := parse_run_key(key):
+                    runs.add(parsed[:2])
+            return sorted(runs)
+
+        return self._run(op)
+
+    def _target(self) -> str:
+        """The configured URL, validated, or ``embedded:<FLOW_HOME>``."""
+        url = self.url or os.environ.get("FLOW_REDIS_URL") or None
+        if url is None:
+            home = Path(os.environ.get("FLOW_HOME") or ".flow_home").expanduser().resolve()
+            return f"{_EMBEDDED}{home}"
+        if not url.startswith(_SCHEMES):
+            raise ConfigurationError(
+                f"FLOW_REDIS_URL / RedisCounters.url {redact_url(url)!r} is not a Redis URL:"
+                f" use one of {', '.join(_SCHEMES)} (for example redis://localhost:6379/0),"
+                " or leave it unset to use the embedded Redis server under FLOW_HOME."
+            )
+        return url
+
+    def _connection(self, target: str) -> _Connection:
+        key = (os.getpid(), target)
+        connection = _CONNECTIONS.get(key)
+        if connection is None:
+            url = target if _is_url(target) else ensure_embedded_redis(_embedded_home(target))
+            client = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_connect_timeout=5,
+                socket_timeout=30,
+                # Safe to retry: every operation here is idempotent.
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=4),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            )
+            connection = _Connection(
+                client,
+                client.register_script(lua.CLAIM_PAGE),
+                client.register_script(lua.RECORD_PAGE),
+            )
+            _CONNECTIONS[key] = connection
+        return connection
+
+    def _run(self, op: Callable[[_Connection], _T]) -> _T:
+        """Run ``op`` on this process's client; raise CountersUnavailableError if unreachable.
+
+        The client has already retried with backoff. An embedded server that is gone
+        (stopped, machine restarted) is started again and ``op`` runs once more: the new
+        server is empty, so the scripts report the run as lost and the caller rebuilds it.
+        """
+        target = self._target()
+        try:
+            try:
+                return op(self._connection(target))
+            except (redis.ConnectionError, redis.TimeoutError):
+                if _is_url(target):
+                    raise
+                ensure_embedded_redis(_embedded_home(target))
+                return op(self._connection(target))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise CountersUnavailableError(
+                f"Redis at {self.redacted_url()} is unreachable after retries"
+                f" ({type(exc).__name__}). Check that the server is running and that"
+                " FLOW_REDIS_URL points at it."
+            ) from exc
+
+
+def _is_url(target: str) -> bool:
+    return not target.startswith(_EMBEDDED)
+
+
+def _embedded_home(target: str) -> Path:
+    return Path(target.removeprefix(_EMBEDDED))
+
+
+def _page(page_index: int) -> str:
+    if isinstance(page_index, bool) or not isinstance(page_index, int) or page_index < 0:
+        raise ValueError(f"page index {page_index!r} must be an integer >= 0")
+    return str(page_index)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
