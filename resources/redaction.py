@@ -7,6 +7,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 # user:password@ inside anything that looks like a URL; also catches URLs embedded in
 # driver error messages, which is where passwords usually leak.
+_SECRET_PARAM = re.compile(
+    r"(?i)\b(password|passwd|pwd|token|access_token|secret|api_?key|key|signature|sig)=[^&]*"
+)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^@/\s]+)@")
 
 
@@ -25,7 +28,7 @@ def redact_url(url: str) -> str:
         userinfo, host = netloc.rsplit("@", 1)
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{host}"
-    query = re.sub(r"(?i)(password|passwd|pwd|token|secret)=[^&]*", r"\1=***", parts.query)
+    query = _SECRET_PARAM.sub(r"\1=***", parts.query)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

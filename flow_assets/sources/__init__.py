@@ -1,0 +1,39 @@
+"""Sources of records: HTTP JSON APIs (with paginators) and local files.
+
+Examples:
+    >>> from flow_assets.sources import HttpJsonSource, OffsetPaginator
+    >>> HttpJsonSource(
+    ...     "https://api.example.com/items",
+    ...     paginator=OffsetPaginator(limit=100, total_header="X-Total-Count"),
+    ... )  # doctest: +ELLIPSIS
+    HttpJsonSource(GET https://api.example.com/items, OffsetPaginator(limit=100, ...))
+"""
+
+from __future__ import annotations
+
+from flow_assets.sources.base import Page, PageRef, Source
+from flow_assets.sources.files import FileSource
+from flow_assets.sources.http import BearerAuth, HttpJsonSource
+from flow_assets.sources.paginators import (
+    BasePaginator,
+    HeaderLinkPaginator,
+    JSONCursorPaginator,
+    JSONLinkPaginator,
+    OffsetPaginator,
+    PageNumberPaginator,
+)
+
+__all__ = [
+    "BasePaginator",
+    "BearerAuth",
+    "FileSource",
+    "HeaderLinkPaginator",
+    "HttpJsonSource",
+    "JSONCursorPaginator",
+    "JSONLinkPaginator",
+    "OffsetPaginator",
+    "Page",
+    "PageNumberPaginator",
+    "PageRef",
+    "Source",
+]

@@ -1,0 +1,211 @@
+"""Records from local files (JSON Lines, CSV, Parquet), read page by page, never whole.
+
+A file source is sequential: ``plan`` returns None and ``pages`` reads the files in sorted
+order, ``page_size`` records per page (the last page of each file may be shorter; a page never
+spans two files), with indexes running on across files.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.sources.base import Page, PageRef
+from flow_assets.sources.paginators import require_int
+
+__all__ = ["FORMATS", "FileSource"]
+
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+PARTITION_PLACEHOLDER = "{partition}"
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _exact_pages(chunks: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:
+    """Regroup record chunks of any length into pages of ``size`` (the last one shorter)."""
+    buffer: list[Any] = []
+    for chunk in chunks:
+        buffer.extend(chunk)
+        while len(buffer) >= size:
+            yield buffer[:size]
+            del buffer[:size]
+    if buffer:
+        yield buffer
+
+
+def _to_records(table: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
+    """Plain Python dicts; float NaN (pandas' "missing") becomes None like any null."""
+    columns = [
+        pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+        if pa.types.is_floating(column.type)
+        else column
+        for column in table.columns
+    ]
+    return pa.Table.from_arrays(columns, names=table.schema.names).to_pylist()
+
+
+class FileSource:
+    """Records from a local file, or from every file a glob pattern matches (sorted).
+
+    Args:
+        path: a file or a glob pattern; ``{partition}`` in it is replaced by the partition key.
+        format: ``jsonl``, ``csv`` or ``parquet``; None infers it from the suffix
+            (``.jsonl``/``.ndjson``, ``.csv``, ``.parquet``/``.pq``).
+        page_size: records per page.
+        name: name used in errors and logs (default: the path).
+
+    Examples:
+        >>> FileSource("exports/{partition}/orders-*.csv", page_size=500)
+        FileSource('exports/{partition}/orders-*.csv', format='csv', page_size=500)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        format: str | None = None,
+        page_size: int = 1000,
+        name: str | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        if not isinstance(self.path, str) or not self.path:
+            raise FlowDefinitionError(f"path must be a file path or glob pattern, got {path!r}.")
+        if format is None:
+            format = FORMATS.get(Path(self.path).suffix.lower())
+            if format is None:
+                raise FlowDefinitionError(
+                    f"Cannot tell the format of {self.path!r} from its suffix. Fix: pass "
+                    "format='jsonl', 'csv' or 'parquet'."
+                )
+        format = {"ndjson": "jsonl"}.get(format, format)
+        if format not in set(FORMATS.values()):
+            raise FlowDefinitionError(
+                f"format must be 'jsonl', 'csv' or 'parquet', got {format!r}."
+            )
+        require_int(page_size, "page_size", 1)
+        self.format = format
+        self.page_size = page_size
+        self.name = name or self.path
+
+    def __repr__(self) -> str:
+        return f"FileSource({self.path!r}, format={self.format!r}, page_size={self.page_size})"
+
+    __str__ = __repr__
+
+    # -- the Source protocol ---------------------------------------------------------------
+
+    def plan(self, partition_key: str | None) -> list[PageRef] | None:
+        """Always None: files are read in order with ``pages``."""
+        return None
+
+    def fetch(self, ref: PageRef) -> Page:
+        """Not supported: a file source has no page refs (``plan`` returns None)."""
+        raise SourceError(
+            f"Source {self.name!r} is sequential and cannot fetch page {ref.index} on its own. "
+            "Fix: read it with pages() (its plan() returns None)."
+        )
+
+    def pages(self, partition_key: str | None) -> Iterator[Page]:
+        """Every record of every file, in pages; indexes run on across files."""
+        index = 0
+        for file in self.files(partition_key):
+            first_row = 1
+            for records in _exact_pages(self._read(file), self.page_size):
+                last_row = first_row + len(records) - 1
+                yield Page(index, records, f"{file}:rows {first_row}-{last_row}")
+                index += 1
+                first_row = last_row + 1
+
+    # -- files -----------------------------------------------------------------------------
+
+    def files(self, partition_key: str | None) -> list[str]:
+        """The files this partition reads, sorted; SourceError if there are none."""
+        pattern = self._resolve(partition_key)
+        if _GLOB_CHARS.isdisjoint(pattern):
+            if not os.path.isfile(pattern):
+                raise SourceError(
+                    f"Source {self.name!r}: file not found: {pattern}. Fix: check the path "
+                    "(and the partition key, if the path has {partition}), or create the file."
+                )
+            return [pattern]
+        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise SourceError(
+                f"Source {self.name!r}: no file matches {pattern}. Fix: check the pattern "
+                "(and the partition key, if the path has {partition}), or add the files."
+            )
+        return files
+
+    def _resolve(self, partition_key: str | None) -> str:
+        if PARTITION_PLACEHOLDER not in self.path:
+            return self.path
+        if partition_key is None:
+            raise SourceError(
+                f"Source {self.name!r}: the path {self.path!r} has a {PARTITION_PLACEHOLDER} "
+                "placeholder but the run has no partition key. Fix: partition the flow, or "
+                "remove the placeholder."
+            )
+        template = self.path.replace(PARTITION_PLACEHOLDER, "")
+        # In a glob pattern the key is a literal, even if it holds '[' or '*'.
+        key = partition_key if _GLOB_CHARS.isdisjoint(template) else glob.escape(partition_key)
+        return self.path.replace(PARTITION_PLACEHOLDER, key)
+
+    def _read(self, file: str) -> Iterator[list[Any]]:
+        reader = {"jsonl": self._read_jsonl, "csv": self._read_csv, "parquet": self._read_parquet}
+        try:
+            yield from reader[self.format](file)
+        except SourceError:
+            raise
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise SourceError(
+                f"Source {self.name!r}: cannot read {file} as {self.format}: "
+                f"{type(exc).__name__}: {exc}. Fix: check that the file is {self.format}."
+            ) from exc
+
+    def _read_jsonl(self, file: str) -> Iterator[list[Any]]:
+        # json, not pandas.read_json: pandas adds the keys a record lacks (as NaN, depending on
+        # its neighbours in the chunk) and turns ints into floats; records must stay as written.
+        with open(file, encoding="utf-8") as lines:
+            numbered = enumerate(lines, start=1)
+            while chunk := list(islice(numbered, self.page_size)):
+                yield [self._parse_line(file, n, line) for n, line in chunk if line.strip()]
+
+    def _parse_line(self, file: str, number: int, line: str) -> Any:
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(
+                f"Source {self.name!r}: {file}:{number} is not valid JSON ({exc.msg}). "
+                "Fix: repair or remove that line; each line must hold one JSON record."
+            ) from exc
+
+    def _read_csv(self, file: str) -> Iterator[list[Any]]:
+        # The pyarrow dtypes keep an int column with blanks as ints (numpy would make floats).
+        try:
+            chunks = pd.read_csv(file, chunksize=self.page_size, dtype_backend="pyarrow")
+        except pd.errors.EmptyDataError:  # a 0-byte file: no header, no records
+            return
+        with chunks:
+            for frame in chunks:
+                yield _to_records(pa.Table.from_pandas(frame, preserve_index=False))
+
+    def _read_parquet(self, file: str) -> Iterator[list[Any]]:
+        with pq.ParquetFile(file) as parquet:
+            for batch in parquet.iter_batches(batch_size=self.page_size):
+                yield _to_records(batch)

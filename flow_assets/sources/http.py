@@ -1,0 +1,355 @@
+"""A paginated JSON API over HTTP, as a :class:`~flow_assets.sources.base.Source`.
+
+Retries are urllib3's: connection errors, read timeouts and 429/500/502/503/504 answers are
+retried with exponential backoff and jitter, honouring ``Retry-After``. Any other 4xx is not
+retried: it will not get better, so it fails at once with the status and a body excerpt.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
+from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util.retry import Retry
+
+from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.sources.base import Page, PageRef
+from flow_assets.sources.paginators import (
+    MISSING,
+    BasePaginator,
+    json_lookup,
+    require_int,
+    require_name,
+    require_path,
+    response_json,
+)
+from resources.redaction import redact_text, redact_url
+
+__all__ = ["BearerAuth", "HttpJsonSource"]
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+EXCERPT_CHARS = 200
+_HINTS = {
+    400: "check the query parameters (params=, partition_param=, the paginator's)",
+    401: "check the credentials (auth=)",
+    403: "check that the credentials (auth=) may read this endpoint",
+    404: "check the URL and the partition key",
+    422: "check the query parameters (params=, partition_param=, the paginator's)",
+}
+
+
+class BearerAuth(AuthBase):
+    """Send ``Authorization: Bearer <token>``; the token never appears in str, repr or errors.
+
+    Args:
+        token: the bearer token.
+
+    Examples:
+        >>> BearerAuth("s3cret")
+        BearerAuth(token=***)
+    """
+
+    def __init__(self, token: str) -> None:
+        if not isinstance(token, str) or not token:
+            raise FlowDefinitionError("BearerAuth needs a non-empty token string.")
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "BearerAuth(token=***)"
+
+    __str__ = __repr__
+
+
+def _excerpt(text: str) -> str:
+    return redact_text(" ".join(text.split()))[:EXCERPT_CHARS]
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"a JSON object (keys: {', '.join(sorted(map(str, value))[:10])})"
+    return {list: "a JSON list", str: "a JSON string", type(None): "null"}.get(
+        type(value), f"a JSON {type(value).__name__}"
+    )
+
+
+def _check_timeout(timeout: Any) -> float | tuple[float, float]:
+    values = timeout if isinstance(timeout, tuple) else (timeout,)
+    if len(values) not in (1, 2) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values
+    ):
+        raise FlowDefinitionError(
+            f"timeout must be seconds > 0 or a (connect, read) pair of them, got {timeout!r}."
+        )
+    return timeout  # type: ignore[no-any-return]
+
+
+class HttpJsonSource:
+    """Records from a paginated JSON API.
+
+    Random access (``plan`` lists every page) when the paginator learns the total from the
+    first page; sequential (``pages`` walks them in order) otherwise.
+
+    Args:
+        url: the endpoint, ``http(s)://host/path``.
+        paginator: how pages are addressed; see ``flow_assets.sources.paginators``.
+        records_path: dotted path of the list of records in the body; None: the body is it.
+        params: query parameters sent with every request.
+        headers: headers sent with every request.
+        auth: a requests auth object, e.g. ``BearerAuth(token)`` or ``("user", "password")``.
+        timeout: seconds to connect and to read, or a (connect, read) pair.
+        max_retries: retries per request on connection errors, timeouts, 429 and 5xx.
+        backoff_factor: exponential backoff base in seconds (jitter of the same size added).
+        retry_after_max: longest ``Retry-After`` wait honoured, in seconds.
+        partition_param: query parameter that receives the partition key.
+        name: name used in errors and logs (default: host and path).
+
+    Examples:
+        >>> from flow_assets.sources import PageNumberPaginator
+        >>> HttpJsonSource(
+        ...     "https://api.example.com/v1/orders",
+        ...     paginator=PageNumberPaginator(base_page=1, total_pages_path="meta.pages"),
+        ...     records_path="data",
+        ...     auth=BearerAuth("s3cret"),
+        ...     partition_param="date",
+        ... )  # doctest: +ELLIPSIS
+        HttpJsonSource(GET https://api.example.com/v1/orders, PageNumberPaginator(...))
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        paginator: BasePaginator,
+        records_path: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        auth: AuthBase | tuple[str, str] | None = None,
+        timeout: float | tuple[float, float] = (5, 30),
+        max_retries: int = 5,
+        backoff_factor: float = 0.5,
+        retry_after_max: int = 60,
+        partition_param: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            shown = redact_url(url) if isinstance(url, str) else repr(url)
+            raise FlowDefinitionError(f"url must be an http(s)://host/path URL, got {shown}.")
+        if not isinstance(paginator, BasePaginator):
+            raise FlowDefinitionError(
+                f"paginator must be one of flow_assets.sources.paginators, got {paginator!r}."
+            )
+        if records_path is not None:
+            require_path(records_path, "records_path")
+        if partition_param is not None:
+            require_name(partition_param, "partition_param")
+        require_int(max_retries, "max_retries", 0)
+        require_int(retry_after_max, "retry_after_max", 0)
+        if not isinstance(backoff_factor, (int, float)) or backoff_factor < 0:
+            raise FlowDefinitionError(f"backoff_factor must be >= 0, got {backoff_factor!r}.")
+        self.url = url
+        self.paginator = paginator
+        self.records_path = records_path
+        self.params = dict(params or {})
+        self.headers = dict(headers or {})
+        self.auth = auth
+        self.timeout = _check_timeout(timeout)
+        self.max_retries = max_retries
+        self.backoff_factor = float(backoff_factor)
+        self.retry_after_max = retry_after_max
+        self.partition_param = partition_param
+        self.name = name or f"{parts.hostname}{parts.path}"
+        self._session: requests.Session | None = None
+
+    def __str__(self) -> str:
+        return f"HttpJsonSource(GET {redact_url(self.url)}, {self.paginator})"
+
+    __repr__ = __str__
+
+    # -- the Source protocol ---------------------------------------------------------------
+
+    def plan(self, partition_key: str | None) -> list[PageRef] | None:
+        """Every page's ref, learnt from page 0; None if the paginator cannot know them."""
+        if not self.paginator.random_access:
+            return None
+        paginator = copy.deepcopy(self.paginator)
+        request = self._first_request(partition_key, paginator)
+        response = self._send(request, 0)
+        records = self._records(response, 0)
+        try:
+            page_params = paginator.page_params(response, records)
+        except SourceError as exc:
+            raise self._error(0, response.url, str(exc)) from exc
+        if page_params is None:
+            return None
+        base = self._base_params(partition_key)
+        return [PageRef(i, {**base, **params}) for i, params in enumerate(page_params)]
+
+    def fetch(self, ref: PageRef) -> Page:
+        """Fetch one planned page."""
+        request = requests.Request("GET", self.url, params=dict(ref.params))
+        response = self._send(request, ref.index)
+        return Page(ref.index, self._records(response, ref.index), self._label(response))
+
+    def pages(self, partition_key: str | None) -> Iterator[Page]:
+        """Walk the pages in order. An empty page that ends the walk is not yielded: it only
+        says there is nothing more (so an empty source yields no page)."""
+        paginator = copy.deepcopy(self.paginator)
+        request = self._first_request(partition_key, paginator)
+        index = 0
+        while True:
+            response = self._send(request, index)
+            records = self._records(response, index)
+            try:
+                paginator.update_state(response, records)
+            except SourceError as exc:
+                raise self._error(index, response.url, str(exc)) from exc
+            last = not paginator.has_next_page
+            if records or not last:
+                yield Page(index, records, self._label(response))
+                index += 1
+            if last:
+                return
+            paginator.update_request(request)
+
+    def close(self) -> None:
+        """Close the HTTP connections (a new session opens on next use)."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    @property
+    def session(self) -> requests.Session:
+        """The requests session with retries, created on first use (and not pickled)."""
+        if self._session is None:
+            retry = Retry(
+                total=self.max_retries,
+                backoff_factor=self.backoff_factor,
+                # Jitter spreads the retries of page steps that failed together.
+                backoff_jitter=self.backoff_factor,
+                status_forcelist=RETRY_STATUSES,
+                allowed_methods=frozenset({"GET"}),
+                respect_retry_after_header=True,
+                # Hand back the last response so the error can show its status and body.
+                raise_on_status=False,
+                **self._retry_after_cap(),
+            )
+            session = requests.Session()
+            session.mount("http://", HTTPAdapter(max_retries=retry))
+            session.mount("https://", HTTPAdapter(max_retries=retry))
+            session.headers.update(self.headers)
+            session.auth = self.auth
+            self._session = session
+        return self._session
+
+    def _retry_after_cap(self) -> dict[str, Any]:
+        # Only recent urllib3 releases cap Retry-After; older ones wait as long as asked.
+        if hasattr(Retry, "DEFAULT_RETRY_AFTER_MAX"):
+            return {"retry_after_max": self.retry_after_max}
+        return {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_session": None}
+
+    def _base_params(self, partition_key: str | None) -> dict[str, Any]:
+        params = dict(self.params)
+        if self.partition_param is not None and partition_key is not None:
+            params[self.partition_param] = partition_key
+        return params
+
+    def _first_request(
+        self, partition_key: str | None, paginator: BasePaginator
+    ) -> requests.Request:
+        request = requests.Request("GET", self.url, params=self._base_params(partition_key))
+        paginator.init_request(request)
+        return request
+
+    def _send(self, request: requests.Request, index: int) -> requests.Response:
+        target = str(request.url)
+        url = requests.Request("GET", target, params=request.params).prepare().url or target
+        try:
+            response = self.session.get(target, params=request.params, timeout=self.timeout)
+        except requests.RequestException as exc:
+            # requests wraps urllib3's last error (after the retries) in its own exception.
+            reason = getattr(exc.args[0], "reason", None) if exc.args else None
+            reason = reason or exc
+            # NewConnectionError subclasses urllib3's timeout error, yet is a refusal.
+            timed_out = isinstance(exc, requests.Timeout) or isinstance(reason, Urllib3Timeout)
+            if timed_out and not isinstance(reason, NewConnectionError):
+                problem = f"timed out (timeout={self.timeout!r} s)"
+                fix = "raise timeout= or check the server's health"
+            else:
+                problem = f"request failed: {type(reason).__name__}: {_excerpt(str(reason))}"
+                fix = "check that the server is up and reachable from here"
+            raise self._error(
+                index, url, f"{problem}, after {self.max_retries} retries", fix
+            ) from exc
+        if response.status_code >= 400:
+            retried = response.status_code in RETRY_STATUSES
+            raise self._error(
+                index,
+                response.url,
+                f"HTTP {response.status_code}"
+                + (f" still, after {self.max_retries} retries" if retried else " (not retried)")
+                + f"; body: {_excerpt(response.text)!r}",
+                _HINTS.get(response.status_code, "check the API's status and documentation"),
+            )
+        return response
+
+    def _records(self, response: requests.Response, index: int) -> list[Any]:
+        try:
+            body = response_json(response)
+        except ValueError as exc:
+            kind = response.headers.get("Content-Type", "no Content-Type")
+            raise self._error(
+                index,
+                response.url,
+                f"the body is not JSON ({kind}): {_excerpt(response.text)!r}",
+                "point url at the JSON endpoint of the API",
+            ) from exc
+        if self.records_path is None:
+            if not isinstance(body, list):
+                raise self._error(
+                    index,
+                    response.url,
+                    f"the body is {_kind(body)}, not a list of records",
+                    "set records_path to the field holding the records",
+                )
+            return body
+        records = json_lookup(body, self.records_path)
+        if records is MISSING:
+            raise self._error(
+                index,
+                response.url,
+                f"records_path {self.records_path!r} is not in the body, which is {_kind(body)}",
+                "set records_path to the field holding the records",
+            )
+        if not isinstance(records, list):
+            raise self._error(
+                index,
+                response.url,
+                f"records_path {self.records_path!r} holds {_kind(records)}, not a list",
+                "set records_path to the field holding the list of records",
+            )
+        return records
+
+    def _label(self, response: requests.Response) -> str:
+        return f"GET {redact_url(response.url)}"
+
+    def _error(self, index: int, url: str, problem: str, fix: str | None = None) -> SourceError:
+        problem = problem.rstrip(".")
+        message = f"Source {self.name!r}, page {index} (GET {redact_url(url)}): {problem}."
+        return SourceError(f"{message} Fix: {fix}." if fix else message)
