@@ -88,6 +88,11 @@ def ensure_embedded_redis(home: Path) -> str:
     return url
 
 
+def embedded_redis_running(home: Path) -> bool:
+    """Whether the embedded server of ``home`` answers a PING."""
+    return _answers(socket_path(home))
+
+
 def stop_embedded_redis(home: Path) -> bool:
     """Stop the embedded server of ``home`` (SHUTDOWN NOSAVE); True if one was stopped.
 

@@ -24,6 +24,7 @@ from resources import lua
 from resources.counts import COUNT_FIELDS, Counts
 from resources.embedded_redis import ensure_embedded_redis
 from resources.errors import ConfigurationError, CountersUnavailableError
+from resources.home import flow_home
 from resources.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_key, run_keys
 from resources.redaction import redact_url
 
@@ -235,7 +236,7 @@ class RedisCounters(ConfigurableResource):
         """The configured URL, validated, or ``embedded:<FLOW_HOME>``."""
         url = self.url or os.environ.get("FLOW_REDIS_URL") or None
         if url is None:
-            home = Path(os.environ.get("FLOW_HOME") or ".flow_home").expanduser().resolve()
+            home = flow_home()
             return f"{_EMBEDDED}{home}"
         if not url.startswith(_SCHEMES):
             raise ConfigurationError(

@@ -22,6 +22,7 @@ from flow_assets.sources.paginators import (
     OffsetPaginator,
     PageNumberPaginator,
 )
+from flow_assets.sources.sql import SqlSource
 
 __all__ = [
     "BasePaginator",
@@ -36,4 +37,5 @@ __all__ = [
     "PageNumberPaginator",
     "PageRef",
     "Source",
+    "SqlSource",
 ]

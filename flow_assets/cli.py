@@ -1,0 +1,121 @@
+"""``flowctl``: run flows, see their metrics, manage the ledger's schema.
+
+Start-up stays light: Dagster (~1.5 s to import) is imported only by commands that run it.
+Errors are one clear line on stderr and a non-zero exit code; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from flow_assets import cli_render
+
+app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Manage the metrics database schema (Alembic migrations).")
+app.add_typer(db_app, name="db")
+
+DEFAULT_MODULE = "flow_assets.definitions"
+ModuleOption = Annotated[
+    str, typer.Option("--module", "-m", envvar="FLOWCTL_MODULE",
+                      help="Python module whose `defs` holds the flows.")
+]
+
+
+@app.command()
+def demo() -> None:
+    """Run the bundled demo flows end to end on the embedded default and print their rows."""
+    from flow_assets.runner import run_demo
+
+    rows = run_demo(progress=cli_render.progress)
+    cli_render.print_runs(rows)
+
+
+@app.command()
+def run(
+    flow: Annotated[str, typer.Argument(help="Flow name, e.g. demo_orders.")],
+    partition: Annotated[str | None, typer.Option(help="Partition key to run.")] = None,
+    module: ModuleOption = DEFAULT_MODULE,
+) -> None:
+    """Materialize one flow in-process, finalize it, and print its row."""
+    from flow_assets.runner import load_definitions, run_flow
+
+    defs = load_definitions(module)
+    row = run_flow(defs, flow, partition_key=partition, progress=cli_render.progress)
+    cli_render.print_runs([row])
+
+
+@app.command()
+def status(
+    flow: Annotated[str | None, typer.Option(help="Only runs of this flow.")] = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="One run, with its rejects.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="Most recent runs to show.")] = 20,
+) -> None:
+    """Show flow runs from the ledger (newest first)."""
+    from resources.metrics_store import MetricsStore
+
+    store = MetricsStore()
+    rows = store.runs(flow_name=flow, run_id=run_id, limit=limit)
+    if run_id and not rows:
+        raise typer.BadParameter(f"no flow run with id {run_id!r} in {store.redacted_url()}",
+                                 param_hint="--run")
+    rejects = store.rejected_records(run_id) if run_id else []
+    failures = store.job_failures(run_id) if run_id else []
+    if as_json:
+        payload = {"runs": [row.as_dict() for row in rows]}
+        if run_id:
+            payload["rejected_records"] = [cli_render.as_plain(r) for r in rejects]
+            payload["job_failures"] = [cli_render.as_plain(f) for f in failures]
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    cli_render.print_runs(rows)
+    if run_id:
+        cli_render.print_rejects(rejects, failures)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Upgrade the schema (default: to the newest revision)."""
+    from resources.metrics_store import MetricsStore
+
+    store = MetricsStore(auto_migrate=False)
+    store.upgrade(revision)
+    typer.echo(f"{store.redacted_url()}: schema at {store.current_revision()}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target, e.g. -1 or 0001.")]) -> None:
+    """Downgrade the schema; rows are converted, never dropped, where a status disappears."""
+    from resources.metrics_store import MetricsStore
+
+    store = MetricsStore(auto_migrate=False)
+    store.downgrade(revision)
+    typer.echo(f"{store.redacted_url()}: schema at {store.current_revision()}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision of the metrics database."""
+    from resources.metrics_store import MetricsStore
+
+    store = MetricsStore(auto_migrate=False)
+    typer.echo(f"{store.redacted_url()}: schema at {store.current_revision()}")
+
+
+def main() -> None:
+    """Console entry point: one clear error line and exit 1 instead of a traceback."""
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: a user sees one line, not a trace
+        if debug:
+            raise
+        sys.exit(cli_render.fail(exc))

@@ -1,0 +1,106 @@
+"""How ``flowctl`` shows things: tables a person reads, progress, and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from resources.redaction import redact_text
+
+# Piped output (CI logs, `| less`) gets room for the whole table instead of 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=180)
+err_console = Console(stderr=True)
+
+_RUN_COLUMNS = (
+    ("flow", "flow_name"),
+    ("run", "run_id"),
+    ("partition", "partition_key"),
+    ("status", "flow_status"),
+    ("source", "source_record_count"),
+    ("dispatched", "dispatched_jobs"),
+    ("skipped", "skipped_records"),
+    ("rejected", "rejected_records"),
+    ("completed", "completed_jobs"),
+    ("failed", "failed_jobs"),
+    ("pages", "pages_done"),
+    ("runtime ms", "total_runtime_ms"),
+)
+_STATUS_STYLE = {"completed": "green", "partial_success": "yellow", "failed": "red",
+                 "cancelled": "magenta", "running": "cyan"}
+
+
+@contextmanager
+def progress(message: str) -> Iterator[None]:
+    """A spinner while long work runs (plain text when not on a terminal)."""
+    with console.status(message):
+        yield
+    console.print(f"[dim]done:[/dim] {message}")
+
+
+def print_runs(rows: Sequence[Any]) -> None:
+    table = Table(title="flow_metrics")
+    for title, _ in _RUN_COLUMNS:
+        numeric = title not in ("flow", "run", "partition", "status")
+        table.add_column(title, justify="right" if numeric else "left", no_wrap=True)
+    for row in rows:
+        values = [_cell(getattr(row, attr)) for _, attr in _RUN_COLUMNS]
+        style = _STATUS_STYLE.get(row.flow_status, "")
+        values[3] = f"[{style}]{values[3]}[/{style}]" if style else values[3]
+        table.add_row(*values)
+    console.print(table)
+    for row in rows:
+        if row.failure_reason or row.counter_mismatch:
+            notes = "; ".join(filter(None, [row.failure_reason, row.counter_mismatch]))
+            console.print(f"  {row.run_id} {row.flow_status}: {notes}", highlight=False)
+
+
+def print_rejects(rejects: Sequence[Any], failures: Sequence[Any]) -> None:
+    if rejects:
+        table = Table(title="rejected records (quarantine)")
+        for column in ("page", "position", "reason", "record"):
+            table.add_column(column, overflow="fold")
+        for r in rejects:
+            table.add_row(str(r.page_index), str(r.position), r.reason, r.raw[:200])
+        console.print(table)
+    if failures:
+        table = Table(title="failed jobs")
+        for column in ("record key", "page", "error"):
+            table.add_column(column, overflow="fold")
+        for f in failures:
+            table.add_row(f.record_key, str(f.page_index), f.error[:300])
+        console.print(table)
+    if not rejects and not failures:
+        console.print("no rejected records and no failed jobs")
+
+
+def as_plain(item: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-friendly dict."""
+    return {k: _jsonable(v) for k, v in dataclasses.asdict(item).items()}
+
+
+def fail(exc: BaseException) -> int:
+    """Print one redacted error line; return the exit code."""
+    if isinstance(exc, click.exceptions.Exit):
+        return exc.exit_code
+    if isinstance(exc, click.ClickException):
+        exc.show()
+        return exc.exit_code
+    message = redact_text(str(exc)) or type(exc).__name__
+    first_line = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    err_console.print(f"[red]error:[/red] {first_line}", highlight=False, soft_wrap=True)
+    return 1
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value

@@ -1,0 +1,142 @@
+"""The Dagster objects of one flow: a fanned-out job, its schedule, its asset and check.
+
+Shape of the job ``<flow>_job``::
+
+    <flow>_plan  --(one DynamicOutput per chunk of pages)-->  <flow>_pages (mapped)
+                 --collect-->  <flow>_collect (marks extraction done)
+
+A chunk holds ``pages_per_step`` page refs (random-access sources: each step fetches its
+pages) or pages already read (sequential sources: the plan op reads them in order), so
+Dagster's per-step cost is paid once per chunk, not once per page.
+"""
+
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+from datetime import datetime, timezone
+from itertools import islice
+
+import dagster as dg
+
+from flow_assets.flow import Flow
+from flow_assets.page_step import process_page
+from flow_assets.sources.base import Page, PageRef
+from resources.metrics_store import MetricsStore
+from resources.redis_counters import RedisCounters
+
+COUNTERS_KEY = "redis_counters"
+STORE_KEY = "metrics_store"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PageChunk:
+    """The pages one mapped step processes: refs to fetch, or pages already read."""
+
+    refs: tuple[PageRef, ...] = field(default_factory=tuple)
+    pages: tuple[Page, ...] = field(default_factory=tuple)
+
+    @property
+    def mapping_key(self) -> str:
+        indexes = [p.index for p in self.refs or self.pages]
+        return f"pages_{indexes[0]}_{indexes[-1]}"
+
+    def __len__(self) -> int:
+        return len(self.refs) + len(self.pages)
+
+
+def build_flow_job(flow: Flow) -> dg.JobDefinition:
+    """The flow's job: plan pages, process chunks in mapped steps, collect."""
+    tags = {"flow/name": flow.name}
+
+    @dg.op(
+        name=f"{flow.name}_plan",
+        out=dg.DynamicOut(PageChunk),
+        required_resource_keys={COUNTERS_KEY, STORE_KEY},
+        description=f"Plan the pages of {flow.source} and fan them out in chunks.",
+        tags=tags,
+    )
+    def plan(context: dg.OpExecutionContext) -> Iterator[dg.DynamicOutput[PageChunk]]:
+        partition_key = context.partition_key if context.has_partition_key else None
+        store: MetricsStore = getattr(context.resources, STORE_KEY)
+        counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
+        store.start_run(context.run_id, flow.name, partition_key, datetime.now(timezone.utc))
+        counters.start_run(flow.name, context.run_id)
+        for chunk in _chunks(flow, partition_key):
+            yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
+
+    @dg.op(
+        name=f"{flow.name}_pages",
+        required_resource_keys={COUNTERS_KEY, STORE_KEY},
+        retry_policy=flow.retry_policy,
+        description="Validate, dedup and dispatch the records of a chunk of pages.",
+        tags=tags,
+    )
+    def process(context: dg.OpExecutionContext, chunk: PageChunk) -> int:
+        store: MetricsStore = getattr(context.resources, STORE_KEY)
+        counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
+        for page in chunk.pages or (flow.source.fetch(ref) for ref in chunk.refs):
+            process_page(flow, context.run_id, page, counters, store)
+        return len(chunk)
+
+    @dg.op(
+        name=f"{flow.name}_collect",
+        required_resource_keys={STORE_KEY},
+        description="Mark extraction done once every chunk was processed.",
+        tags=tags,
+    )
+    def collect(context: dg.OpExecutionContext, pages_per_chunk: list[int]) -> None:
+        pages_total = sum(pages_per_chunk)
+        getattr(context.resources, STORE_KEY).mark_extraction_done(context.run_id, pages_total)
+        context.log.info(f"flow {flow.name}: extraction done, {pages_total} pages")
+
+    @dg.graph(name=f"{flow.name}_graph", description=flow.description)
+    def flow_graph() -> None:
+        collect(plan().map(process).collect())
+
+    return flow_graph.to_job(
+        name=flow.job_name,
+        partitions_def=flow.partitions,
+        tags=tags,
+        description=flow.description,
+    )
+
+
+def _chunks(flow: Flow, partition_key: str | None) -> Iterator[PageChunk]:
+    refs = flow.source.plan(partition_key)
+    if refs is not None:
+        for group in batched(refs, flow.pages_per_step):
+            yield PageChunk(refs=tuple(group))
+    else:
+        for group in batched(flow.source.pages(partition_key), flow.pages_per_step):
+            yield PageChunk(pages=tuple(group))
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[tuple[T, ...]]:
+    """``itertools.batched`` (Python 3.12+), for 3.10 and 3.11."""
+    iterator = iter(items)
+    while group := tuple(islice(iterator, size)):
+        yield group
+
+
+def build_flow_asset(flow: Flow) -> dg.AssetSpec:
+    """The flow's asset: where the finalizer reports each run's metrics and status."""
+    return dg.AssetSpec(
+        key=flow.asset_key,
+        description=f"Run metrics of flow {flow.name} (reported by finalize_flow_runs).",
+        group_name=flow.group,
+        partitions_def=flow.partitions,
+        kinds={"redis", "sql"},
+        metadata={"flow/job": flow.job_name, "flow/source": str(flow.source)},
+    )
+
+
+def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinition | None:
+    if flow.schedule is None:
+        return None
+    if flow.partitions is not None:
+        return dg.build_schedule_from_partitioned_job(
+            job, name=f"{flow.name}_schedule", cron_schedule=flow.schedule
+        )
+    return dg.ScheduleDefinition(name=f"{flow.name}_schedule", job=job, cron_schedule=flow.schedule)

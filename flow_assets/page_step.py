@@ -1,0 +1,82 @@
+"""One page through the hot path: validate, dedup, dispatch, and record its outcome once.
+
+Idempotent by construction: the page's ledger row, rejects and failures are *replaced* on
+every attempt, and the Redis dedup claim is owned by the page index, so a retried page
+re-claims its own keys instead of seeing them as duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from flow_assets.dispatch import JobBatch
+from flow_assets.flow import Flow
+from flow_assets.sources.base import Page
+from flow_assets.validation import validate_records
+from resources.counts import Counts
+from resources.metrics_store import JobFailure, MetricsStore, PageRecord, RejectedRecord
+from resources.redis_counters import RedisCounters
+
+log = logging.getLogger(__name__)
+
+
+def process_page(
+    flow: Flow, run_id: str, page: Page, counters: RedisCounters, store: MetricsStore
+) -> Counts:
+    """Process one page and return its final counts (as recorded in the ledger)."""
+    valid = validate_records(page.records, flow.key, flow.max_record_bytes)
+    owned = _claim(flow, run_id, page.index, valid.keys, counters, store)
+    keys = [key for key, mine in zip(valid.keys, owned, strict=True) if mine]
+    records = [record for record, mine in zip(valid.records, owned, strict=True) if mine]
+    rejects = [RejectedRecord(r.position, r.reason, r.raw) for r in valid.rejects]
+    dispatched = Counts(
+        source=len(page.records),
+        dispatched=len(keys),
+        skipped=len(valid.keys) - len(keys),
+        rejected=len(rejects),
+    )
+    # Written before the handler runs so that a crash mid-page leaves its jobs visible as
+    # pending (and counted as lost if the run then fails) instead of invisible.
+    store.record_pages(run_id, [PageRecord(page.index, dispatched, "dispatched", keys, rejects)])
+
+    batch = JobBatch(keys, records)
+    if keys:
+        flow.handler(batch)
+    completed, failed = batch.finish()
+    final = replace(dispatched, completed=completed, failed=failed)
+    failures = [JobFailure(key, error) for key, error in batch.failures.items()]
+    store.record_pages(run_id, [PageRecord(page.index, final, "done", keys, rejects, failures)])
+    if not counters.record_page(flow.name, run_id, page.index, final):
+        _rebuild(flow, run_id, counters, store)
+    return final
+
+
+def _claim(
+    flow: Flow,
+    run_id: str,
+    page_index: int,
+    keys: list[str],
+    counters: RedisCounters,
+    store: MetricsStore,
+) -> list[bool]:
+    owned = counters.claim_page(flow.name, run_id, page_index, keys)
+    if owned is None:
+        _rebuild(flow, run_id, counters, store)
+        owned = counters.claim_page(flow.name, run_id, page_index, keys)
+    if owned is None:
+        raise RuntimeError(
+            f"flow {flow.name!r} run {run_id}: Redis lost the run's state again right after it"
+            " was rebuilt from the ledger; check the Redis server's maxmemory policy and restarts"
+        )
+    return owned
+
+
+def _rebuild(flow: Flow, run_id: str, counters: RedisCounters, store: MetricsStore) -> None:
+    """Redis lost the run's keys: restore dedup claims and live totals from the ledger."""
+    log.warning(
+        "flow %s run %s: Redis lost the run's state; rebuilding it from the SQL ledger",
+        flow.name,
+        run_id,
+    )
+    counters.rebuild(flow.name, run_id, store.claimed_keys(run_id), store.page_counts(run_id))

@@ -1,0 +1,144 @@
+"""Run flows outside the Dagster daemon: the engine behind ``flowctl run`` and ``flowctl demo``.
+
+Runs go through Dagster for real (``execute_in_process``) and are finalized by evaluating
+the very ``finalize_flow_runs`` sensor the daemon runs, so every path finalizes the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import dagster as dg
+
+from flow_assets.errors import ConfigurationError, FlowError
+from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
+from resources.metrics_store import MetricsStore, RunRow
+from sensors.sensor import SENSOR_NAME
+
+# Step-by-step Dagster events belong in the UI; on a terminal only warnings are shown.
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+Progress = Callable[[str], AbstractContextManager[Any]]
+
+
+def _no_progress(message: str) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
+def load_definitions(module_name: str) -> dg.Definitions:
+    """The ``defs`` of a code location module."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"cannot import module {module_name!r} ({exc}); pass --module with an importable"
+            " module that defines `defs = build_definitions([...])`"
+        ) from exc
+    defs = getattr(module, "defs", None)
+    if not isinstance(defs, dg.Definitions):
+        raise ConfigurationError(
+            f"module {module_name!r} has no `defs` Definitions; add"
+            " `defs = build_definitions([...])` to it"
+        )
+    return defs
+
+
+def run_flow(
+    defs: dg.Definitions,
+    flow_name: str,
+    *,
+    partition_key: str | None = None,
+    instance: dg.DagsterInstance | None = None,
+    progress: Progress = _no_progress,
+) -> RunRow:
+    """Execute a flow's job in-process, finalize it, and return its ``flow_metrics`` row."""
+    job = _job(defs, flow_name)
+    with _instance(instance) as dagster_instance:
+        with progress(f"running flow {flow_name}" + (f" [{partition_key}]" if partition_key else "")):
+            result = job.execute_in_process(
+                instance=dagster_instance,
+                partition_key=partition_key,
+                raise_on_error=False,
+                run_config=QUIET_RUN_CONFIG,
+            )
+        with progress(f"finalizing flow {flow_name}"):
+            finalize_now(defs, dagster_instance)
+    with resolved_store(defs) as store:
+        rows = store.runs(run_id=result.run_id)
+    if not rows:
+        raise FlowError(
+            f"flow {flow_name!r} run {result.run_id} wrote no flow_metrics row: it failed before"
+            " planning; run with DAGSTER_HOME set and inspect the run in the Dagster UI"
+        )
+    return rows[0]
+
+
+def run_demo(progress: Progress = _no_progress) -> list[RunRow]:
+    """Run both demo flows on the embedded default and return their rows."""
+    from flow_assets.definitions import defs
+
+    with embedded_redis_session(), dg.DagsterInstance.ephemeral() as instance:
+        return [
+            run_flow(defs, name, instance=instance, progress=progress)
+            for name in ("demo_orders", "demo_customers")
+        ]
+
+
+def finalize_now(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    """Evaluate one tick of the ``finalize_flow_runs`` sensor against ``instance``."""
+    sensor = defs.resolve_sensor_def(SENSOR_NAME)
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+        sensor(context)
+
+
+@contextmanager
+def resolved_store(defs: dg.Definitions) -> Iterator[MetricsStore]:
+    """The definitions' metrics store with its configuration (EnvVars) resolved."""
+    with dg.build_resources({STORE_KEY: defs.resources[STORE_KEY]}) as resources:
+        yield getattr(resources, STORE_KEY)
+
+
+@contextmanager
+def embedded_redis_session() -> Iterator[None]:
+    """Stop the embedded Redis afterwards if this session started it (FLOW_REDIS_URL unset)."""
+    if os.environ.get("FLOW_REDIS_URL"):
+        yield
+        return
+    from resources.embedded_redis import embedded_redis_running, stop_embedded_redis
+    from resources.home import flow_home
+
+    home = flow_home()
+    was_running = embedded_redis_running(home)
+    try:
+        yield
+    finally:
+        if not was_running:
+            stop_embedded_redis(home)
+
+
+@contextmanager
+def _instance(instance: dg.DagsterInstance | None) -> Iterator[dg.DagsterInstance]:
+    if instance is not None:
+        yield instance
+    elif os.environ.get("DAGSTER_HOME"):
+        yield dg.DagsterInstance.get()
+    else:
+        with dg.DagsterInstance.ephemeral() as temporary:
+            yield temporary
+
+
+def _job(defs: dg.Definitions, flow_name: str) -> dg.JobDefinition:
+    names = sorted(
+        job.name.removesuffix("_job") for job in defs.resolve_all_job_defs()
+        if job.tags.get("flow/name")
+    )
+    if flow_name not in names:
+        raise ConfigurationError(f"no flow named {flow_name!r}; known flows: {', '.join(names)}")
+    return defs.resolve_job_def(f"{flow_name}_job")
+
+
+__all__ = ["COUNTERS_KEY", "finalize_now", "load_definitions", "run_demo", "run_flow"]

@@ -1,0 +1,136 @@
+"""Finalize flow runs: read the ledger, ask Dagster how each run ended, classify, write once.
+
+``finalize_runs`` is the whole job of the ``finalize_flow_runs`` sensor, also called by
+``flowctl run`` and ``flowctl demo`` so that every path finalizes the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+
+from resources.counts import Counts
+from resources.metrics_store import MetricsStore, RunRow
+from resources.redis_counters import RedisCounters
+from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
+from sensors.publish import publish_final_runs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEADLINE = timedelta(hours=1)
+
+_RUN_STATES = {
+    dg.DagsterRunStatus.SUCCESS: RunState.SUCCEEDED,
+    dg.DagsterRunStatus.FAILURE: RunState.FAILED,
+    dg.DagsterRunStatus.CANCELED: RunState.CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class FlowPolicy:
+    """What the finalizer needs to know of a flow: its failure tolerance and deadline."""
+
+    tolerance: Tolerance = Tolerance(0)
+    deadline: timedelta = DEFAULT_DEADLINE
+
+
+@dataclass
+class FinalizeReport:
+    """What one finalization pass did."""
+
+    finalized: dict[str, str] = field(default_factory=dict)  # run_id -> status
+    waiting: dict[str, str] = field(default_factory=dict)  # run_id -> why not final
+    published: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        by_status: dict[str, int] = {}
+        for status in self.finalized.values():
+            by_status[status] = by_status.get(status, 0) + 1
+        done = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none"
+        return f"finalized: {done}; waiting: {len(self.waiting)}; published: {len(self.published)}"
+
+
+def finalize_runs(
+    instance: dg.DagsterInstance,
+    store: MetricsStore,
+    counters: RedisCounters,
+    policies: Mapping[str, FlowPolicy],
+    *,
+    now: datetime | None = None,
+    batch_size: int = 500,
+) -> FinalizeReport:
+    """Finalize up to ``batch_size`` unfinished runs, then publish every unpublished final run.
+
+    Safe to run twice or concurrently: the final write is a compare-and-set on
+    ``flow_status = 'running'``, so each run gets one final state.
+    """
+    now = now or datetime.now(timezone.utc)
+    report = FinalizeReport()
+    rows = store.running_runs(batch_size)
+    if rows:
+        run_ids = [row.run_id for row in rows]
+        totals = store.page_totals(run_ids)
+        dagster_runs = {
+            run.run_id: run for run in instance.get_runs(dg.RunsFilter(run_ids=run_ids))
+        }
+        for row in rows:
+            page_totals = totals[row.run_id]
+            policy = policies.get(row.flow_name, FlowPolicy())
+            snapshot = RunSnapshot(
+                counts=page_totals.counts,
+                extraction_done=row.extraction_done,
+                run_state=_run_state(dagster_runs.get(row.run_id)),
+                last_progress_at=row.updated_at,
+            )
+            verdict = classify(snapshot, policy.tolerance, now, policy.deadline)
+            if not verdict.is_final:
+                report.waiting[row.run_id] = verdict.reason or ""
+                continue
+            if _write_final(store, counters, row, page_totals.counts, page_totals.pages_done,
+                            verdict, now):
+                report.finalized[row.run_id] = verdict.status or ""
+    report.published = publish_final_runs(instance, store, counters, now, batch_size)
+    return report
+
+
+def _run_state(run: dg.DagsterRun | None) -> RunState:
+    if run is None:
+        return RunState.MISSING
+    return _RUN_STATES.get(run.status, RunState.IN_PROGRESS)
+
+
+def _write_final(
+    store: MetricsStore,
+    counters: RedisCounters,
+    row: RunRow,
+    counts: Counts,
+    pages_done: int,
+    verdict: Verdict,
+    now: datetime,
+) -> bool:
+    mismatch = _counter_mismatch(counters, row, counts)
+    if mismatch:
+        log.warning("flow %s run %s: %s", row.flow_name, row.run_id, mismatch)
+    return store.finalize(
+        row.run_id,
+        status=verdict.status or "",
+        counts=counts,
+        pages_done=pages_done,
+        finished_at=now,
+        failure_reason=verdict.reason,
+        counter_mismatch=mismatch,
+    )
+
+
+def _counter_mismatch(counters: RedisCounters, row: RunRow, ledger: Counts) -> str | None:
+    """Compare Redis's live totals with the ledger's; the ledger wins, the gap is recorded."""
+    live = counters.totals(row.flow_name, row.run_id)
+    if live is None:
+        return "Redis had lost the run's counters; totals computed from the SQL ledger"
+    if live != ledger:
+        return f"Redis counters {live.as_tuple()} differed from the ledger {ledger.as_tuple()}"
+    return None

@@ -1,0 +1,64 @@
+"""The ``finalize_flow_runs`` sensor: a thin shell around ``finalize_runs``.
+
+A plain batched ``@sensor`` rather than a run-status sensor: run-status sensors handle at
+most 5 runs a tick, and a run may also finish later than its Dagster run (pending jobs).
+"""
+
+
+import json
+from collections.abc import Mapping
+
+import dagster as dg
+
+from resources.metrics_store import MetricsStore
+from resources.redis_counters import RedisCounters
+from sensors.finalizer import FlowPolicy, finalize_runs
+
+SENSOR_NAME = "finalize_flow_runs"
+
+
+def build_finalizer_sensor(
+    policies: Mapping[str, FlowPolicy],
+    *,
+    minimum_interval_seconds: int = 15,
+    batch_size: int = 500,
+) -> dg.SensorDefinition:
+    """The finalizer sensor for the given flows, running by default.
+
+    Args:
+        policies: failure tolerance and deadline per flow name.
+        minimum_interval_seconds: seconds between ticks.
+        batch_size: unfinished runs examined per tick (the rest wait for the next tick).
+
+    Examples:
+        >>> sensor = build_finalizer_sensor({"orders": FlowPolicy()})
+        >>> sensor.name
+        'finalize_flow_runs'
+    """
+
+    @dg.sensor(
+        name=SENSOR_NAME,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Finalizes flow runs: computes their totals from the ledger, classifies them"
+            " (completed, partial_success, failed, cancelled), tags the run with flow/status,"
+            " reports asset metadata and the flow_status check, and removes the run's Redis keys."
+        ),
+    )
+    def finalize_flow_runs(
+        context: dg.SensorEvaluationContext,
+        metrics_store: MetricsStore,
+        redis_counters: RedisCounters,
+    ) -> dg.SensorResult:
+        report = finalize_runs(
+            context.instance, metrics_store, redis_counters, policies, batch_size=batch_size
+        )
+        context.log.info(report.summary())
+        total = json.loads(context.cursor or "{}").get("finalized_total", 0)
+        cursor = json.dumps({"finalized_total": total + len(report.finalized)})
+        if not report.finalized and not report.published:
+            return dg.SensorResult(skip_reason=dg.SkipReason(report.summary()), cursor=cursor)
+        return dg.SensorResult(cursor=cursor)
+
+    return finalize_flow_runs
