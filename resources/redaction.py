@@ -29,6 +29,8 @@ def redact_url(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{host}"
     query = _SECRET_PARAM.sub(r"\1=***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing secret; urlunsplit would also mangle sqlite:////abs/path
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -1,0 +1,233 @@
+"""URLs, engines and connections of the metrics database (schema versions: migrations).
+
+No Dagster import here: Alembic's ``env.py`` and the CLI use this module directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+
+from resources.errors import ConfigurationError, StoreUnavailableError
+from resources.redaction import redact_text, redact_url
+
+ENV_DATABASE_URL = "FLOW_DATABASE_URL"
+ENV_FLOW_HOME = "FLOW_HOME"
+DEFAULT_FLOW_HOME = ".flow_home"
+SQLITE_FILE_NAME = "flow_metrics.db"
+SQLITE_BUSY_TIMEOUT_S = 30
+PG_CONNECT_TIMEOUT_S = 5
+
+_DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "sqlite": ("pysqlite",)}
+_WRITE = "flow_write"  # connection execution option: SQLite takes the write lock at BEGIN
+
+log = logging.getLogger(__name__)
+
+_ENGINES: dict[tuple[int, str], Engine] = {}
+_SCHEMA_READY: set[tuple[int, str]] = set()
+_LOCK = threading.Lock()
+
+
+def resolve_url(url: str | None) -> str:
+    """The database URL to use: ``url``, else ``$FLOW_DATABASE_URL``, else SQLite in FLOW_HOME.
+
+    Raises:
+        ConfigurationError: the URL is unparsable, in-memory, or not PostgreSQL/SQLite.
+    """
+    if url:
+        return normalize_url(url, "MetricsStore `url`")
+    env_url = os.environ.get(ENV_DATABASE_URL, "").strip()
+    if env_url:
+        return normalize_url(env_url, ENV_DATABASE_URL)
+    home = Path(os.environ.get(ENV_FLOW_HOME) or DEFAULT_FLOW_HOME).expanduser().resolve()
+    _make_dir(home, ENV_FLOW_HOME)
+    return f"sqlite:///{home / SQLITE_FILE_NAME}"
+
+
+def _make_dir(path: Path, setting: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot create {path} for the metrics database ({exc.strerror}); set {setting}"
+            " to a writable location."
+        ) from exc
+
+
+def redacted(url: str) -> str:
+    """``url`` safe to show: password and query secrets masked."""
+    # redact_url re-assembles the URL and would turn sqlite:////abs/path into
+    # sqlite://abs/path; a SQLite file URL carries no credentials anyway.
+    if url.startswith("sqlite"):
+        return url
+    return redact_url(url)
+
+
+@lru_cache(maxsize=64)  # called on every store operation; parsing once is enough
+def normalize_url(raw: str, setting: str) -> str:
+    """Validate ``raw`` and return it with an explicit driver (``postgresql+psycopg``)."""
+    fix = (
+        f"set {setting} to a URL such as postgresql+psycopg://user:password@host:5432/db"
+        " or sqlite:////absolute/path/flow_metrics.db"
+    )
+    try:
+        parsed = make_url(raw)
+    except (ArgumentError, ValueError):
+        # `from None`: the parser's own message may quote the raw URL, password included.
+        raise ConfigurationError(
+            f"{setting}={redacted(raw)!r} is not a valid database URL: {fix}."
+        ) from None
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if backend not in _DRIVERS:
+        raise ConfigurationError(
+            f"{setting}={redacted(raw)!r} uses the unsupported database {backend!r};"
+            f" only PostgreSQL and SQLite are supported: {fix}."
+        )
+    if backend == "postgresql" and "+" not in parsed.drivername:
+        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
+    elif driver not in _DRIVERS[backend]:
+        raise ConfigurationError(
+            f"{setting}={redacted(raw)!r} names the driver {driver!r}, which this package"
+            f" does not support; use one of {', '.join(_DRIVERS[backend])}: {fix}."
+        )
+    if backend == "sqlite":
+        parsed = _sqlite_file_url(parsed, raw, setting)
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_file_url(parsed: URL, raw: str, setting: str) -> URL:
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        raise ConfigurationError(
+            f"{setting}={redacted(raw)!r} is an in-memory SQLite database, which loses the"
+            f" ledger when the process ends; set {setting} to a file such as"
+            " sqlite:////absolute/path/flow_metrics.db"
+        )
+    _make_dir(Path(database).expanduser().parent, setting)
+    return parsed
+
+
+def get_engine(url: str) -> Engine:
+    """The process's engine for ``url`` (engines never cross a fork)."""
+    key = (os.getpid(), url)
+    with _LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = new_engine(url)
+        return engine
+
+
+def new_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> Engine:
+    """A new, uncached engine with this package's connection settings."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        connect_args = {}
+        if "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Autocommit at the driver level; the "begin" hook below emits BEGIN itself, so
+        # DDL is transactional and writers can take the lock up front.
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A deferred transaction that reads and then writes fails at once with
+        # SQLITE_BUSY when another writer got in between; IMMEDIATE waits instead.
+        write = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def schema_ready(url: str) -> bool:
+    """Whether this process already checked that ``url``'s schema is at head."""
+    return (os.getpid(), url) in _SCHEMA_READY
+
+
+def set_schema_ready(url: str, ready: bool) -> None:
+    with _LOCK:
+        if ready:
+            _SCHEMA_READY.add((os.getpid(), url))
+        else:
+            _SCHEMA_READY.discard((os.getpid(), url))
+
+
+def dispose_engines() -> None:
+    """Close this process's pooled connections and forget its schema checks (tests, CLI)."""
+    with _LOCK:
+        for (pid, _url), engine in _ENGINES.items():
+            if pid == os.getpid():
+                engine.dispose()
+        _ENGINES.clear()
+        _SCHEMA_READY.clear()
+
+
+@contextmanager
+def transaction(engine: Engine, *, write: bool, retry_seconds: float) -> Iterator[Connection]:
+    """One transaction on ``engine``; a failed connect is retried with backoff and jitter.
+
+    Only connecting is retried: a statement that fails mid-transaction is not, because the
+    caller cannot know whether its commit landed (a compare-and-set must not run twice).
+
+    Raises:
+        StoreUnavailableError: no connection within ``retry_seconds``.
+    """
+    conn = _connect_with_retry(engine, retry_seconds)
+    try:
+        conn.execution_options(**{_WRITE: write})
+        with conn.begin():
+            yield conn
+    finally:
+        conn.close()
+
+
+def _connect_with_retry(engine: Engine, retry_seconds: float) -> Connection:
+    started, attempt = time.monotonic(), 0
+    while True:
+        attempt += 1
+        try:
+            return engine.connect()
+        except (OperationalError, InterfaceError) as exc:
+            elapsed = time.monotonic() - started
+            delay = min(0.2 * 2 ** (attempt - 1), 2.0) * random.uniform(0.5, 1.0)
+            where = redacted(engine.url.render_as_string(hide_password=False))
+            reason = " ".join(redact_text(str(exc.orig or exc)).split())  # one line
+            reason += "" if reason.endswith((".", "?", "!")) else "."
+            if elapsed + delay > retry_seconds:
+                check = (
+                    "that the file's directory exists and is writable"
+                    if engine.dialect.name == "sqlite"
+                    else "that the database server is running and reachable"
+                )
+                raise StoreUnavailableError(
+                    f"cannot connect to the metrics database {where} ({attempt} attempts in"
+                    f" {elapsed:.1f}s): {reason} Check {check}, and that {ENV_DATABASE_URL}"
+                    " (or the MetricsStore `url`) points at it."
+                ) from exc
+            log.warning(
+                "metrics database %s unreachable (attempt %d: %s) retrying in %.2fs",
+                where,
+                attempt,
+                reason,
+                delay,
+            )
+            time.sleep(delay)

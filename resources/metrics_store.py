@@ -1,0 +1,250 @@
+"""``MetricsStore``: the Dagster resource in front of the SQL ledger (flow_metrics & co.)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime, timezone
+
+from dagster import ConfigurableResource
+from pydantic import Field
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from resources import db, migrations
+from resources import store_queries as q
+from resources.counts import Counts
+from resources.redaction import redact_text
+from resources.schema import FINAL_STATUSES
+from resources.store_records import (
+    JobFailure,
+    PageRecord,
+    PageTotals,
+    RejectedRecord,
+    RunRow,
+    StoredFailure,
+    StoredReject,
+)
+
+__all__ = [
+    "JobFailure",
+    "MetricsStore",
+    "PageRecord",
+    "PageTotals",
+    "RejectedRecord",
+    "RunRow",
+    "StoredFailure",
+    "StoredReject",
+]
+
+
+def _aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError(f"{name}={value.isoformat()} is naive; pass a timezone-aware datetime")
+    return value
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _unknown_run(run_id: str) -> ValueError:
+    return ValueError(f"run {run_id!r} has no flow_metrics row; call start_run first")
+
+
+class MetricsStore(ConfigurableResource):
+    """The durable ledger of flow runs: per-run rows, per-page rows, quarantine, failures.
+
+    PostgreSQL in production, a SQLite file as the embedded default. Every method is one
+    transaction and idempotent; only connecting is retried. Engines are cached per process,
+    so the resource itself holds configuration only.
+
+    Args:
+        url: SQLAlchemy URL of the database.
+        auto_migrate: upgrade the schema to the newest revision on first use.
+        connect_retry_seconds: how long to keep retrying a failed connection.
+
+    Examples:
+        .. code-block:: python
+
+            from dagster import Definitions, EnvVar
+
+            defs = Definitions(
+                assets=[...],
+                resources={"metrics_store": MetricsStore(url=EnvVar("FLOW_DATABASE_URL"))},
+            )
+    """
+
+    url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the metrics database (postgresql+psycopg://... or"
+            " sqlite:///...). Defaults to $FLOW_DATABASE_URL, else the SQLite file"
+            " $FLOW_HOME/flow_metrics.db (FLOW_HOME defaults to ./.flow_home)."
+        ),
+    )
+    auto_migrate: bool = Field(
+        default=True,
+        description=(
+            "Upgrade the schema to the newest revision on first use in a process. When"
+            " false, an outdated schema is an error asking you to run `flowctl db upgrade`."
+        ),
+    )
+    connect_retry_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long to retry a failed connection (exponential backoff with jitter).",
+    )
+
+    # --- connection and schema -------------------------------------------------------
+
+    def resolved_url(self) -> str:
+        """The URL in use, password included: never log it, use ``redacted_url()``."""
+        return db.resolve_url(self.url)
+
+    def redacted_url(self) -> str:
+        return db.redacted(self.resolved_url())
+
+    def engine(self) -> Engine:
+        """This process's engine (no schema check)."""
+        return db.get_engine(self.resolved_url())
+
+    def upgrade(self, revision: str = "head") -> None:
+        migrations.migrate(
+            self.resolved_url(), revision, downgrade=False, retry_seconds=self.connect_retry_seconds
+        )
+
+    def downgrade(self, revision: str) -> None:
+        migrations.migrate(
+            self.resolved_url(), revision, downgrade=True, retry_seconds=self.connect_retry_seconds
+        )
+
+    def current_revision(self) -> str | None:
+        with db.transaction(
+            self.engine(), write=False, retry_seconds=self.connect_retry_seconds
+        ) as conn:
+            return migrations.current_revision(conn)
+
+    def _tx(self, *, write: bool) -> AbstractContextManager[Connection]:
+        url = self.resolved_url()
+        migrations.ensure_schema(
+            url, auto_migrate=self.auto_migrate, retry_seconds=self.connect_retry_seconds
+        )
+        return db.transaction(
+            db.get_engine(url), write=write, retry_seconds=self.connect_retry_seconds
+        )
+
+    # --- writes ------------------------------------------------------------------------
+
+    def start_run(
+        self, run_id: str, flow_name: str, partition_key: str | None, started_at: datetime
+    ) -> None:
+        """Insert the run as ``running``; calling it again (a retried plan op) changes nothing."""
+        _aware(started_at, "started_at")
+        with self._tx(write=True) as conn:
+            q.insert_run(conn, run_id, flow_name, partition_key, started_at)
+
+    def record_pages(self, run_id: str, pages: Sequence[PageRecord]) -> None:
+        """Record page outcomes, replacing any earlier attempt of the same pages.
+
+        A page's row, rejects and failures are replaced, never added to, so a retried page
+        counts once. One transaction, batched statements, no per-record round trips.
+        """
+        if not pages:
+            return
+        try:
+            with self._tx(write=True) as conn:
+                if q.replace_pages(conn, run_id, pages, _now()) == 0:
+                    raise _unknown_run(run_id)
+        except IntegrityError as exc:
+            raise ValueError(
+                f"cannot record pages of run {run_id!r}: {redact_text(str(exc.orig))}."
+                " Call start_run for the run before recording its pages."
+            ) from exc
+
+    def mark_extraction_done(self, run_id: str, pages_total: int) -> None:
+        """The source is exhausted: ``pages_total`` pages exist."""
+        with self._tx(write=True) as conn:
+            if q.mark_extraction_done(conn, run_id, pages_total, _now()) == 0:
+                raise _unknown_run(run_id)
+
+    def finalize(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        counts: Counts,
+        pages_done: int,
+        finished_at: datetime,
+        failure_reason: str | None = None,
+        counter_mismatch: str | None = None,
+    ) -> bool:
+        """Write the final state if the run is still ``running``; True only for the winner."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"status {status!r} is not final; expected one of {FINAL_STATUSES}")
+        _aware(finished_at, "finished_at")
+        with self._tx(write=True) as conn:
+            return q.finalize(
+                conn,
+                run_id,
+                status=status,
+                counts=counts,
+                pages_done=pages_done,
+                finished_at=finished_at,
+                failure_reason=failure_reason,
+                counter_mismatch=counter_mismatch,
+            )
+
+    def mark_published(self, run_ids: Sequence[str], at: datetime) -> int:
+        """Mark final runs as reported to Dagster; returns how many rows changed."""
+        _aware(at, "at")
+        if not run_ids:
+            return 0
+        with self._tx(write=True) as conn:
+            return q.mark_published(conn, run_ids, at)
+
+    # --- reads -------------------------------------------------------------------------
+
+    def running_runs(self, limit: int) -> list[RunRow]:
+        """Runs still ``running``, least recently updated first."""
+        with self._tx(write=False) as conn:
+            return q.running_runs(conn, limit)
+
+    def unpublished_runs(self, limit: int) -> list[RunRow]:
+        """Final runs not yet reported to Dagster, oldest finish first."""
+        with self._tx(write=False) as conn:
+            return q.unpublished_runs(conn, limit)
+
+    def page_totals(self, run_ids: Sequence[str]) -> dict[str, PageTotals]:
+        """Each run's counts summed over its page rows; a run without pages gets zeros."""
+        if not run_ids:
+            return {}
+        with self._tx(write=False) as conn:
+            return q.page_totals(conn, run_ids)
+
+    def claimed_keys(self, run_id: str) -> dict[str, int]:
+        """Record key -> index of the page that owns it (to rebuild Redis)."""
+        with self._tx(write=False) as conn:
+            return q.claimed_keys(conn, run_id)
+
+    def page_counts(self, run_id: str) -> dict[int, Counts]:
+        """Page index -> that page's counts (to rebuild Redis)."""
+        with self._tx(write=False) as conn:
+            return q.page_counts(conn, run_id)
+
+    def runs(
+        self, flow_name: str | None = None, run_id: str | None = None, limit: int = 50
+    ) -> list[RunRow]:
+        """Runs, newest first, optionally of one flow or one run id."""
+        with self._tx(write=False) as conn:
+            return q.runs(conn, flow_name, run_id, limit)
+
+    def rejected_records(self, run_id: str, limit: int = 100) -> list[StoredReject]:
+        """A run's quarantined records, by page and position."""
+        with self._tx(write=False) as conn:
+            return q.rejected_records(conn, run_id, limit)
+
+    def job_failures(self, run_id: str, limit: int = 100) -> list[StoredFailure]:
+        """A run's failed jobs, by page and record key."""
+        with self._tx(write=False) as conn:
+            return q.job_failures(conn, run_id, limit)

@@ -1,0 +1,307 @@
+"""The metrics store's SQL: one function per operation, each given an open transaction.
+
+All SQL is parameterized; the only literals are the partial-index predicates, which
+must appear verbatim for the planner to use those indexes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import Connection, Insert, Table, case, delete, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from resources.counts import Counts
+from resources.schema import (
+    RUNNING_PREDICATE,
+    UNPUBLISHED_PREDICATE,
+    flow_job_failures,
+    flow_metrics,
+    flow_page_progress,
+    flow_rejected_records,
+)
+from resources.store_records import (
+    PageRecord,
+    PageTotals,
+    RunRow,
+    StoredFailure,
+    StoredReject,
+)
+
+MAX_RAW_RECORD_BYTES = 64 * 1024
+MAX_ERROR_BYTES = 8 * 1024
+_IN_CHUNK = 500  # bound the parameters of one IN (...) list
+
+_fm, _pages = flow_metrics, flow_page_progress
+_rejects, _failures = flow_rejected_records, flow_job_failures
+_PAGE_COUNT_COLUMNS = ("source_records", "dispatched", "skipped", "rejected", "completed", "failed")
+
+
+def truncate_text(value: str, max_bytes: int) -> str:
+    """``value`` cut to ``max_bytes`` of UTF-8, with a marker saying how much was cut."""
+    # PostgreSQL text cannot hold NUL; escape it rather than lose the record.
+    value = value.replace("\x00", "\\u0000")
+    data = value.encode("utf-8")
+    if len(data) <= max_bytes:
+        return value
+    marker = f"...[truncated {len(data)} bytes to {max_bytes}]"
+    head = data[: max_bytes - len(marker.encode("utf-8"))].decode("utf-8", errors="ignore")
+    return head + marker
+
+
+def _raw_text(raw: object) -> str:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", errors="replace")
+    return json.dumps(raw, default=str, ensure_ascii=False)
+
+
+@cache  # statements are immutable; building `excluded` costs more than executing
+def _upsert(
+    dialect_name: str, table: Table, keys: tuple[str, ...], columns: tuple[str, ...]
+) -> Insert:
+    stmt = (postgresql if dialect_name == "postgresql" else sqlite).insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=list(keys), set_={name: stmt.excluded[name] for name in columns}
+    )
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start : start + _IN_CHUNK]
+
+
+def insert_run(
+    conn: Connection,
+    run_id: str,
+    flow_name: str,
+    partition_key: str | None,
+    started_at: datetime,
+) -> None:
+    """Insert the run's row as ``running``; an existing row is left as it is."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(_fm).values(
+        run_id=run_id,
+        flow_name=flow_name,
+        partition_key=partition_key,
+        flow_status="running",
+        started_at=started_at,
+        updated_at=started_at,
+    )
+    conn.execute(stmt.on_conflict_do_nothing(index_elements=["run_id"]))
+
+
+def replace_pages(conn: Connection, run_id: str, pages: Sequence[PageRecord], now: datetime) -> int:
+    """Upsert page rows and replace their rejects and failures; returns runs rows touched."""
+    # Last attempt wins within a call too; sorted so concurrent writers lock in one order.
+    latest = {page.page_index: page for page in pages}
+    ordered = [latest[index] for index in sorted(latest)]
+    page_rows = [
+        {
+            "run_id": run_id,
+            "page_index": page.page_index,
+            "status": page.status,
+            **dict(zip(_PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True)),
+            "claimed_keys": json.dumps(list(page.claimed_keys), separators=(",", ":")),
+            "updated_at": now,
+        }
+        for page in ordered
+    ]
+    updated = ("status", *_PAGE_COUNT_COLUMNS, "claimed_keys", "updated_at")
+    stmt = _upsert(conn.dialect.name, _pages, ("run_id", "page_index"), updated)
+    conn.execute(stmt, page_rows)
+
+    indexes = list(latest)
+    for chunk in _chunks(indexes):
+        conn.execute(
+            delete(_rejects).where(_rejects.c.run_id == run_id, _rejects.c.page_index.in_(chunk))
+        )
+        conn.execute(
+            delete(_failures).where(_failures.c.run_id == run_id, _failures.c.page_index.in_(chunk))
+        )
+    reject_rows = {
+        (page.page_index, reject.position): {
+            "run_id": run_id,
+            "page_index": page.page_index,
+            "position": reject.position,
+            "reason": truncate_text(reject.reason, MAX_ERROR_BYTES),
+            "raw_record": truncate_text(_raw_text(reject.raw), MAX_RAW_RECORD_BYTES),
+            "created_at": now,
+        }
+        for page in ordered
+        for reject in page.rejects
+    }
+    if reject_rows:
+        conn.execute(_rejects.insert(), list(reject_rows.values()))
+    failure_rows = {
+        failure.record_key: {
+            "run_id": run_id,
+            "record_key": failure.record_key,
+            "page_index": page.page_index,
+            "error": truncate_text(failure.error, MAX_ERROR_BYTES),
+            "created_at": now,
+        }
+        for page in ordered
+        for failure in page.failures
+    }
+    if failure_rows:
+        # Upsert: a key failed earlier on another page (a bug elsewhere) must not abort the page.
+        columns = ("page_index", "error", "created_at")
+        stmt = _upsert(conn.dialect.name, _failures, ("run_id", "record_key"), columns)
+        conn.execute(stmt, list(failure_rows.values()))
+    # Last, so the run row's lock is held for the shortest time.
+    return conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now)).rowcount
+
+
+def mark_extraction_done(conn: Connection, run_id: str, pages_total: int, now: datetime) -> int:
+    stmt = (
+        update(_fm)
+        .where(_fm.c.run_id == run_id)
+        .values(extraction_done=True, pages_total=pages_total, updated_at=now)
+    )
+    return conn.execute(stmt).rowcount
+
+
+def _run_rows(conn: Connection, stmt: Any) -> list[RunRow]:
+    return [RunRow(**row._mapping) for row in conn.execute(stmt)]
+
+
+def running_runs(conn: Connection, limit: int) -> list[RunRow]:
+    stmt = (
+        select(_fm)
+        .where(text(RUNNING_PREDICATE))
+        .order_by(_fm.c.updated_at, _fm.c.run_id)
+        .limit(limit)
+    )
+    return _run_rows(conn, stmt)
+
+
+def unpublished_runs(conn: Connection, limit: int) -> list[RunRow]:
+    stmt = (
+        select(_fm)
+        .where(text(UNPUBLISHED_PREDICATE))
+        .order_by(_fm.c.finished_at, _fm.c.run_id)
+        .limit(limit)
+    )
+    return _run_rows(conn, stmt)
+
+
+def runs(conn: Connection, flow_name: str | None, run_id: str | None, limit: int) -> list[RunRow]:
+    stmt = select(_fm).order_by(_fm.c.started_at.desc(), _fm.c.run_id.desc()).limit(limit)
+    if flow_name is not None:
+        stmt = stmt.where(_fm.c.flow_name == flow_name)
+    if run_id is not None:
+        stmt = stmt.where(_fm.c.run_id == run_id)
+    return _run_rows(conn, stmt)
+
+
+def page_totals(conn: Connection, run_ids: Sequence[str]) -> dict[str, PageTotals]:
+    """Sum each run's page rows in one grouped query per chunk of run ids."""
+    totals = {run_id: PageTotals(Counts(), 0, 0) for run_id in run_ids}
+    sums = [func.sum(_pages.c[name]) for name in _PAGE_COUNT_COLUMNS]
+    done = func.sum(case((_pages.c.status == "done", 1), else_=0))
+    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+        stmt = (
+            select(_pages.c.run_id, *sums, done, func.count())
+            .where(_pages.c.run_id.in_(chunk))
+            .group_by(_pages.c.run_id)
+        )
+        for run_id, *values in conn.execute(stmt):
+            *counts, pages_done, pages_seen = (int(value) for value in values)
+            totals[run_id] = PageTotals(Counts(*counts), pages_done, pages_seen)
+    return totals
+
+
+def page_counts(conn: Connection, run_id: str) -> dict[int, Counts]:
+    stmt = select(_pages.c.page_index, *(_pages.c[name] for name in _PAGE_COUNT_COLUMNS)).where(
+        _pages.c.run_id == run_id
+    )
+    return {index: Counts(*counts) for index, *counts in conn.execute(stmt)}
+
+
+def claimed_keys(conn: Connection, run_id: str) -> dict[str, int]:
+    """Record key -> owning page; a key claimed by two pages belongs to the lower index."""
+    stmt = (
+        select(_pages.c.page_index, _pages.c.claimed_keys)
+        .where(_pages.c.run_id == run_id)
+        .order_by(_pages.c.page_index)
+    )
+    owners: dict[str, int] = {}
+    for page_index, keys in conn.execute(stmt):
+        for key in json.loads(keys):
+            owners.setdefault(key, page_index)
+    return owners
+
+
+def finalize(
+    conn: Connection,
+    run_id: str,
+    *,
+    status: str,
+    counts: Counts,
+    pages_done: int,
+    finished_at: datetime,
+    failure_reason: str | None,
+    counter_mismatch: str | None,
+) -> bool:
+    """Compare-and-set the final row; True only if this call moved it out of ``running``."""
+    started_at = conn.execute(select(_fm.c.started_at).where(_fm.c.run_id == run_id)).scalar()
+    if started_at is None:
+        return False
+    runtime_ms = max(0, round((finished_at - started_at).total_seconds() * 1000))
+    stmt = (
+        update(_fm)
+        .where(_fm.c.run_id == run_id, text(RUNNING_PREDICATE))
+        .values(
+            flow_status=status,
+            source_record_count=counts.source,
+            dispatched_jobs=counts.dispatched,
+            skipped_records=counts.skipped,
+            rejected_records=counts.rejected,
+            completed_jobs=counts.completed,
+            failed_jobs=counts.failed,
+            pages_done=pages_done,
+            finished_at=finished_at,
+            total_runtime_ms=runtime_ms,
+            failure_reason=failure_reason,
+            counter_mismatch=counter_mismatch,
+        )
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def mark_published(conn: Connection, run_ids: Sequence[str], at: datetime) -> int:
+    marked = 0
+    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+        stmt = (
+            update(_fm)
+            .where(_fm.c.run_id.in_(chunk), text(UNPUBLISHED_PREDICATE))
+            .values(published_at=at)
+        )
+        marked += conn.execute(stmt).rowcount
+    return marked
+
+
+def rejected_records(conn: Connection, run_id: str, limit: int) -> list[StoredReject]:
+    stmt = (
+        select(_rejects)
+        .where(_rejects.c.run_id == run_id)
+        .order_by(_rejects.c.page_index, _rejects.c.position)
+        .limit(limit)
+    )
+    return [StoredReject(**row._mapping) for row in conn.execute(stmt)]
+
+
+def job_failures(conn: Connection, run_id: str, limit: int) -> list[StoredFailure]:
+    stmt = (
+        select(_failures)
+        .where(_failures.c.run_id == run_id)
+        .order_by(_failures.c.page_index, _failures.c.record_key)
+        .limit(limit)
+    )
+    return [StoredFailure(**row._mapping) for row in conn.execute(stmt)]

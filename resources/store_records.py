@@ -1,0 +1,159 @@
+"""Values the metrics store takes and returns: plain frozen dataclasses, no SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from resources.counts import Counts
+from resources.schema import PAGE_STATUSES
+
+
+def _json_value(value: object) -> object:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+@dataclass(frozen=True)
+class RejectedRecord:
+    """A record that failed validation, kept in quarantine with its reason.
+
+    Args:
+        position: the record's position within its page (0-based).
+        reason: why it was rejected, for a human.
+        raw: the record as the source returned it; non-strings are stored as JSON.
+    """
+
+    position: int
+    reason: str
+    raw: object
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """A dispatched job that ended in an error.
+
+    Args:
+        record_key: the record's dedup key (unique within a run).
+        error: the error text (stored truncated).
+    """
+
+    record_key: str
+    error: str
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    """One page's outcome; recording it again replaces the earlier attempt.
+
+    Args:
+        page_index: the page's 0-based index within the run.
+        counts: the page's counts; must satisfy conservation.
+        status: ``dispatched`` (jobs handed out, outcomes not all known) or ``done``.
+        claimed_keys: the record keys this page owns, used to rebuild Redis.
+        rejects: the page's quarantined records.
+        failures: the page's failed jobs.
+
+    Examples:
+        >>> page = PageRecord(0, Counts(source=2, dispatched=2, completed=2), "done", ["a", "b"])
+        >>> page.counts.pending
+        0
+    """
+
+    page_index: int
+    counts: Counts
+    status: str
+    claimed_keys: Sequence[str]
+    rejects: Sequence[RejectedRecord] = ()
+    failures: Sequence[JobFailure] = ()
+
+    def __post_init__(self) -> None:
+        problems = list(self.counts.conservation_errors())
+        if self.status not in PAGE_STATUSES:
+            problems.append(f"status {self.status!r} is not one of {PAGE_STATUSES}")
+        if self.status == "done" and self.counts.pending:
+            problems.append(f"status 'done' with {self.counts.pending} jobs still pending")
+        if self.page_index < 0:
+            problems.append("page_index is negative")
+        if problems:
+            raise ValueError(f"page {self.page_index} cannot be recorded: {'; '.join(problems)}")
+
+
+@dataclass(frozen=True)
+class PageTotals:
+    """A run's totals summed over its page rows (the ledger's view of the run)."""
+
+    counts: Counts
+    pages_done: int
+    pages_seen: int
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One ``flow_metrics`` row; timestamps are timezone-aware UTC."""
+
+    run_id: str
+    flow_name: str
+    partition_key: str | None
+    flow_status: str
+    source_record_count: int
+    dispatched_jobs: int
+    skipped_records: int
+    rejected_records: int
+    completed_jobs: int
+    failed_jobs: int
+    pages_total: int | None
+    pages_done: int
+    extraction_done: bool
+    started_at: datetime
+    finished_at: datetime | None
+    total_runtime_ms: int | None
+    failure_reason: str | None
+    updated_at: datetime
+    counter_mismatch: str | None
+    published_at: datetime | None
+
+    @property
+    def counts(self) -> Counts:
+        return Counts(
+            source=self.source_record_count,
+            dispatched=self.dispatched_jobs,
+            skipped=self.skipped_records,
+            rejected=self.rejected_records,
+            completed=self.completed_jobs,
+            failed=self.failed_jobs,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as JSON-friendly values (ISO 8601 timestamps)."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class StoredReject:
+    """A quarantined record as stored (``raw_record`` possibly truncated)."""
+
+    run_id: str
+    page_index: int
+    position: int
+    reason: str
+    raw_record: str
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: _json_value(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class StoredFailure:
+    """A failed job as stored (``error`` possibly truncated)."""
+
+    run_id: str
+    record_key: str
+    page_index: int
+    error: str
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: _json_value(getattr(self, f.name)) for f in fields(self)}

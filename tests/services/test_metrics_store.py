@@ -1,0 +1,402 @@
+"""MetricsStore on real SQLite files and a real PostgreSQL server (tests/conftest.py); no fakes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import text
+
+from resources import db
+from resources.counts import Counts
+from resources.errors import ConfigurationError, StoreUnavailableError
+from resources.metrics_store import (
+    JobFailure,
+    MetricsStore,
+    PageRecord,
+    PageTotals,
+    RejectedRecord,
+)
+from resources.store_queries import MAX_RAW_RECORD_BYTES
+from tests.servers import PostgresServer, free_port
+
+pytestmark = pytest.mark.services
+
+T0 = datetime(2025, 1, 6, 12, 0, tzinfo=timezone.utc)
+PASSWORD = "hunter2-s3cret"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines() -> Iterator[None]:
+    # Each test gets its own database: drop pooled connections to the previous ones.
+    yield
+    db.dispose_engines()
+
+
+@pytest.fixture
+def store(database_url: str) -> MetricsStore:
+    return MetricsStore(url=database_url)
+
+
+def _page(index: int, counts: Counts, status: str = "done", **kwargs: object) -> PageRecord:
+    keys = kwargs.pop("keys", [f"p{index}-k{i}" for i in range(counts.dispatched)])
+    return PageRecord(index, counts, status, keys, **kwargs)  # type: ignore[arg-type]
+
+
+def test_start_run_twice_changes_nothing(store: MetricsStore) -> None:
+    store.start_run("run-1", "orders", "2025-01-06", T0)
+    store.start_run("run-1", "other_flow", None, T0 + timedelta(hours=1))
+
+    [row] = store.runs(run_id="run-1")
+    assert (row.flow_name, row.partition_key, row.flow_status) == (
+        "orders",
+        "2025-01-06",
+        "running",
+    )
+    assert row.started_at == T0
+    assert row.counts == Counts()
+
+
+def test_timestamps_come_back_as_the_same_instant_in_utc(store: MetricsStore) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    store.start_run("run-1", "orders", None, datetime(2025, 1, 6, 14, 0, tzinfo=plus_two))
+
+    [row] = store.runs()
+    assert row.started_at == T0
+    assert row.started_at.tzinfo == timezone.utc
+    assert row.as_dict()["started_at"] == "2025-01-06T12:00:00+00:00"
+    with pytest.raises(ValueError, match="naive"):
+        store.start_run("run-2", "orders", None, datetime(2025, 1, 6))
+
+
+def test_a_page_recorded_twice_counts_once_and_its_rejects_and_failures_are_replaced(
+    store: MetricsStore,
+) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    first = _page(
+        0,
+        Counts(source=5, dispatched=3, skipped=0, rejected=2, completed=1, failed=1),
+        status="dispatched",
+        rejects=[RejectedRecord(1, "missing id", {"n": 1}), RejectedRecord(4, "bad", "raw")],
+        failures=[JobFailure("k-a", "timeout")],
+    )
+    retry = _page(
+        0,
+        Counts(source=5, dispatched=4, skipped=0, rejected=1, completed=3, failed=1),
+        rejects=[RejectedRecord(4, "bad date", "raw-4")],
+        failures=[JobFailure("k-b", "HTTP 500")],
+    )
+    store.record_pages("run-1", [first])
+    store.record_pages("run-1", [retry])
+    store.record_pages("run-1", [retry])
+
+    totals = store.page_totals(["run-1"])["run-1"]
+    assert totals == PageTotals(retry.counts, pages_done=1, pages_seen=1)
+    rejects = store.rejected_records("run-1")
+    assert [(r.page_index, r.position, r.reason, r.raw_record) for r in rejects] == [
+        (0, 4, "bad date", "raw-4")
+    ]
+    assert [(f.record_key, f.error) for f in store.job_failures("run-1")] == [("k-b", "HTTP 500")]
+
+
+def test_page_totals_sum_pages_per_run_and_give_zeros_to_runs_without_pages(
+    store: MetricsStore,
+) -> None:
+    for run_id in ("run-a", "run-b", "run-empty"):
+        store.start_run(run_id, "orders", None, T0)
+    store.record_pages(
+        "run-a",
+        [
+            _page(0, Counts(source=3, dispatched=3, completed=3)),
+            _page(1, Counts(source=2, dispatched=1, skipped=1, completed=0), status="dispatched"),
+            _page(2, Counts(source=4, dispatched=2, rejected=2, completed=1, failed=1)),
+        ],
+    )
+    store.record_pages("run-b", [_page(7, Counts(source=1, dispatched=1, failed=1))])
+
+    totals = store.page_totals(["run-a", "run-b", "run-empty"])
+
+    assert totals["run-a"] == PageTotals(
+        Counts(source=9, dispatched=6, skipped=1, rejected=2, completed=4, failed=1),
+        pages_done=2,
+        pages_seen=3,
+    )
+    assert totals["run-b"] == PageTotals(Counts(1, 1, 0, 0, 0, 1), pages_done=1, pages_seen=1)
+    assert totals["run-empty"] == PageTotals(Counts(), pages_done=0, pages_seen=0)
+
+
+def test_claimed_keys_and_page_counts_are_enough_to_rebuild_a_run(store: MetricsStore) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    pages = [
+        _page(0, Counts(source=2, dispatched=2, completed=2), keys=["a", "b"]),
+        _page(1, Counts(source=2, dispatched=1, skipped=1), "dispatched", keys=["c"]),
+    ]
+    store.record_pages("run-1", pages)
+
+    assert store.claimed_keys("run-1") == {"a": 0, "b": 0, "c": 1}
+    assert store.page_counts("run-1") == {0: pages[0].counts, 1: pages[1].counts}
+    assert store.claimed_keys("unknown-run") == {}
+
+
+def test_record_pages_rejects_inconsistent_pages_and_unknown_runs(store: MetricsStore) -> None:
+    with pytest.raises(ValueError, match="source=3 != dispatched=1"):
+        _page(0, Counts(source=3, dispatched=1))
+    with pytest.raises(ValueError, match="still pending"):
+        _page(0, Counts(source=1, dispatched=1), status="done")
+    with pytest.raises(ValueError, match="start_run"):
+        store.record_pages("never-started", [_page(0, Counts(source=1, dispatched=1, completed=1))])
+
+
+def test_quarantine_keeps_large_and_odd_records_truncated_with_a_marker(
+    store: MetricsStore,
+) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    huge = "é" * MAX_RAW_RECORD_BYTES  # 2 bytes each in UTF-8: twice the limit
+    rejects = [
+        RejectedRecord(0, "too big", huge),
+        RejectedRecord(1, "nul byte", "a\x00b"),
+        RejectedRecord(2, "not a string", {"id": None, "tags": ["x"]}),
+    ]
+    store.record_pages("run-1", [_page(0, Counts(source=3, rejected=3), rejects=rejects)])
+
+    big, nul, obj = store.rejected_records("run-1")
+    assert len(big.raw_record.encode("utf-8")) <= MAX_RAW_RECORD_BYTES
+    assert big.raw_record.startswith("éé")
+    assert big.raw_record.endswith(f"[truncated {2 * MAX_RAW_RECORD_BYTES} bytes to 65536]")
+    assert nul.raw_record == "a\\u0000b"
+    assert json.loads(obj.raw_record) == {"id": None, "tags": ["x"]}
+
+
+def test_finalize_is_a_compare_and_set(store: MetricsStore) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    final = Counts(source=4, dispatched=3, skipped=1, completed=3)
+
+    won = store.finalize(
+        "run-1",
+        status="partial_success",
+        counts=final,
+        pages_done=2,
+        finished_at=T0 + timedelta(seconds=90),
+        failure_reason="1 duplicate skipped",
+        counter_mismatch="redis source=5, ledger source=4",
+    )
+    again = store.finalize(
+        "run-1", status="failed", counts=Counts(), pages_done=0, finished_at=T0 + timedelta(hours=1)
+    )
+
+    assert (won, again) == (True, False)
+    [row] = store.runs(run_id="run-1")
+    assert row.flow_status == "partial_success"
+    assert row.counts == final
+    assert (row.pages_done, row.total_runtime_ms) == (2, 90_000)
+    assert row.finished_at == T0 + timedelta(seconds=90)
+    assert row.failure_reason == "1 duplicate skipped"
+    assert row.counter_mismatch == "redis source=5, ledger source=4"
+    assert (
+        store.finalize(
+            "no-such-run", status="failed", counts=Counts(), pages_done=0, finished_at=T0
+        )
+        is False
+    )
+    with pytest.raises(ValueError, match="not final"):
+        store.finalize("run-1", status="running", counts=Counts(), pages_done=0, finished_at=T0)
+
+
+def test_concurrent_finalizers_write_one_final_state(store: MetricsStore) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    store.running_runs(1)  # migrate before the race, so the threads only race to finalize
+    statuses = ["completed", "failed", "cancelled", "partial_success"] * 2
+    barrier = threading.Barrier(len(statuses))
+    results: dict[str, bool] = {}
+
+    def finalize(status: str, n: int) -> None:
+        barrier.wait()
+        results[f"{status}-{n}"] = store.finalize(
+            "run-1", status=status, counts=Counts(), pages_done=0, finished_at=T0
+        )
+
+    threads = [threading.Thread(target=finalize, args=(s, n)) for n, s in enumerate(statuses)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)  # a hang guard, not a timing assertion
+    assert not any(thread.is_alive() for thread in threads)
+
+    winners = [name for name, won in results.items() if won]
+    assert len(results) == len(statuses)
+    assert len(winners) == 1
+    [row] = store.runs(run_id="run-1")
+    assert winners[0].startswith(row.flow_status)
+
+
+def test_running_runs_oldest_progress_first_with_limit(store: MetricsStore) -> None:
+    for n in range(4):
+        store.start_run(f"run-{n}", "orders", None, T0 + timedelta(minutes=n))
+    # Progress on run-0 makes it the most recently updated one.
+    store.record_pages("run-0", [_page(0, Counts(source=1, dispatched=1), "dispatched")])
+    store.finalize("run-2", status="completed", counts=Counts(), pages_done=0, finished_at=T0)
+
+    assert [r.run_id for r in store.running_runs(10)] == ["run-1", "run-3", "run-0"]
+    assert [r.run_id for r in store.running_runs(2)] == ["run-1", "run-3"]
+
+
+def test_unpublished_runs_until_marked_published(store: MetricsStore) -> None:
+    for n in range(3):
+        store.start_run(f"run-{n}", "orders", None, T0)
+    for n in (1, 0):
+        store.finalize(
+            f"run-{n}",
+            status="completed",
+            counts=Counts(),
+            pages_done=0,
+            finished_at=T0 + timedelta(minutes=n),
+        )
+
+    assert [r.run_id for r in store.unpublished_runs(10)] == ["run-0", "run-1"]
+    assert store.mark_published(["run-0", "run-2"], T0 + timedelta(hours=1)) == 1
+    assert [r.run_id for r in store.unpublished_runs(10)] == ["run-1"]
+    [row] = store.runs(run_id="run-0")
+    assert row.published_at == T0 + timedelta(hours=1)
+
+
+def test_runs_newest_first_filtered_by_flow(store: MetricsStore) -> None:
+    for n, flow in enumerate(["orders", "users", "orders"]):
+        store.start_run(f"run-{n}", flow, None, T0 + timedelta(minutes=n))
+
+    assert [r.run_id for r in store.runs()] == ["run-2", "run-1", "run-0"]
+    assert [r.run_id for r in store.runs(flow_name="orders", limit=1)] == ["run-2"]
+    assert store.runs(run_id="nope") == []
+
+
+def test_mark_extraction_done(store: MetricsStore) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    store.mark_extraction_done("run-1", pages_total=12)
+
+    [row] = store.runs(run_id="run-1")
+    assert (row.extraction_done, row.pages_total) == (True, 12)
+    assert row.updated_at > T0
+    with pytest.raises(ValueError, match="start_run"):
+        store.mark_extraction_done("never-started", pages_total=1)
+
+
+def test_finalizer_queries_can_use_the_partial_indexes(store: MetricsStore) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    running = "SELECT run_id FROM flow_metrics WHERE flow_status = 'running' ORDER BY updated_at"
+    unpublished = (
+        "SELECT run_id FROM flow_metrics WHERE published_at IS NULL"
+        " AND flow_status <> 'running' ORDER BY finished_at"
+    )
+    with store.engine().connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET enable_seqscan = off")  # tiny table: force the choice
+            explain = "EXPLAIN "
+        else:
+            explain = "EXPLAIN QUERY PLAN "
+        plans = [
+            " ".join(str(value) for row in conn.execute(text(explain + sql)) for value in row)
+            for sql in (running, unpublished)
+        ]
+    assert "ix_flow_metrics_running" in plans[0]
+    assert "ix_flow_metrics_unpublished" in plans[1]
+
+
+def test_auto_migrate_off_on_an_empty_database_asks_for_flowctl_db_upgrade(
+    database_url: str,
+) -> None:
+    store = MetricsStore(url=database_url, auto_migrate=False)
+
+    with pytest.raises(ConfigurationError, match="flowctl db upgrade"):
+        store.runs()
+    assert store.current_revision() is None
+
+    store.upgrade()
+    assert store.runs() == []
+
+
+@pytest.mark.parametrize(
+    "bad_url",
+    [
+        f"mysql+pymysql://app:{PASSWORD}@db:3306/flows",
+        f"postgresql+asyncpg://app:{PASSWORD}@db/flows",
+        f"postgresql://app:{PASSWORD}@db:notaport/flows",
+        "sqlite://",
+        "not a url at all",
+    ],
+)
+def test_a_bad_url_is_a_configuration_error_without_the_password(
+    bad_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLOW_DATABASE_URL", bad_url)
+
+    with pytest.raises(ConfigurationError) as raised:
+        MetricsStore().runs()
+
+    message = str(raised.value)
+    assert "FLOW_DATABASE_URL" in message
+    assert PASSWORD not in message
+    assert PASSWORD not in repr(raised.value.__cause__)
+
+
+def test_url_defaults_to_sqlite_in_flow_home_and_postgresql_means_psycopg3(
+    flow_home: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLOW_DATABASE_URL", raising=False)
+    assert MetricsStore().resolved_url() == f"sqlite:///{flow_home}/flow_metrics.db"
+
+    monkeypatch.setenv("FLOW_DATABASE_URL", f"postgresql://app:{PASSWORD}@db:5432/flows")
+    store = MetricsStore()
+    assert store.resolved_url() == f"postgresql+psycopg://app:{PASSWORD}@db:5432/flows"
+    assert store.redacted_url() == "postgresql+psycopg://app:***@db:5432/flows"
+
+
+def test_an_unreachable_server_raises_store_unavailable_without_the_password() -> None:
+    url = f"postgresql+psycopg://app:{PASSWORD}@127.0.0.1:{free_port()}/flows"
+    store = MetricsStore(url=url, connect_retry_seconds=0.5)
+
+    with pytest.raises(StoreUnavailableError) as raised:
+        store.start_run("run-1", "orders", None, T0)
+
+    message = str(raised.value)
+    assert "postgresql+psycopg://app:***@127.0.0.1" in message
+    assert "attempts" in message
+    assert PASSWORD not in message
+    assert raised.value.__cause__ is not None
+
+
+class _StartServerOnRetry(logging.Handler):
+    """Starts the stopped server when the store logs its first retry: no race, no sleep."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        super().__init__()
+        self.server = server
+        self.retries = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in record.getMessage():
+            self.retries += 1
+            self.server.start()
+
+
+@pytest.mark.faults
+def test_a_connection_refused_while_the_server_restarts_is_retried(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    store = MetricsStore(url=postgres_url, connect_retry_seconds=60)
+    store.start_run("run-1", "orders", None, T0)
+    handler = _StartServerOnRetry(postgres_server)
+    logger = logging.getLogger(db.__name__)
+    logger.addHandler(handler)
+    try:
+        postgres_server.stop()
+        store.finalize("run-1", status="completed", counts=Counts(), pages_done=0, finished_at=T0)
+    finally:
+        logger.removeHandler(handler)
+        postgres_server.start()
+
+    assert handler.retries >= 1
+    [row] = store.runs(run_id="run-1")
+    assert row.flow_status == "completed"
