@@ -11,8 +11,13 @@ import dagster as dg
 from flow_assets.checks import build_status_check
 from flow_assets.errors import ConfigurationError
 from flow_assets.flow import Flow, unique_flows
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY, build_flow_asset, build_flow_job, \
-    build_flow_schedule
+from flow_assets.jobs import (
+    COUNTERS_KEY,
+    STORE_KEY,
+    build_flow_asset,
+    build_flow_job,
+    build_flow_schedule,
+)
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from sensors.finalizer import FlowPolicy

@@ -4,7 +4,6 @@ The finalizer reports this check for every run it finalizes; the definition lets
 show it and lets a user re-evaluate it on demand.
 """
 
-
 import dagster as dg
 
 from flow_assets.flow import Flow
@@ -19,12 +18,16 @@ def build_status_check(flow: Flow) -> dg.AssetChecksDefinition:
         description="WARN on partial_success or cancelled, ERROR on failed, of the latest run.",
     )
     def flow_status(metrics_store: MetricsStore) -> dg.AssetCheckResult:
-        finished = [r for r in metrics_store.runs(flow_name=flow.name, limit=50)
-                    if r.flow_status != "running"]
+        finished = [
+            r
+            for r in metrics_store.runs(flow_name=flow.name, limit=50)
+            if r.flow_status != "running"
+        ]
         if not finished:
             return dg.AssetCheckResult(passed=True, description="no finished run yet")
-        evaluation = next(e for e in final_events(finished[0])
-                          if isinstance(e, dg.AssetCheckEvaluation))
+        evaluation = next(
+            e for e in final_events(finished[0]) if isinstance(e, dg.AssetCheckEvaluation)
+        )
         return dg.AssetCheckResult(
             passed=evaluation.passed,
             severity=evaluation.severity,

@@ -20,8 +20,13 @@ app.add_typer(db_app, name="db")
 
 DEFAULT_MODULE = "flow_assets.definitions"
 ModuleOption = Annotated[
-    str, typer.Option("--module", "-m", envvar="FLOWCTL_MODULE",
-                      help="Python module whose `defs` holds the flows.")
+    str,
+    typer.Option(
+        "--module",
+        "-m",
+        envvar="FLOWCTL_MODULE",
+        help="Python module whose `defs` holds the flows.",
+    ),
 ]
 
 
@@ -61,8 +66,9 @@ def status(
     store = MetricsStore()
     rows = store.runs(flow_name=flow, run_id=run_id, limit=limit)
     if run_id and not rows:
-        raise typer.BadParameter(f"no flow run with id {run_id!r} in {store.redacted_url()}",
-                                 param_hint="--run")
+        raise typer.BadParameter(
+            f"no flow run with id {run_id!r} in {store.redacted_url()}", param_hint="--run"
+        )
     rejects = store.rejected_records(run_id) if run_id else []
     failures = store.job_failures(run_id) if run_id else []
     if as_json:
@@ -75,6 +81,19 @@ def status(
     cli_render.print_runs(rows)
     if run_id:
         cli_render.print_rejects(rejects, failures)
+
+
+@app.command()
+def cleanup(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List, remove nothing.")] = False,
+) -> None:
+    """List and remove Redis keys left behind by finished runs."""
+    from resources.metrics_store import MetricsStore
+    from resources.redis_counters import RedisCounters
+    from sensors.cleanup import remove_stray_keys
+
+    strays = remove_stray_keys(MetricsStore(), RedisCounters(), dry_run=dry_run)
+    cli_render.print_strays(strays, dry_run=dry_run)
 
 
 @db_app.command("upgrade")

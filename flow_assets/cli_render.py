@@ -32,8 +32,13 @@ _RUN_COLUMNS = (
     ("pages", "pages_done"),
     ("runtime ms", "total_runtime_ms"),
 )
-_STATUS_STYLE = {"completed": "green", "partial_success": "yellow", "failed": "red",
-                 "cancelled": "magenta", "running": "cyan"}
+_STATUS_STYLE = {
+    "completed": "green",
+    "partial_success": "yellow",
+    "failed": "red",
+    "cancelled": "magenta",
+    "running": "cyan",
+}
 
 
 @contextmanager
@@ -78,6 +83,20 @@ def print_rejects(rejects: Sequence[Any], failures: Sequence[Any]) -> None:
         console.print(table)
     if not rejects and not failures:
         console.print("no rejected records and no failed jobs")
+
+
+def print_strays(strays: Sequence[Any], *, dry_run: bool) -> None:
+    if not strays:
+        console.print("no stray Redis keys")
+        return
+    for stray in strays:
+        if not stray.removable:
+            action = "kept (no such run in this ledger)"
+        else:
+            action = "would remove" if dry_run else "removed"
+        console.print(
+            f"{stray.flow_name} {stray.run_id} [{stray.flow_status}]: {action}", highlight=False
+        )
 
 
 def as_plain(item: Any) -> dict[str, Any]:

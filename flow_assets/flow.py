@@ -87,15 +87,26 @@ class Flow:
                 f"Flow got unknown option(s) {sorted(unknown)}; valid options are {list(_OPTIONS)}"
             )
         self.name = _checked_name(name, "Flow name")
-        self.source = _checked(source, isinstance(source, Source), "source",
-                               "an object with plan(), fetch() and pages(), e.g. FileSource(...)")
-        self.key = _checked(key, (isinstance(key, str) and bool(key)) or callable(key), "key",
-                            "a non-empty column name or a function of the record")
-        self.handler = _checked(handler, callable(handler), "handler",
-                                "a function taking a JobBatch")
+        self.source = _checked(
+            source,
+            isinstance(source, Source),
+            "source",
+            "an object with plan(), fetch() and pages(), e.g. FileSource(...)",
+        )
+        self.key = _checked(
+            key,
+            (isinstance(key, str) and bool(key)) or callable(key),
+            "key",
+            "a non-empty column name or a function of the record",
+        )
+        self.handler = _checked(
+            handler, callable(handler), "handler", "a function taking a JobBatch"
+        )
         self.partitions = _checked(
-            partitions, partitions is None or isinstance(partitions, dg.PartitionsDefinition),
-            "partitions", "a Dagster PartitionsDefinition such as DailyPartitionsDefinition",
+            partitions,
+            partitions is None or isinstance(partitions, dg.PartitionsDefinition),
+            "partitions",
+            "a Dagster PartitionsDefinition such as DailyPartitionsDefinition",
         )
         self.schedule = _checked_schedule(schedule, partitions)
         try:
@@ -104,13 +115,21 @@ class Flow:
             raise FlowDefinitionError(f"Flow {name!r}: {exc}") from exc
         self.group = _checked_name(group or "flows", "Flow group")
         self.pages_per_step = _checked(
-            pages_per_step, _positive_int(pages_per_step), "pages_per_step", "an int >= 1")
+            pages_per_step, _positive_int(pages_per_step), "pages_per_step", "an int >= 1"
+        )
         self.retry_policy = retry_policy or dg.RetryPolicy(max_retries=2, delay=0.5)
-        self.deadline = _checked(deadline, isinstance(deadline, timedelta) and
-                                 deadline.total_seconds() > 0, "deadline", "a positive timedelta")
+        self.deadline = _checked(
+            deadline,
+            isinstance(deadline, timedelta) and deadline.total_seconds() > 0,
+            "deadline",
+            "a positive timedelta",
+        )
         self.max_record_bytes = _checked(
-            max_record_bytes, max_record_bytes is None or _positive_int(max_record_bytes),
-            "max_record_bytes", "None or an int >= 1")
+            max_record_bytes,
+            max_record_bytes is None or _positive_int(max_record_bytes),
+            "max_record_bytes",
+            "None or an int >= 1",
+        )
         self.description = description or f"Flow {name}: {source}"
 
     @property

@@ -10,12 +10,11 @@ pages) or pages already read (sequential sources: the plan op reads them in orde
 Dagster's per-step cost is paid once per chunk, not once per page.
 """
 
-
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
 from datetime import datetime, timezone
 from itertools import islice
+from typing import Any, TypeVar
 
 import dagster as dg
 
@@ -61,8 +60,9 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
         partition_key = context.partition_key if context.has_partition_key else None
         store: MetricsStore = getattr(context.resources, STORE_KEY)
         counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
-        store.start_run(context.run_id, flow.name, partition_key, datetime.now(timezone.utc))
-        counters.start_run(flow.name, context.run_id)
+        run_id = flow_run_id(context)
+        store.start_run(run_id, flow.name, partition_key, datetime.now(timezone.utc))
+        counters.start_run(flow.name, run_id)
         for chunk in _chunks(flow, partition_key):
             yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
 
@@ -76,8 +76,9 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
     def process(context: dg.OpExecutionContext, chunk: PageChunk) -> int:
         store: MetricsStore = getattr(context.resources, STORE_KEY)
         counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
+        run_id = flow_run_id(context)
         for page in chunk.pages or (flow.source.fetch(ref) for ref in chunk.refs):
-            process_page(flow, context.run_id, page, counters, store)
+            process_page(flow, run_id, page, counters, store)
         return len(chunk)
 
     @dg.op(
@@ -88,7 +89,9 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
     )
     def collect(context: dg.OpExecutionContext, pages_per_chunk: list[int]) -> None:
         pages_total = sum(pages_per_chunk)
-        getattr(context.resources, STORE_KEY).mark_extraction_done(context.run_id, pages_total)
+        getattr(context.resources, STORE_KEY).mark_extraction_done(
+            flow_run_id(context), pages_total
+        )
         context.log.info(f"flow {flow.name}: extraction done, {pages_total} pages")
 
     @dg.graph(name=f"{flow.name}_graph", description=flow.description)
@@ -101,6 +104,21 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
         tags=tags,
         description=flow.description,
     )
+
+
+def flow_run_id(context: dg.OpExecutionContext) -> str:
+    """The flow run an op works for: the root of a re-execution group, else this run.
+
+    A re-execution (from failure, or of chosen steps) continues the same flow run: its
+    pages replace the earlier attempt's in the ledger, and a flow run already finalized as
+    failed or cancelled is reopened so the finalizer classifies the new outcome.
+    """
+    run = context.run
+    if run.parent_run_id is None:
+        return run.run_id
+    root = run.root_run_id or run.parent_run_id
+    getattr(context.resources, STORE_KEY).reopen(root)
+    return root
 
 
 def _chunks(flow: Flow, partition_key: str | None) -> Iterator[PageChunk]:
@@ -132,7 +150,8 @@ def build_flow_asset(flow: Flow) -> dg.AssetSpec:
     )
 
 
-def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinition | None:
+def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> Any:
+    """A ScheduleDefinition (or Dagster's partitioned-schedule equivalent), or None."""
     if flow.schedule is None:
         return None
     if flow.partitions is not None:

@@ -19,6 +19,7 @@ from resources.metrics_store import JobFailure, MetricsStore, PageRecord, Reject
 from resources.redis_counters import RedisCounters
 
 log = logging.getLogger(__name__)
+LOST_MID_RUN = "Redis lost the run's counters mid-run; rebuilt them from the SQL ledger"
 
 
 def process_page(
@@ -80,3 +81,4 @@ def _rebuild(flow: Flow, run_id: str, counters: RedisCounters, store: MetricsSto
         run_id,
     )
     counters.rebuild(flow.name, run_id, store.claimed_keys(run_id), store.page_counts(run_id))
+    store.note_counter_mismatch(run_id, LOST_MID_RUN)

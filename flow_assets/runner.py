@@ -57,15 +57,16 @@ def run_flow(
 ) -> RunRow:
     """Execute a flow's job in-process, finalize it, and return its ``flow_metrics`` row."""
     job = _job(defs, flow_name)
+    label = f"flow {flow_name}" + (f" [{partition_key}]" if partition_key else "")
     with _instance(instance) as dagster_instance:
-        with progress(f"running flow {flow_name}" + (f" [{partition_key}]" if partition_key else "")):
+        with progress(f"running {label}"):
             result = job.execute_in_process(
                 instance=dagster_instance,
                 partition_key=partition_key,
                 raise_on_error=False,
                 run_config=QUIET_RUN_CONFIG,
             )
-        with progress(f"finalizing flow {flow_name}"):
+        with progress(f"finalizing {label}"):
             finalize_now(defs, dagster_instance)
     with resolved_store(defs) as store:
         rows = store.runs(run_id=result.run_id)
@@ -98,7 +99,7 @@ def finalize_now(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
 @contextmanager
 def resolved_store(defs: dg.Definitions) -> Iterator[MetricsStore]:
     """The definitions' metrics store with its configuration (EnvVars) resolved."""
-    with dg.build_resources({STORE_KEY: defs.resources[STORE_KEY]}) as resources:
+    with dg.build_resources({STORE_KEY: (defs.resources or {})[STORE_KEY]}) as resources:
         yield getattr(resources, STORE_KEY)
 
 
@@ -133,7 +134,8 @@ def _instance(instance: dg.DagsterInstance | None) -> Iterator[dg.DagsterInstanc
 
 def _job(defs: dg.Definitions, flow_name: str) -> dg.JobDefinition:
     names = sorted(
-        job.name.removesuffix("_job") for job in defs.resolve_all_job_defs()
+        job.name.removesuffix("_job")
+        for job in defs.resolve_all_job_defs()
         if job.tags.get("flow/name")
     )
     if flow_name not in names:

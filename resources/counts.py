@@ -51,8 +51,11 @@ class Counts:
 
     def conservation_errors(self) -> list[str]:
         """What breaks conservation, in words; empty when the counts are consistent."""
-        errors = [f"{f.name}={getattr(self, f.name)} is negative" for f in fields(self)
-                  if getattr(self, f.name) < 0]
+        errors = [
+            f"{f.name}={getattr(self, f.name)} is negative"
+            for f in fields(self)
+            if getattr(self, f.name) < 0
+        ]
         if self.source != self.dispatched + self.skipped + self.rejected:
             errors.append(
                 f"source={self.source} != dispatched={self.dispatched} + skipped={self.skipped}"

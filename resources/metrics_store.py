@@ -195,6 +195,17 @@ class MetricsStore(ConfigurableResource):
                 counter_mismatch=counter_mismatch,
             )
 
+    def note_counter_mismatch(self, run_id: str, note: str) -> bool:
+        """Record on a running run that Redis disagreed with the ledger (first note kept)."""
+        with self._tx(write=True) as conn:
+            return q.note_counter_mismatch(conn, run_id, note) == 1
+
+    def reopen(self, run_id: str) -> bool:
+        """A failed or cancelled run is being re-executed: make it ``running`` again so the
+        finalizer classifies the re-execution's outcome. True if the row changed."""
+        with self._tx(write=True) as conn:
+            return q.reopen(conn, run_id, _now()) == 1
+
     def mark_published(self, run_ids: Sequence[str], at: datetime) -> int:
         """Mark final runs as reported to Dagster; returns how many rows changed."""
         _aware(at, "at")
@@ -238,6 +249,13 @@ class MetricsStore(ConfigurableResource):
         """Runs, newest first, optionally of one flow or one run id."""
         with self._tx(write=False) as conn:
             return q.runs(conn, flow_name, run_id, limit)
+
+    def statuses(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """``flow_status`` of each known run id (unknown ids are left out)."""
+        if not run_ids:
+            return {}
+        with self._tx(write=False) as conn:
+            return q.statuses(conn, run_ids)
 
     def rejected_records(self, run_id: str, limit: int = 100) -> list[StoredReject]:
         """A run's quarantined records, by page and position."""

@@ -10,6 +10,7 @@ from resources.errors import FlowError
 class InvalidNameError(FlowError, ValueError):
     """A flow, partition or other name is outside the safe alphabet."""
 
+
 # Lower-case letters, digits and underscores: valid as a Dagster name, and free of the
 # characters that mean something in Redis keys and patterns (* ? [ ] { } :).
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")

@@ -275,6 +275,41 @@ def finalize(
     return conn.execute(stmt).rowcount == 1
 
 
+def note_counter_mismatch(conn: Connection, run_id: str, note: str) -> int:
+    """Keep the first note of a running run (later pages hitting the same loss add nothing)."""
+    stmt = (
+        update(_fm)
+        .where(_fm.c.run_id == run_id, text(RUNNING_PREDICATE), _fm.c.counter_mismatch.is_(None))
+        .values(counter_mismatch=note)
+    )
+    return conn.execute(stmt).rowcount
+
+
+def reopen(conn: Connection, run_id: str, now: datetime) -> int:
+    """Put a failed or cancelled run back to ``running`` (its Dagster run is re-executed)."""
+    stmt = (
+        update(_fm)
+        .where(_fm.c.run_id == run_id, _fm.c.flow_status.in_(("failed", "cancelled")))
+        .values(
+            flow_status="running",
+            finished_at=None,
+            total_runtime_ms=None,
+            failure_reason=None,
+            published_at=None,
+            updated_at=now,
+        )
+    )
+    return conn.execute(stmt).rowcount
+
+
+def statuses(conn: Connection, run_ids: Sequence[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+        stmt = select(_fm.c.run_id, _fm.c.flow_status).where(_fm.c.run_id.in_(chunk))
+        found.update({run_id: status for run_id, status in conn.execute(stmt)})
+    return found
+
+
 def mark_published(conn: Connection, run_ids: Sequence[str], at: datetime) -> int:
     marked = 0
     for chunk in _chunks(list(dict.fromkeys(run_ids))):

@@ -99,8 +99,9 @@ def classify(
     stale = now - snapshot.last_progress_at > deadline
     if snapshot.run_state is RunState.IN_PROGRESS:
         if stale:
-            return Verdict("failed", _unfinished("stalled: no progress past the deadline",
-                                                 counts, snapshot))
+            return Verdict(
+                "failed", _unfinished("stalled: no progress past the deadline", counts, snapshot)
+            )
         return Verdict(None, "Dagster run still in progress")
     if snapshot.run_state is RunState.MISSING:
         # Another Dagster instance may own the run (a CLI run beside `dagster dev`): only

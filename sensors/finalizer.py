@@ -15,6 +15,7 @@ import dagster as dg
 
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore, RunRow
+from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
 from sensors.publish import publish_final_runs
@@ -22,6 +23,9 @@ from sensors.publish import publish_final_runs
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE = timedelta(hours=1)
+MAX_CAUSE_CHARS = 300
+# Dagster tags every run of a re-execution group with the group's first run id.
+ROOT_RUN_ID_TAG = "dagster/root_run_id"
 
 _RUN_STATES = {
     dg.DagsterRunStatus.SUCCESS: RunState.SUCCEEDED,
@@ -34,7 +38,7 @@ _RUN_STATES = {
 class FlowPolicy:
     """What the finalizer needs to know of a flow: its failure tolerance and deadline."""
 
-    tolerance: Tolerance = Tolerance(0)
+    tolerance: Tolerance = field(default_factory=Tolerance)
     deadline: timedelta = DEFAULT_DEADLINE
 
 
@@ -45,13 +49,17 @@ class FinalizeReport:
     finalized: dict[str, str] = field(default_factory=dict)  # run_id -> status
     waiting: dict[str, str] = field(default_factory=dict)  # run_id -> why not final
     published: list[str] = field(default_factory=list)
+    stray_keys_removed: int = 0
 
     def summary(self) -> str:
         by_status: dict[str, int] = {}
         for status in self.finalized.values():
             by_status[status] = by_status.get(status, 0) + 1
         done = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none"
-        return f"finalized: {done}; waiting: {len(self.waiting)}; published: {len(self.published)}"
+        text = f"finalized: {done}; waiting: {len(self.waiting)}; published: {len(self.published)}"
+        if self.stray_keys_removed:
+            text += f"; stray runs cleaned: {self.stray_keys_removed}"
+        return text
 
 
 def finalize_runs(
@@ -74,9 +82,7 @@ def finalize_runs(
     if rows:
         run_ids = [row.run_id for row in rows]
         totals = store.page_totals(run_ids)
-        dagster_runs = {
-            run.run_id: run for run in instance.get_runs(dg.RunsFilter(run_ids=run_ids))
-        }
+        dagster_runs = latest_dagster_runs(instance, run_ids)
         for row in rows:
             page_totals = totals[row.run_id]
             policy = policies.get(row.flow_name, FlowPolicy())
@@ -90,11 +96,38 @@ def finalize_runs(
             if not verdict.is_final:
                 report.waiting[row.run_id] = verdict.reason or ""
                 continue
-            if _write_final(store, counters, row, page_totals.counts, page_totals.pages_done,
-                            verdict, now):
+            if snapshot.run_state is RunState.FAILED:
+                verdict = _with_cause(verdict, instance, dagster_runs[row.run_id])
+            if _write_final(
+                store, counters, row, page_totals.counts, page_totals.pages_done, verdict, now
+            ):
                 report.finalized[row.run_id] = verdict.status or ""
     report.published = publish_final_runs(instance, store, counters, now, batch_size)
     return report
+
+
+def latest_dagster_runs(
+    instance: dg.DagsterInstance, run_ids: list[str]
+) -> dict[str, dg.DagsterRun]:
+    """Flow run id -> the newest Dagster run of its re-execution group (or the run itself)."""
+    children = instance.get_runs(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: run_ids}))
+    roots = instance.get_runs(dg.RunsFilter(run_ids=run_ids))
+    latest: dict[str, dg.DagsterRun] = {}
+    for run in [*children, *roots]:  # get_runs lists newest first
+        latest.setdefault(run.root_run_id or run.run_id, run)
+    return latest
+
+
+def _with_cause(verdict: Verdict, instance: dg.DagsterInstance, run: dg.DagsterRun) -> Verdict:
+    """Add the first step failure's error (redacted, one line) to a failed run's reason."""
+    failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    for record in failures:
+        event = record.dagster_event
+        error = event.step_failure_data.error if event and event.step_failure_data else None
+        if event is not None and error is not None:
+            message = redact_text(error.message.strip().splitlines()[0])[:MAX_CAUSE_CHARS]
+            return Verdict(verdict.status, f"{verdict.reason}: {event.step_key}: {message}")
+    return verdict
 
 
 def _run_state(run: dg.DagsterRun | None) -> RunState:
@@ -115,6 +148,7 @@ def _write_final(
     mismatch = _counter_mismatch(counters, row, counts)
     if mismatch:
         log.warning("flow %s run %s: %s", row.flow_name, row.run_id, mismatch)
+    mismatch = "; ".join(filter(None, [row.counter_mismatch, mismatch])) or None
     return store.finalize(
         row.run_id,
         status=verdict.status or "",

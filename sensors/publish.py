@@ -36,10 +36,14 @@ def publish_final_runs(
 ) -> list[str]:
     """Publish up to ``limit`` final, unpublished runs; return their run ids."""
     rows = store.unpublished_runs(limit)
-    known_runs = {
-        run.run_id
-        for run in instance.get_runs(dg.RunsFilter(run_ids=[row.run_id for row in rows]))
-    } if rows else set()
+    known_runs = (
+        {
+            run.run_id
+            for run in instance.get_runs(dg.RunsFilter(run_ids=[row.run_id for row in rows]))
+        }
+        if rows
+        else set()
+    )
     for row in rows:
         for event in final_events(row):
             instance.report_runless_asset_event(event)

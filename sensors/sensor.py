@@ -4,7 +4,6 @@ A plain batched ``@sensor`` rather than a run-status sensor: run-status sensors 
 most 5 runs a tick, and a run may also finish later than its Dagster run (pending jobs).
 """
 
-
 import json
 from collections.abc import Mapping
 
@@ -12,9 +11,13 @@ import dagster as dg
 
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
+from sensors.cleanup import remove_stray_keys
 from sensors.finalizer import FlowPolicy, finalize_runs
 
 SENSOR_NAME = "finalize_flow_runs"
+# Scanning Redis for stray keys costs O(keys on the server): every 20th tick is enough
+# for keys that also expire by their TTL.
+CLEANUP_EVERY_TICKS = 20
 
 
 def build_finalizer_sensor(
@@ -54,9 +57,18 @@ def build_finalizer_sensor(
         report = finalize_runs(
             context.instance, metrics_store, redis_counters, policies, batch_size=batch_size
         )
+        state = json.loads(context.cursor or "{}")
+        ticks = state.get("ticks", 0) + 1
+        if ticks % CLEANUP_EVERY_TICKS == 0:
+            removed = [s for s in remove_stray_keys(metrics_store, redis_counters) if s.removable]
+            report.stray_keys_removed = len(removed)
         context.log.info(report.summary())
-        total = json.loads(context.cursor or "{}").get("finalized_total", 0)
-        cursor = json.dumps({"finalized_total": total + len(report.finalized)})
+        cursor = json.dumps(
+            {
+                "ticks": ticks,
+                "finalized_total": state.get("finalized_total", 0) + len(report.finalized),
+            }
+        )
         if not report.finalized and not report.published:
             return dg.SensorResult(skip_reason=dg.SkipReason(report.summary()), cursor=cursor)
         return dg.SensorResult(cursor=cursor)

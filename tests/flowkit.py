@@ -82,9 +82,7 @@ def status_tag(instance: dg.DagsterInstance, run_id: str) -> str | None:
     return run.tags.get(STATUS_TAG) if run else None
 
 
-def latest_materialization_metadata(
-    instance: dg.DagsterInstance, flow_name: str
-) -> dict[str, Any]:
+def latest_materialization_metadata(instance: dg.DagsterInstance, flow_name: str) -> dict[str, Any]:
     event = instance.get_latest_materialization_event(dg.AssetKey(["flows", flow_name]))
     assert event is not None and event.asset_materialization is not None
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}

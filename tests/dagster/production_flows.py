@@ -38,6 +38,4 @@ def build_definitions(database_url: str, redis_url: str, data_path: str) -> dg.D
 
 
 def build_job(database_url: str, redis_url: str, data_path: str) -> dg.JobDefinition:
-    return build_definitions(database_url, redis_url, data_path).resolve_job_def(
-        f"{FLOW_NAME}_job"
-    )
+    return build_definitions(database_url, redis_url, data_path).resolve_job_def(f"{FLOW_NAME}_job")

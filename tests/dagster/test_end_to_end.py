@@ -79,8 +79,10 @@ def test_duplicates_give_partial_success_with_exact_counts(
 
     row = row_of(database_url, result.run_id)
     assert row.flow_status == "partial_success"
-    assert_counts(row, Counts(source=UNIQUE + DUPLICATES, dispatched=UNIQUE, skipped=DUPLICATES,
-                              completed=UNIQUE))
+    assert_counts(
+        row,
+        Counts(source=UNIQUE + DUPLICATES, dispatched=UNIQUE, skipped=DUPLICATES, completed=UNIQUE),
+    )
     assert_conserved(row)
     assert row.pages_done == row.pages_total == 27
     assert row.failure_reason == f"{DUPLICATES} duplicates skipped"
@@ -104,7 +106,8 @@ def test_unique_records_give_completed(
         flow = Flow(
             name="api_customers",
             source=HttpJsonSource(
-                api, paginator=PageNumberPaginator(total_pages_path="total_pages"),
+                api,
+                paginator=PageNumberPaginator(total_pages_path="total_pages"),
                 records_path="items",
             ),
             key="id",
@@ -129,7 +132,8 @@ def test_empty_source_is_completed(
         flow = Flow(
             name="api_empty",
             source=HttpJsonSource(
-                api, paginator=PageNumberPaginator(total_pages_path="total_pages"),
+                api,
+                paginator=PageNumberPaginator(total_pages_path="total_pages"),
                 records_path="items",
             ),
             key="id",
@@ -169,7 +173,8 @@ def test_a_retried_page_counts_once_and_owns_its_keys(
         flow = Flow(
             name="flaky_flow",
             source=HttpJsonSource(
-                api, paginator=PageNumberPaginator(total_pages_path="total_pages"),
+                api,
+                paginator=PageNumberPaginator(total_pages_path="total_pages"),
                 records_path="items",
             ),
             key="id",
@@ -182,7 +187,7 @@ def test_a_retried_page_counts_once_and_owns_its_keys(
         tick(defs, instance)
 
     assert result.success
-    retries = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+    retries = result.filter_events(lambda e: e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY)
     assert len(retries) == 3  # 9 pages of 25 in chunks of 3: each chunk failed once
     assert len(handled) > 200  # the failed attempts really did work before failing
     row = row_of(database_url, result.run_id)
@@ -199,7 +204,8 @@ def test_a_second_tick_changes_nothing(
         flow = Flow(
             name="twice",
             source=HttpJsonSource(
-                api, paginator=PageNumberPaginator(total_pages_path="total_pages"),
+                api,
+                paginator=PageNumberPaginator(total_pages_path="total_pages"),
                 records_path="items",
             ),
             key="id",

@@ -89,7 +89,8 @@ def test_multiprocess_run_on_a_postgres_instance_is_finalized_by_the_sensor(
         assert result.success
         run_id = result.run_id
         step_pids = {
-            event.pid for event in result.all_events
+            event.pid
+            for event in result.all_events
             if event.event_type == dg.DagsterEventType.STEP_START
         }
     assert len(step_pids) > 1  # steps really ran in separate processes
@@ -101,8 +102,16 @@ def test_multiprocess_run_on_a_postgres_instance_is_finalized_by_the_sensor(
     negative = sum(1 for i in range(RECORDS) if i % 50 == 7)
     assert negative == NEGATIVE
     assert row.flow_status == "partial_success"
-    assert_counts(row, Counts(source=RECORDS + DUPLICATES, dispatched=RECORDS,
-                              skipped=DUPLICATES, completed=RECORDS - NEGATIVE, failed=NEGATIVE))
+    assert_counts(
+        row,
+        Counts(
+            source=RECORDS + DUPLICATES,
+            dispatched=RECORDS,
+            skipped=DUPLICATES,
+            completed=RECORDS - NEGATIVE,
+            failed=NEGATIVE,
+        ),
+    )
     assert_conserved(row)
     assert run_keys_left(redis_url) == []
     assert status_tag(postgres_instance, run_id) == "partial_success"

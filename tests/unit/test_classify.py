@@ -17,8 +17,9 @@ FRESH = NOW - timedelta(minutes=1)
 STALE = NOW - timedelta(hours=2)
 
 
-def snap(counts: Counts, state: RunState = RunState.SUCCEEDED, done: bool = True,
-         last: datetime = FRESH) -> RunSnapshot:
+def snap(
+    counts: Counts, state: RunState = RunState.SUCCEEDED, done: bool = True, last: datetime = FRESH
+) -> RunSnapshot:
     return RunSnapshot(counts=counts, extraction_done=done, run_state=state, last_progress_at=last)
 
 

@@ -53,7 +53,8 @@ def test_a_flow_needs_only_name_source_key_and_handler() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["Orders", "1orders", "orders-api", "or*ders", "a{b}", "a:b", "a?b", "a[b]", "", "x" * 64]
+    "name",
+    ["Orders", "1orders", "orders-api", "or*ders", "a{b}", "a:b", "a?b", "a[b]", "", "x" * 64],
 )
 def test_unsafe_flow_names_are_refused_with_the_rule(name: str) -> None:
     with pytest.raises(FlowDefinitionError, match="lower-case letters"):
