@@ -18,7 +18,7 @@ from tests.servers import PostgresServer, RedisServer, start_postgres, start_red
 
 TESTS_DIR = Path(__file__).parent
 # Each test is marked with the tier folder it lives in; the markers are in pyproject.toml.
-TIERS = ("unit", "services", "dagster")
+TIERS = ("unit", "services", "dagster", "faults")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
