@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import dagster as dg
 
@@ -150,12 +150,27 @@ def build_flow_asset(flow: Flow) -> dg.AssetSpec:
     )
 
 
-def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> Any:
-    """A ScheduleDefinition (or Dagster's partitioned-schedule equivalent), or None."""
+def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinition | None:
+    """The flow's schedule: its cron; a time-partitioned flow runs its newest partition.
+
+    Each partition's run has ``run_key`` = the partition key, so a tick repeated for the
+    same partition launches nothing new.
+    """
     if flow.schedule is None:
         return None
-    if flow.partitions is not None:
-        return dg.build_schedule_from_partitioned_job(
-            job, name=f"{flow.name}_schedule", cron_schedule=flow.schedule
+    partitions = flow.partitions
+    if not isinstance(partitions, dg.TimeWindowPartitionsDefinition):
+        return dg.ScheduleDefinition(
+            name=f"{flow.name}_schedule", job=job, cron_schedule=flow.schedule
         )
-    return dg.ScheduleDefinition(name=f"{flow.name}_schedule", job=job, cron_schedule=flow.schedule)
+
+    @dg.schedule(name=f"{flow.name}_schedule", job=job, cron_schedule=flow.schedule)
+    def latest_partition(
+        context: dg.ScheduleEvaluationContext,
+    ) -> dg.RunRequest | dg.SkipReason:
+        keys = partitions.get_partition_keys(current_time=context.scheduled_execution_time)
+        if not keys:
+            return dg.SkipReason(f"no complete partition of {flow.name} yet")
+        return dg.RunRequest(run_key=keys[-1], partition_key=keys[-1])
+
+    return latest_partition

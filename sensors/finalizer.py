@@ -125,7 +125,12 @@ def _with_cause(verdict: Verdict, instance: dg.DagsterInstance, run: dg.DagsterR
         event = record.dagster_event
         error = event.step_failure_data.error if event and event.step_failure_data else None
         if event is not None and error is not None:
-            message = redact_text(error.message.strip().splitlines()[0])[:MAX_CAUSE_CHARS]
+            while error.cause is not None:  # Dagster wraps the user's exception: show that one
+                error = error.cause
+            text = error.message.strip().splitlines()[0] if error.message.strip() else ""
+            if error.cls_name and ": " in text:  # "pkg.mod.Cls: msg" -> "Cls: msg"
+                text = f"{error.cls_name}: {text.split(': ', 1)[1]}"
+            message = redact_text(text)[:MAX_CAUSE_CHARS]
             return Verdict(verdict.status, f"{verdict.reason}: {event.step_key}: {message}")
     return verdict
 
