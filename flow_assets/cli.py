@@ -14,9 +14,15 @@ import typer
 
 from flow_assets import cli_render
 
-app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Run flows, see their metrics, manage the ledger's schema.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 db_app = typer.Typer(help="Manage the metrics database schema (Alembic migrations).")
 app.add_typer(db_app, name="db")
+redis_app = typer.Typer(help="The embedded Redis server (used when FLOW_REDIS_URL is unset).")
+app.add_typer(redis_app, name="redis")
 
 DEFAULT_MODULE = "flow_assets.definitions"
 ModuleOption = Annotated[
@@ -123,6 +129,28 @@ def db_current() -> None:
 
     store = MetricsStore(auto_migrate=False)
     typer.echo(f"{store.redacted_url()}: schema at {store.current_revision()}")
+
+
+@redis_app.command("status")
+def redis_status() -> None:
+    """Say whether the embedded Redis server under FLOW_HOME is running."""
+    from resources.embedded_redis import embedded_redis_running, socket_path
+    from resources.home import flow_home
+
+    home = flow_home()
+    state = "running" if embedded_redis_running(home) else "not running"
+    typer.echo(f"embedded Redis at {socket_path(home)}: {state}")
+
+
+@redis_app.command("stop")
+def redis_stop() -> None:
+    """Stop the embedded Redis server under FLOW_HOME (live counters are rebuilt from the
+    ledger when a running flow next touches them)."""
+    from resources.embedded_redis import stop_embedded_redis
+    from resources.home import flow_home
+
+    stopped = stop_embedded_redis(flow_home())
+    typer.echo("embedded Redis stopped" if stopped else "embedded Redis was not running")
 
 
 def main() -> None:
