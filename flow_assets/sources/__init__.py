@@ -11,9 +11,10 @@ Examples:
 
 from __future__ import annotations
 
+from flow_assets.sources.auth import BasicAuth, BearerAuth, HeaderAuth
 from flow_assets.sources.base import Page, PageRef, Source
 from flow_assets.sources.files import FileSource
-from flow_assets.sources.http import BearerAuth, HttpJsonSource
+from flow_assets.sources.http import HttpJsonSource
 from flow_assets.sources.paginators import (
     BasePaginator,
     HeaderLinkPaginator,
@@ -26,8 +27,10 @@ from flow_assets.sources.sql import SqlSource
 
 __all__ = [
     "BasePaginator",
+    "BasicAuth",
     "BearerAuth",
     "FileSource",
+    "HeaderAuth",
     "HeaderLinkPaginator",
     "HttpJsonSource",
     "JSONCursorPaginator",

@@ -20,6 +20,7 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
 from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.sources.auth import BearerAuth
 from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.paginators import (
     MISSING,
@@ -43,32 +44,6 @@ _HINTS = {
     404: "check the URL and the partition key",
     422: "check the query parameters (params=, partition_param=, the paginator's)",
 }
-
-
-class BearerAuth(AuthBase):
-    """Send ``Authorization: Bearer <token>``; the token never appears in str, repr or errors.
-
-    Args:
-        token: the bearer token.
-
-    Examples:
-        >>> BearerAuth("s3cret")
-        BearerAuth(token=***)
-    """
-
-    def __init__(self, token: str) -> None:
-        if not isinstance(token, str) or not token:
-            raise FlowDefinitionError("BearerAuth needs a non-empty token string.")
-        self._token = token
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._token}"
-        return request
-
-    def __repr__(self) -> str:
-        return "BearerAuth(token=***)"
-
-    __str__ = __repr__
 
 
 def _excerpt(text: str) -> str:
