@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -30,7 +31,10 @@ def _no_progress(message: str) -> AbstractContextManager[None]:
 
 
 def load_definitions(module_name: str) -> dg.Definitions:
-    """The ``defs`` of a code location module."""
+    """The ``defs`` of a code location module (the working directory is importable, as with
+    ``dagster dev -m``)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
