@@ -3,7 +3,8 @@ Redis and real PostgreSQL/SQLite, with a real HTTP API on 127.0.0.1. Nothing is 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -36,6 +37,16 @@ def records_with_duplicates() -> list[dict[str, object]]:
     for i in range(DUPLICATES):
         records.insert(100 + 8 * i, {"id": f"r{i * 7:05d}", "value": -1})
     return records
+
+
+def page_number_flow(
+    api: str, name: str, handler: Callable[[JobBatch], None], **options: Any
+) -> Flow:
+    """A flow over the test API's page-number pages (random access: the total is known)."""
+    source = HttpJsonSource(
+        api, paginator=PageNumberPaginator(total_pages_path="total_pages"), records_path="items"
+    )
+    return Flow(name=name, source=source, key="id", handler=handler, **options)
 
 
 @pytest.fixture
@@ -103,16 +114,7 @@ def test_unique_records_give_completed(
 ) -> None:
     records = [{"id": i} for i in range(333)]
     with serve_records(records, page_size=40, style="page_number") as api:
-        flow = Flow(
-            name="api_customers",
-            source=HttpJsonSource(
-                api,
-                paginator=PageNumberPaginator(total_pages_path="total_pages"),
-                records_path="items",
-            ),
-            key="id",
-            handler=lambda batch: None,
-        )
+        flow = page_number_flow(api, "api_customers", lambda batch: None)
         defs = make_defs([flow], redis_url, database_url)
         result = run_flow(defs, "api_customers", instance)
         tick(defs, instance)
@@ -129,16 +131,7 @@ def test_empty_source_is_completed(
     redis_url: str, database_url: str, instance: dg.DagsterInstance
 ) -> None:
     with serve_records([], page_size=10, style="page_number") as api:
-        flow = Flow(
-            name="api_empty",
-            source=HttpJsonSource(
-                api,
-                paginator=PageNumberPaginator(total_pages_path="total_pages"),
-                records_path="items",
-            ),
-            key="id",
-            handler=lambda batch: None,
-        )
+        flow = page_number_flow(api, "api_empty", lambda batch: None)
         defs = make_defs([flow], redis_url, database_url)
         result = run_flow(defs, "api_empty", instance)
         tick(defs, instance)
@@ -170,15 +163,10 @@ def test_a_retried_page_counts_once_and_owns_its_keys(
         handled.extend(batch.keys[half:])
 
     with serve_records(records, page_size=25, style="page_number") as api:
-        flow = Flow(
-            name="flaky_flow",
-            source=HttpJsonSource(
-                api,
-                paginator=PageNumberPaginator(total_pages_path="total_pages"),
-                records_path="items",
-            ),
-            key="id",
-            handler=flaky,
+        flow = page_number_flow(
+            api,
+            "flaky_flow",
+            flaky,
             pages_per_step=3,
             retry_policy=dg.RetryPolicy(max_retries=2),
         )
@@ -201,16 +189,7 @@ def test_a_second_tick_changes_nothing(
     redis_url: str, database_url: str, instance: dg.DagsterInstance
 ) -> None:
     with serve_records([{"id": i} for i in range(30)], page_size=10) as api:
-        flow = Flow(
-            name="twice",
-            source=HttpJsonSource(
-                api,
-                paginator=PageNumberPaginator(total_pages_path="total_pages"),
-                records_path="items",
-            ),
-            key="id",
-            handler=lambda batch: None,
-        )
+        flow = page_number_flow(api, "twice", lambda batch: None)
         defs = make_defs([flow], redis_url, database_url)
         result = run_flow(defs, "twice", instance)
     first = tick(defs, instance)
