@@ -73,6 +73,9 @@ def default_resources() -> dict[str, Any]:
 
     URLs are passed as ``EnvVar``s, so the Dagster UI shows the variable, not the secret.
     """
+    # Fail at load, naming the variable, rather than in the first run's first step.
+    MetricsStore().resolved_url()
+    RedisCounters().redacted_url()
     return {
         STORE_KEY: MetricsStore(url=_env_var("FLOW_DATABASE_URL")),
         COUNTERS_KEY: RedisCounters(url=_env_var("FLOW_REDIS_URL")),

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from resources.errors import FlowError
 from resources.redaction import redact_text
 
 # Piped output (CI logs, `| less`) gets room for the whole table instead of 80 columns.
@@ -72,7 +73,7 @@ def print_rejects(rejects: Sequence[Any], failures: Sequence[Any]) -> None:
         for column in ("page", "position", "reason", "record"):
             table.add_column(column, overflow="fold")
         for r in rejects:
-            table.add_row(str(r.page_index), str(r.position), r.reason, r.raw[:200])
+            table.add_row(str(r.page_index), str(r.position), r.reason, r.raw_record[:200])
         console.print(table)
     if failures:
         table = Table(title="failed jobs")
@@ -111,10 +112,21 @@ def fail(exc: BaseException) -> int:
     if isinstance(exc, click.ClickException):
         exc.show()
         return exc.exit_code
+    exc = _our_error(exc)
     message = redact_text(str(exc)) or type(exc).__name__
     first_line = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
     err_console.print(f"[red]error:[/red] {first_line}", highlight=False, soft_wrap=True)
     return 1
+
+
+def _our_error(exc: BaseException) -> BaseException:
+    """The first FlowError in the cause chain (Dagster wraps resource and step errors)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FlowError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 def _cell(value: Any) -> str:

@@ -27,6 +27,9 @@ from resources.redis_counters import RedisCounters
 COUNTERS_KEY = "redis_counters"
 STORE_KEY = "metrics_store"
 T = TypeVar("T")
+# Dagster's tags for re-execution groups (dagster._core.storage.tags, not public API).
+ROOT_RUN_ID_TAG = "dagster/root_run_id"
+PARENT_RUN_ID_TAG = "dagster/parent_run_id"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,12 @@ def flow_run_id(context: dg.OpExecutionContext) -> str:
     if run.parent_run_id is None:
         return run.run_id
     root = run.root_run_id or run.parent_run_id
+    if run.tags.get(ROOT_RUN_ID_TAG) != root:
+        # The UI tags re-executions with their group; the Python API (execute_job with
+        # ReexecutionOptions) does not. The finalizer finds a group's newest run by this tag.
+        context.instance.add_run_tags(
+            run.run_id, {ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: run.parent_run_id}
+        )
     getattr(context.resources, STORE_KEY).reopen(root)
     return root
 

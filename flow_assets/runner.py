@@ -20,8 +20,9 @@ from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from resources.metrics_store import MetricsStore, RunRow
 from sensors.sensor import SENSOR_NAME
 
-# Step-by-step Dagster events belong in the UI; on a terminal only warnings are shown.
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Dagster's events (step failures with their tracebacks included) belong in the UI and the
+# event log; on a terminal the finalized row and its one-line reason say what happened.
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 Progress = Callable[[str], AbstractContextManager[Any]]
 

@@ -47,7 +47,9 @@ def resolve_url(url: str | None) -> str:
         ConfigurationError: the URL is unparsable, in-memory, or not PostgreSQL/SQLite.
     """
     if url:
-        return normalize_url(url, "MetricsStore `url`")
+        # An EnvVar("FLOW_DATABASE_URL") arrives here already resolved: name the variable.
+        from_env = url == os.environ.get(ENV_DATABASE_URL, "").strip()
+        return normalize_url(url, ENV_DATABASE_URL if from_env else "MetricsStore `url`")
     env_url = os.environ.get(ENV_DATABASE_URL, "").strip()
     if env_url:
         return normalize_url(env_url, ENV_DATABASE_URL)

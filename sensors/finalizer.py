@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 
 from resources.counts import Counts
+from resources.errors import CountersUnavailableError
 from resources.metrics_store import MetricsStore, RunRow
 from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE = timedelta(hours=1)
 MAX_CAUSE_CHARS = 300
-# Dagster tags every run of a re-execution group with the group's first run id.
+# Every run of a re-execution group carries the group's first run id in this tag (set by
+# Dagster's UI, and by the flow's ops for re-executions launched from Python).
 ROOT_RUN_ID_TAG = "dagster/root_run_id"
 
 _RUN_STATES = {
@@ -125,7 +127,9 @@ def _with_cause(verdict: Verdict, instance: dg.DagsterInstance, run: dg.DagsterR
         event = record.dagster_event
         error = event.step_failure_data.error if event and event.step_failure_data else None
         if event is not None and error is not None:
-            while error.cause is not None:  # Dagster wraps the user's exception: show that one
+            # Dagster wraps the step's exception (and retry requests): show the first error
+            # that is not Dagster's own, e.g. our SourceError rather than what it wraps.
+            while error.cause is not None and _is_dagster_wrapper(error.cls_name):
                 error = error.cause
             text = error.message.strip().splitlines()[0] if error.message.strip() else ""
             if error.cls_name and ": " in text:  # "pkg.mod.Cls: msg" -> "Cls: msg"
@@ -133,6 +137,12 @@ def _with_cause(verdict: Verdict, instance: dg.DagsterInstance, run: dg.DagsterR
             message = redact_text(text)[:MAX_CAUSE_CHARS]
             return Verdict(verdict.status, f"{verdict.reason}: {event.step_key}: {message}")
     return verdict
+
+
+def _is_dagster_wrapper(cls_name: str | None) -> bool:
+    return cls_name is not None and (
+        cls_name.startswith("Dagster") or cls_name == "RetryRequestedFromPolicy"
+    )
 
 
 def _run_state(run: dg.DagsterRun | None) -> RunState:
@@ -167,7 +177,11 @@ def _write_final(
 
 def _counter_mismatch(counters: RedisCounters, row: RunRow, ledger: Counts) -> str | None:
     """Compare Redis's live totals with the ledger's; the ledger wins, the gap is recorded."""
-    live = counters.totals(row.flow_name, row.run_id)
+    try:
+        live = counters.totals(row.flow_name, row.run_id)
+    except CountersUnavailableError:
+        # Redis is a cache of the ledger: finalizing does not wait for it.
+        return "Redis was unreachable at finalization; totals computed from the SQL ledger"
     if live is None:
         return "Redis had lost the run's counters; totals computed from the SQL ledger"
     if live != ledger:

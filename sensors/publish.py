@@ -7,13 +7,16 @@ final state itself is written exactly once).
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 import dagster as dg
 
+from resources.errors import CountersUnavailableError
 from resources.metrics_store import MetricsStore, RunRow
 from resources.redis_counters import RedisCounters
 
+log = logging.getLogger(__name__)
 STATUS_TAG = "flow/status"
 STATUS_CHECK = "flow_status"
 _SEVERITY = {
@@ -49,10 +52,21 @@ def publish_final_runs(
             instance.report_runless_asset_event(event)
         if row.run_id in known_runs:
             instance.add_run_tags(row.run_id, {STATUS_TAG: row.flow_status})
-        counters.delete_run(row.flow_name, row.run_id)
+        _forget_run_keys(counters, row)
     if rows:
         store.mark_published([row.run_id for row in rows], now)
     return [row.run_id for row in rows]
+
+
+def _forget_run_keys(counters: RedisCounters, row: RunRow) -> None:
+    try:
+        counters.delete_run(row.flow_name, row.run_id)
+    except CountersUnavailableError as exc:
+        # The keys expire by their TTL, and `flowctl cleanup` / the sensor's periodic
+        # cleanup remove them once Redis is back; publishing does not wait for Redis.
+        log.warning(
+            "flow %s run %s: could not delete its Redis keys: %s", row.flow_name, row.run_id, exc
+        )
 
 
 def final_events(row: RunRow) -> list[dg.AssetMaterialization | dg.AssetCheckEvaluation]:
