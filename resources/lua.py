@@ -5,10 +5,12 @@ Each script opens with its contract (KEYS, ARGV, return value). They are registe
 a restart, a failover), so callers never see that error. All keys of one call share the
 run's hash tag, so the scripts also run on Redis Cluster.
 
-Every script checks the run's ``meta`` key first: when it is missing, Redis has lost the
-run (restart, eviction, FLUSHALL) and writing anything would start counting from zero.
-The script then writes nothing and returns ``LOST``; the caller rebuilds the run from the
-SQL ledger and calls again.
+Every script checks the run's state first: ``meta`` must exist and must agree with the
+sizes of ``seen`` and ``pages`` (meta keeps how many fields each should hold). When it does
+not, Redis has lost the run or part of it (restart, eviction, FLUSHALL, expiry) and writing
+anything would count from a wrong base. The script then writes nothing and returns
+``LOST``; the caller rebuilds the run from the SQL ledger and calls again. Every script
+refreshes the TTL of all four keys, so they expire together.
 """
 
 from __future__ import annotations
@@ -19,70 +21,102 @@ LOST = "LOST"
 #: Returned by RECORD_PAGE when the page's counts were stored.
 RECORDED = "OK"
 
-CLAIM_PAGE = """
--- KEYS[1] = meta key of the run (must exist, else nothing is written)
+# Shared opening of both scripts: KEYS[1..4] = meta, seen, pages, totals of one run.
+_CHECK_STATE = """
+local function intact()
+    if redis.call('EXISTS', KEYS[1]) == 0 then
+        return false
+    end
+    local claims = tonumber(redis.call('HGET', KEYS[1], 'claims') or '0')
+    local pages = tonumber(redis.call('HGET', KEYS[1], 'pages') or '0')
+    return redis.call('HLEN', KEYS[2]) == claims and redis.call('HLEN', KEYS[3]) == pages
+end
+local function refresh(ttl)
+    for i = 1, 4 do
+        redis.call('EXPIRE', KEYS[i], ttl)
+    end
+end
+"""
+
+CLAIM_PAGE = (
+    """
+-- KEYS[1] = meta key of the run: hash with 'claims' = HLEN of seen, 'pages' = HLEN of pages
 -- KEYS[2] = seen key of the run: hash record key -> index of the page that owns it
+-- KEYS[3] = pages key, KEYS[4] = totals key (only their TTL is refreshed here)
 -- ARGV[1] = page index
--- ARGV[2] = TTL in seconds, refreshed on meta and seen
+-- ARGV[2] = TTL in seconds, refreshed on all four keys
 -- ARGV[3..n] = the page's record keys, in page order
--- returns 'LOST' if meta is missing; else a string of one flag per record key, in order:
---   '1' = owned by this page (dispatch it), '0' = duplicate (skip it).
+-- returns 'LOST' if the run's state is missing or incomplete; else a string of one flag per
+--   record key, in order: '1' = owned by this page (dispatch it), '0' = duplicate (skip it).
 -- A key is owned if it was new, or if this page already owns it (a retried page must not
 -- see its own keys as duplicates) and it did not appear earlier in this same call.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+"""
+    + _CHECK_STATE
+    + """
+if not intact() then
     return 'LOST'
 end
 local page = ARGV[1]
 local flags = {}
 local earlier = {}
+local new_claims = 0
 for i = 3, #ARGV do
     local key = ARGV[i]
     local flag = '0'
     if not earlier[key] then
         earlier[key] = true
-        if redis.call('HSETNX', KEYS[2], key, page) == 1
-            or redis.call('HGET', KEYS[2], key) == page then
+        if redis.call('HSETNX', KEYS[2], key, page) == 1 then
+            new_claims = new_claims + 1
+            flag = '1'
+        elseif redis.call('HGET', KEYS[2], key) == page then
             flag = '1'
         end
     end
     flags[#flags + 1] = flag
 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'claims', new_claims)
+refresh(ARGV[2])
 return table.concat(flags)
 """
+)
 
 # The field order is Counts' (resources.counts.COUNT_FIELDS); a unit test keeps them equal.
-RECORD_PAGE = """
--- KEYS[1] = meta key of the run (must exist, else nothing is written)
--- KEYS[2] = pages key of the run: hash page index -> packed counts 'source,...,failed'
--- KEYS[3] = totals key of the run: hash count field -> run total
+RECORD_PAGE = (
+    """
+-- KEYS[1] = meta key of the run: hash with 'claims' = HLEN of seen, 'pages' = HLEN of pages
+-- KEYS[2] = seen key (only its TTL is refreshed here)
+-- KEYS[3] = pages key of the run: hash page index -> packed counts 'source,...,failed'
+-- KEYS[4] = totals key of the run: hash count field -> run total
 -- ARGV[1] = page index
--- ARGV[2] = TTL in seconds, refreshed on all three keys
+-- ARGV[2] = TTL in seconds, refreshed on all four keys
 -- ARGV[3..8] = the page's counts: source, dispatched, skipped, rejected, completed, failed
--- returns 'LOST' if meta is missing; else 'OK'.
+-- returns 'LOST' if the run's state is missing or incomplete; else 'OK'.
 -- The page's counts REPLACE its earlier ones: totals move by (new - old) per field, so a
 -- page recorded twice (retry, re-execution) counts once.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+"""
+    + _CHECK_STATE
+    + """
+if not intact() then
     return 'LOST'
 end
 local fields = {'source', 'dispatched', 'skipped', 'rejected', 'completed', 'failed'}
 local old = {}
-local packed = redis.call('HGET', KEYS[2], ARGV[1])
+local packed = redis.call('HGET', KEYS[3], ARGV[1])
 if packed then
     for value in string.gmatch(packed, '[^,]+') do
         old[#old + 1] = tonumber(value)
     end
+else
+    redis.call('HINCRBY', KEYS[1], 'pages', 1)
 end
 local new = {}
 for i, field in ipairs(fields) do
     new[i] = tonumber(ARGV[2 + i])
     -- HINCRBY by 0 too, so every field of totals exists once a page is recorded.
-    redis.call('HINCRBY', KEYS[3], field, new[i] - (old[i] or 0))
+    redis.call('HINCRBY', KEYS[4], field, new[i] - (old[i] or 0))
 end
-redis.call('HSET', KEYS[2], ARGV[1], table.concat(new, ','))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], table.concat(new, ','))
+refresh(ARGV[2])
 return 'OK'
 """
+)

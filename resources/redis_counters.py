@@ -20,7 +20,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from resources import lua
+from resources import job_lua, lua
 from resources.counts import COUNT_FIELDS, Counts
 from resources.embedded_redis import ensure_embedded_redis
 from resources.errors import ConfigurationError, CountersUnavailableError
@@ -42,6 +42,7 @@ class _Connection(NamedTuple):
 
 # One client per (process id, target): a forked step process must not share sockets.
 _CONNECTIONS: dict[tuple[int, str], _Connection] = {}
+_RQ_CLIENTS: dict[tuple[int, str], redis.Redis] = {}
 
 
 class RedisCounters(ConfigurableResource):
@@ -118,7 +119,7 @@ class RedisCounters(ConfigurableResource):
             One flag per record key, or None when Redis lost the run: rebuild it from the
             SQL ledger and call again.
         """
-        keys = [run_key(flow, run_id, "meta"), run_key(flow, run_id, "seen")]
+        keys = run_keys(flow, run_id)
         args: list[str | int] = [_page(page_index), self.key_ttl_seconds, *record_keys]
         flags = self._run(lambda connection: connection.claim_page(keys=keys, args=args))
         if flags == lua.LOST:
@@ -133,7 +134,7 @@ class RedisCounters(ConfigurableResource):
         """
         if errors := [f for f in COUNT_FIELDS if getattr(counts, f) < 0]:
             raise ValueError(f"page {page_index} of run {run_id}: negative counts {errors}")
-        keys = [run_key(flow, run_id, kind) for kind in ("meta", "pages", "totals")]
+        keys = run_keys(flow, run_id)
         args: list[str | int] = [_page(page_index), self.key_ttl_seconds, *counts.as_tuple()]
         result = self._run(lambda connection: connection.record_page(keys=keys, args=args))
         return result != lua.LOST
@@ -170,7 +171,7 @@ class RedisCounters(ConfigurableResource):
             force: rewrite even if the run's state is present.
 
         Returns:
-            True if rewritten. False if the state was present (unless ``force``), or if
+            True if rewritten. False if the state was whole (unless ``force``), or if
             another process rebuilt it meanwhile: a second rebuild from an older snapshot
             of the ledger would drop claims made since, so it is skipped.
         """
@@ -182,8 +183,8 @@ class RedisCounters(ConfigurableResource):
         def op(connection: _Connection) -> bool:
             with connection.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(meta)
-                    if not force and pipe.exists(meta):
+                    pipe.watch(meta, seen, pages_key)
+                    if not force and _intact(pipe, meta, seen, pages_key):
                         return False
                     pipe.multi()
                     pipe.delete(seen, pages_key, totals_key, meta)
@@ -191,7 +192,15 @@ class RedisCounters(ConfigurableResource):
                         for start in range(0, len(items), _CHUNK):
                             pipe.hset(key, mapping=dict(items[start : start + _CHUNK]))
                     pipe.hset(totals_key, mapping={f: getattr(total, f) for f in COUNT_FIELDS})
-                    pipe.hset(meta, mapping={"created_at": _now(), "rebuilt_at": _now()})
+                    pipe.hset(
+                        meta,
+                        mapping={
+                            "created_at": _now(),
+                            "rebuilt_at": _now(),
+                            "claims": len(seen_items),
+                            "pages": len(page_items),
+                        },
+                    )
                     for key in (seen, pages_key, totals_key, meta):
                         pipe.expire(key, self.key_ttl_seconds)
                     # One MULTI/EXEC: no claim ever sees a half-rebuilt run.
@@ -290,6 +299,47 @@ class RedisCounters(ConfigurableResource):
                 f" ({type(exc).__name__}). Check that the server is running and that"
                 " FLOW_REDIS_URL points at it."
             ) from exc
+
+    # --- jobs dispatched to RQ workers (dispatch="rq") ------------------------------------
+
+    def rq_connection(self) -> redis.Redis:
+        """A client for RQ on the same server (RQ needs undecoded responses), per process."""
+        target = self._target()
+        key = (os.getpid(), f"rq:{target}")
+        client = _RQ_CLIENTS.get(key)
+        if client is None:
+            url = target if _is_url(target) else ensure_embedded_redis(_embedded_home(target))
+            client = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=5,
+                socket_timeout=30,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=4),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            )
+            _RQ_CLIENTS[key] = client
+        return client
+
+    def record_dispatched_page(
+        self, flow: str, run_id: str, page_index: int, counts: Counts
+    ) -> bool:
+        """Record a page whose jobs go to workers: its dispatch counts, keeping any job
+        outcomes already acked (a retried page); False when Redis lost the run."""
+        _page(page_index)
+        return self._run(
+            lambda connection: job_lua.record_dispatched_page(
+                connection.client, flow, run_id, page_index, counts, self.key_ttl_seconds
+            )
+        )
+
+
+def _intact(client: Any, meta: str, seen: str, pages: str) -> bool:
+    """The run's state is whole: meta exists and agrees with the sizes of seen and pages
+    (the same test as the Lua scripts' ``intact()``)."""
+    recorded = client.hmget(meta, "claims", "pages")
+    if not client.exists(meta):
+        return False
+    claims, page_count = (int(value or 0) for value in recorded)
+    return bool(client.hlen(seen) == claims and client.hlen(pages) == page_count)
 
 
 def _is_url(target: str) -> bool:

@@ -400,16 +400,6 @@ def test_redis_equals_ledger_after_a_crashed_attempt(services: Services) -> None
     assert (live, mismatch) == (ledger, None)
 
 
-SEEN_LOST = (
-    "the Lua scripts take the run's 'meta' key as proof that all its keys are present; when"
-    " the 'seen' hash alone is gone (evicted under a volatile-*/allkeys-* maxmemory policy, or"
-    " expired: claims refresh meta+seen, records refresh meta+pages+totals, so meta can outlive"
-    " seen by up to a TTL) the next page re-claims keys another page owns and they are"
-    " dispatched and counted twice"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=SEEN_LOST)
 def test_a_lost_seen_hash_does_not_dispatch_duplicates(services: Services) -> None:
     store, counters, _ = services
     run_id = new_run(services)
