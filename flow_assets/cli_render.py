@@ -96,7 +96,9 @@ def print_strays(strays: Sequence[Any], *, dry_run: bool) -> None:
         else:
             action = "would remove" if dry_run else "removed"
         console.print(
-            f"{stray.flow_name} {stray.run_id} [{stray.flow_status}]: {action}", highlight=False
+            f"{stray.flow_name} {stray.run_id} [{stray.flow_status}]: {action}",
+            highlight=False,
+            markup=False,  # "[completed]" is text here, not a rich style tag
         )
 
 

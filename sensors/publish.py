@@ -93,8 +93,14 @@ def final_events(row: RunRow) -> list[dg.AssetMaterialization | dg.AssetCheckEva
         severity=_SEVERITY.get(row.flow_status, dg.AssetCheckSeverity.WARN),
         description=f"run {row.run_id}: {row.flow_status}"
         + (f" ({row.failure_reason})" if row.failure_reason else ""),
-        metadata={"run_id": row.run_id, "flow_status": row.flow_status},
-        partition=row.partition_key,
+        # Not a partitioned evaluation: Dagster keeps one runless evaluation per partition,
+        # so a second run of the same partition could not be reported. The partition is
+        # in the metadata and on the materialization.
+        metadata={
+            "run_id": row.run_id,
+            "flow_status": row.flow_status,
+            "partition": row.partition_key or "",
+        },
     )
     materialization = dg.AssetMaterialization(
         asset_key=key,
