@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from flow_assets.errors import SourceError
+
 
 @dataclass(frozen=True)
 class PageRef:
@@ -61,3 +63,23 @@ class Source(Protocol):
     def pages(self, partition_key: str | None) -> Iterator[Page]:
         """Read every page in order (sequential sources; random ones may too)."""
         ...
+
+
+class SequentialSource:
+    """Base for sources read in order (files, keyset SQL, cursors): no page refs.
+
+    Subclasses set ``name`` and implement ``pages``.
+    """
+
+    name: str
+
+    def plan(self, partition_key: str | None) -> list[PageRef] | None:
+        """Always None: the pages are read in order with ``pages``."""
+        return None
+
+    def fetch(self, ref: PageRef) -> Page:
+        """Not supported: a sequential source has no page refs (``plan`` returns None)."""
+        raise SourceError(
+            f"Source {self.name!r} is sequential and cannot fetch page {ref.index} on its own. "
+            "Fix: read it with pages() (its plan() returns None)."
+        )

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flow_assets.errors import FlowDefinitionError, SourceError
-from flow_assets.sources.base import Page, PageRef
+from flow_assets.sources.base import Page, SequentialSource
 from flow_assets.sources.paginators import require_int
 
 __all__ = ["FORMATS", "FileSource"]
@@ -60,7 +60,7 @@ def _to_records(table: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
     return pa.Table.from_arrays(columns, names=table.schema.names).to_pylist()
 
 
-class FileSource:
+class FileSource(SequentialSource):
     """Records from a local file, or from every file a glob pattern matches (sorted).
 
     Args:
@@ -109,17 +109,6 @@ class FileSource:
     __str__ = __repr__
 
     # -- the Source protocol ---------------------------------------------------------------
-
-    def plan(self, partition_key: str | None) -> list[PageRef] | None:
-        """Always None: files are read in order with ``pages``."""
-        return None
-
-    def fetch(self, ref: PageRef) -> Page:
-        """Not supported: a file source has no page refs (``plan`` returns None)."""
-        raise SourceError(
-            f"Source {self.name!r} is sequential and cannot fetch page {ref.index} on its own. "
-            "Fix: read it with pages() (its plan() returns None)."
-        )
 
     def pages(self, partition_key: str | None) -> Iterator[Page]:
         """Every record of every file, in pages; indexes run on across files."""

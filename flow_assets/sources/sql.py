@@ -31,7 +31,7 @@ from sqlalchemy.sql.selectable import SelectBase
 from sqlalchemy.types import NullType
 
 from flow_assets.errors import FlowDefinitionError, SourceError
-from flow_assets.sources.base import Page, PageRef
+from flow_assets.sources.base import Page, SequentialSource
 from flow_assets.sources.paginators import require_int, require_name
 from resources.db import PG_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_S, normalize_url, redacted
 from resources.errors import ConfigurationError
@@ -98,7 +98,7 @@ _PARTITION_TYPES: dict[type, Any] = {
 }
 
 
-class SqlSource:
+class SqlSource(SequentialSource):
     """Records from a table or a query, in pages ordered by a unique key.
 
     Sequential: ``plan`` returns None and ``pages`` reads page after page, each starting after
@@ -214,17 +214,6 @@ class SqlSource:
     __repr__ = __str__
 
     # -- the Source protocol ---------------------------------------------------------------
-
-    def plan(self, partition_key: str | None) -> list[PageRef] | None:
-        """Always None: keyset pages are read in order with ``pages``."""
-        return None
-
-    def fetch(self, ref: PageRef) -> Page:
-        """Not supported: a SQL source has no page refs (``plan`` returns None)."""
-        raise SourceError(
-            f"Source {self.name!r} is sequential and cannot fetch page {ref.index} on its own. "
-            "Fix: read it with pages() (its plan() returns None)."
-        )
 
     def pages(self, partition_key: str | None) -> Iterator[Page]:
         """Every row (of the partition), in key order, ``page_size`` per page.
