@@ -1,0 +1,103 @@
+"""The end-to-end benchmark's flow, importable by Dagster's step processes.
+
+``build_job`` is the reconstructable entry point of the multiprocess run: each step
+process calls it with the same keyword arguments. Both entry points install timing
+instrumentation in the calling process: every ``process_page`` call and every page read
+from the file is timed and appended to ``<timing_dir>/<pid>.tsv``, so the share of the
+wall time spent outside our code (Dagster's) can be computed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+
+import flow_assets.jobs
+from bench.data import PAGE_SIZE, no_op
+from flow_assets.flow import Flow
+from flow_assets.page_step import process_page
+from flow_assets.sources.base import Page
+from flow_assets.sources.files import FileSource
+from resources.counts import Counts
+from resources.metrics_store import MetricsStore
+from resources.redis_counters import RedisCounters
+from tests.flowkit import make_defs
+
+FLOW_NAME = "bench_e2e"
+_TIMING_DIR: list[Path] = []  # set once per process by install_timing
+
+
+def _record(kind: str, seconds: float) -> None:
+    if _TIMING_DIR:
+        with (_TIMING_DIR[0] / f"{os.getpid()}.tsv").open("a") as out:
+            out.write(f"{kind}\t{seconds:.6f}\n")
+
+
+def _timed_process_page(
+    flow: Flow, run_id: str, page: Page, counters: RedisCounters, store: MetricsStore
+) -> Counts:
+    started = time.perf_counter()
+    try:
+        return process_page(flow, run_id, page, counters, store)
+    finally:
+        _record("page", time.perf_counter() - started)
+
+
+def install_timing(timing_dir: str) -> None:
+    """Time process_page in this process: the page op looks it up in flow_assets.jobs."""
+    _TIMING_DIR[:] = [Path(timing_dir)]
+    flow_assets.jobs.process_page = _timed_process_page  # type: ignore[assignment]
+
+
+class TimedFileSource(FileSource):
+    """A FileSource whose page reads (file I/O and JSON parsing) are timed."""
+
+    def pages(self, partition_key: str | None) -> Iterator[Page]:
+        pages = super().pages(partition_key)
+        while True:
+            started = time.perf_counter()
+            page = next(pages, None)
+            _record("source", time.perf_counter() - started)
+            if page is None:
+                return
+            yield page
+
+
+def build_flow(data_path: str) -> Flow:
+    """A 1,000-record-page JSONL flow with the no-op handler and default pages_per_step."""
+    return Flow(
+        name=FLOW_NAME,
+        source=TimedFileSource(data_path, page_size=PAGE_SIZE),
+        key="id",
+        handler=no_op,
+    )
+
+
+def build_definitions(
+    database_url: str, redis_url: str, data_path: str, timing_dir: str
+) -> dg.Definitions:
+    install_timing(timing_dir)
+    return make_defs([build_flow(data_path)], redis_url, database_url)
+
+
+def build_job(
+    database_url: str, redis_url: str, data_path: str, timing_dir: str
+) -> dg.JobDefinition:
+    return build_definitions(database_url, redis_url, data_path, timing_dir).resolve_job_def(
+        f"{FLOW_NAME}_job"
+    )
+
+
+def read_timings(timing_dir: str) -> dict[str, float]:
+    """Seconds per kind (``page``, ``source``) over every process, and the page count."""
+    totals = {"page": 0.0, "source": 0.0, "pages": 0.0}
+    for path in Path(timing_dir).glob("*.tsv"):
+        for line in path.read_text().splitlines():
+            kind, seconds = line.split("\t")
+            totals[kind] += float(seconds)
+            totals["pages"] += kind == "page"
+    return totals

@@ -1,0 +1,262 @@
+"""Figure 3: the ``finalize_flow_runs`` sensor on many runs ready to finalize, with and
+without a long finished history in ``flow_metrics``.
+
+Setup (not timed): one Dagster instance on PostgreSQL holding a SUCCESS ``DagsterRun``
+record per ready run (``instance.add_run`` from a few threads: the records the finalizer
+looks up, without executing thousands of jobs). Per scenario, a fresh ledger database with
+``history`` older finished and published runs (a ``flow_metrics`` row and a page row each,
+inserted server-side from ``generate_series``) plus the ready runs (``running``, extraction
+done, one ``done`` page row; COPY), and their live counters in Redis (``RedisCounters``).
+An untimed warm-up tick goes first; then the scenario without history: the one with history
+meets a Dagster event log already holding the first scenario's events, a bias against the
+goal, not for it.
+
+Timed: real sensor ticks, as the daemon evaluates them, at most ``max_ticks`` per scenario
+(the goal's horizon is 2). When runs are left after them, the ticks still needed are
+projected at the measured runs per tick (reported as such).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+import psycopg
+
+from bench import data
+from bench.environment import BenchServers, psycopg_url
+from bench.profiling import Share, phase_breakdown, profile
+from flow_assets.build import build_definitions
+from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
+from resources.counts import Counts
+from resources.metrics_store import MetricsStore
+from resources.redis_counters import RedisCounters
+from sensors.sensor import SENSOR_NAME
+
+FLOW = "bench_fin"
+PAGE = Counts(source=100, dispatched=100, completed=100)
+SEED_THREADS = 8
+BATCH = 500  # the sensor's default batch_size
+
+#: Tick phases: label -> (file suffix, function) whose cumulative time it is.
+TICK_PHASES: dict[str, tuple[str, str]] = {
+    "ledger: running_runs": ("resources/metrics_store.py", "running_runs"),
+    "ledger: page_totals": ("resources/metrics_store.py", "page_totals"),
+    "Dagster: latest_dagster_runs (2 get_runs)": ("sensors/finalizer.py", "latest_dagster_runs"),
+    "Redis: totals per run": ("resources/redis_counters.py", "totals"),
+    "ledger: finalize CAS per run": ("resources/metrics_store.py", "finalize"),
+    "Dagster: report_runless_asset_event x2 per run": (
+        "dagster/_core/instance/instance.py",
+        "report_runless_asset_event",
+    ),
+    "Dagster: add_run_tags per run": (
+        "dagster/_core/instance/methods/run_methods.py",
+        "add_run_tags",
+    ),
+    "Redis: delete_run per run": ("resources/redis_counters.py", "delete_run"),
+    "ledger: unpublished_runs": ("resources/metrics_store.py", "unpublished_runs"),
+    "ledger: mark_published": ("resources/metrics_store.py", "mark_published"),
+}
+_TICK_TOTAL = ("sensors/sensor.py", "finalize_flow_runs")
+
+_HISTORY_SQL = (
+    """
+INSERT INTO flow_metrics (run_id, flow_name, flow_status, source_record_count, dispatched_jobs,
+    skipped_records, rejected_records, completed_jobs, failed_jobs, pages_total, pages_done,
+    extraction_done, started_at, finished_at, total_runtime_ms, updated_at, published_at)
+SELECT md5('old' || i), %(flow)s, 'completed', 100, 100, 0, 0, 100, 0, 1, 1, true,
+    %(now)s - make_interval(secs => 60 + i), %(now)s - make_interval(secs => i),
+    60000, %(now)s - make_interval(secs => i), %(now)s - make_interval(secs => i)
+FROM generate_series(1, %(rows)s) AS i
+""",
+    """
+INSERT INTO flow_page_progress (run_id, page_index, status, source_records, dispatched,
+    skipped, rejected, completed, failed, claimed_keys, updated_at)
+SELECT md5('old' || i), 0, 'done', 100, 100, 0, 0, 100, 0, '[]', %(now)s - make_interval(secs => i)
+FROM generate_series(1, %(rows)s) AS i
+""",
+)
+_READY_COLUMNS = (
+    "run_id, flow_name, flow_status, pages_total, extraction_done, started_at, updated_at"
+)
+_PAGE_COLUMNS = (
+    "run_id, page_index, status, source_records, dispatched, skipped, rejected, completed,"
+    " failed, claimed_keys, updated_at"
+)
+
+
+@dataclass
+class TickRun:
+    """The ticks of one scenario: seconds and runs finalized per tick."""
+
+    history: int
+    runs: int
+    seconds: list[float] = field(default_factory=list)
+    finalized: list[int] = field(default_factory=list)
+    ledger_reads_ms: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return sum(self.finalized)
+
+    @property
+    def ms_per_run(self) -> float:
+        return 1000 * sum(self.seconds) / max(self.done, 1)
+
+    @property
+    def ticks_to_finalize_all(self) -> float:
+        """Ticks until no run is left ``running``: counted, or projected past the last."""
+        done = 0
+        for ticks, finalized in enumerate(self.finalized, start=1):
+            done += finalized
+            if done >= self.runs:
+                return ticks
+        per_tick = self.finalized[0] if self.finalized and self.finalized[0] else 0
+        if not per_tick:
+            return float("inf")
+        return len(self.finalized) + -(-(self.runs - done) // per_tick)
+
+
+def new_run_ids(runs: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(runs)]
+
+
+def add_dagster_runs(instance: dg.DagsterInstance, run_ids: list[str]) -> None:
+    """A SUCCESS run record per run id (threads: each add is a few PostgreSQL round trips)."""
+
+    def add(run_id: str) -> None:
+        run = dg.DagsterRun(
+            job_name=f"{FLOW}_job",
+            run_id=run_id,
+            status=dg.DagsterRunStatus.SUCCESS,
+            tags={"flow/name": FLOW},
+        )
+        instance.add_run(run)
+
+    with ThreadPoolExecutor(SEED_THREADS) as pool:
+        list(pool.map(add, run_ids))
+
+
+def _seed_ledger(servers: BenchServers, run_ids: list[str], history: int, label: str) -> str:
+    url = servers.new_database(f"bench_fin_{label}")
+    MetricsStore(url=url).upgrade()
+    now = datetime.now(timezone.utc)
+    with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
+        if history:
+            for statement in _HISTORY_SQL:
+                conn.execute(statement, {"flow": FLOW, "now": now, "rows": history})
+        started, updated = now - timedelta(minutes=5), now - timedelta(minutes=1)
+        with conn.cursor().copy(f"COPY flow_metrics ({_READY_COLUMNS}) FROM STDIN") as copy:
+            for run_id in run_ids:
+                copy.write_row((run_id, FLOW, "running", 1, True, started, updated))
+        with conn.cursor().copy(f"COPY flow_page_progress ({_PAGE_COLUMNS}) FROM STDIN") as copy:
+            for run_id in run_ids:
+                copy.write_row((run_id, 0, "done", *PAGE.as_tuple(), "[]", updated))
+        # A production ledger is analyzed by autovacuum; a fresh bulk load is not yet.
+        conn.execute("ANALYZE flow_metrics")
+        conn.execute("ANALYZE flow_page_progress")
+    servers.flush_redis()
+    counters = RedisCounters(url=servers.redis_url)
+    for run_id in run_ids:
+        counters.start_run(FLOW, run_id)
+        counters.record_page(FLOW, run_id, 0, PAGE)
+    return url
+
+
+def _defs(servers: BenchServers, url: str) -> dg.Definitions:
+    resources = {
+        STORE_KEY: MetricsStore(url=url),
+        COUNTERS_KEY: RedisCounters(url=servers.redis_url),
+    }
+    return build_definitions([data.hot_path_flow(FLOW)], resources=resources)
+
+
+def _running(url: str) -> int:
+    with psycopg.connect(psycopg_url(url)) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM flow_metrics WHERE flow_status = 'running'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def ledger_reads_ms(url: str, repeats: int = 5) -> float:
+    """The ledger reads one tick makes (running runs, their page totals, unpublished runs):
+    the only part of a tick that could grow with the finished history. Fastest of
+    ``repeats``, in ms; Dagster and Redis are left out, so the figure is steadier."""
+    store = MetricsStore(url=url)
+    store.running_runs(1)  # engine, pool and schema check first
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        rows = store.running_runs(BATCH)
+        store.page_totals([row.run_id for row in rows])
+        store.unpublished_runs(BATCH)
+        best = min(best, time.perf_counter() - started)
+    return 1000 * best
+
+
+def _tick(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    sensor = defs.resolve_sensor_def(SENSOR_NAME)
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+        sensor(context)
+
+
+def tick_scenario(
+    servers: BenchServers,
+    instance: dg.DagsterInstance,
+    run_ids: list[str],
+    history: int,
+    max_ticks: int,
+) -> TickRun:
+    """Seed a fresh ledger and tick the sensor until no run is running, or ``max_ticks``."""
+    label = f"h{history}"
+    url = _seed_ledger(servers, run_ids, history, label)
+    defs = _defs(servers, url)
+    result = TickRun(history, len(run_ids), ledger_reads_ms=ledger_reads_ms(url))
+    running = _running(url)
+    while running and len(result.seconds) < max_ticks:
+        started = time.perf_counter()
+        _tick(defs, instance)
+        result.seconds.append(time.perf_counter() - started)
+        still_running = _running(url)
+        result.finalized.append(running - still_running)
+        running = still_running
+    return result
+
+
+def warm_up(servers: BenchServers, instance: dg.DagsterInstance, runs: int = 5) -> None:
+    """One untimed tick over a few runs, so that Dagster's first-use costs on the instance
+    (asset key rows, storage checks) fall on neither timed scenario."""
+    run_ids = new_run_ids(runs)
+    add_dagster_runs(instance, run_ids)
+    tick_scenario(servers, instance, run_ids, 0, 1)
+
+
+def tick_profile(servers: BenchServers, runs: int) -> list[Share]:
+    """One profiled tick over ``runs`` fresh ready runs: its time by phase."""
+    run_ids = new_run_ids(runs)
+    with servers.dagster_instance("bench_fin_profile") as instance:
+        add_dagster_runs(instance, run_ids)
+        url = _seed_ledger(servers, run_ids, 0, "profile")
+        defs = _defs(servers, url)
+        stats = profile(lambda: _tick(defs, instance))
+    return phase_breakdown(stats, TICK_PHASES, _TICK_TOTAL, "other (classify, sensor glue)")
+
+
+def finalizer_figures(with_history: TickRun, without: TickRun) -> dict[str, float]:
+    return {
+        "finalizer_runs_per_tick": with_history.finalized[0],
+        "finalizer_tick_s": max(with_history.seconds),
+        "finalizer_ticks_to_finalize_all": with_history.ticks_to_finalize_all,
+        "finalizer_ms_per_run": with_history.ms_per_run,
+        "finalizer_tick_s_no_history": max(without.seconds),
+        "finalizer_ms_per_run_no_history": without.ms_per_run,
+        "finalizer_history_slowdown": with_history.ms_per_run / without.ms_per_run,
+        "finalizer_ledger_reads_ms": with_history.ledger_reads_ms,
+        "finalizer_ledger_reads_ms_no_history": without.ledger_reads_ms,
+        "finalizer_ledger_history_slowdown": with_history.ledger_reads_ms / without.ledger_reads_ms,
+    }
