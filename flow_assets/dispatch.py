@@ -59,7 +59,7 @@ class JobBatch:
         key = self._key(job)
         if self._state[key] == PENDING:
             self._state[key] = FAILED
-            self._errors[key] = _error_text(error)
+            self._errors[key] = error_text(error)
 
     def finish(self) -> tuple[int, int]:
         """Complete what is still pending; return ``(completed, failed)``."""
@@ -84,6 +84,7 @@ class JobBatch:
         return key
 
 
-def _error_text(error: BaseException | str) -> str:
+def error_text(error: BaseException | str) -> str:
+    """A job's error as stored: ``Type: message``, secrets redacted, length capped."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return redact_text(text)[:MAX_ERROR_CHARS]

@@ -11,6 +11,7 @@ from croniter import croniter
 
 from flow_assets.dispatch import JobBatch
 from flow_assets.errors import FlowDefinitionError
+from flow_assets.rq_dispatch import RqDispatch, handler_path, resolve_dispatch
 from flow_assets.sources.base import Source
 from resources.names import InvalidNameError, validate_name
 from sensors.classify import Tolerance
@@ -20,8 +21,10 @@ Handler = Callable[[JobBatch], None]
 
 _OPTIONS = (
     "name", "source", "key", "handler", "partitions", "schedule", "max_failed_jobs", "group",
-    "pages_per_step", "retry_policy", "deadline", "max_record_bytes", "description",
+    "pages_per_step", "retry_policy", "deadline", "max_record_bytes", "description", "dedup",
+    "dispatch",
 )  # fmt: skip
+DEDUP_SCOPES = ("run", "flow")
 
 
 class Flow:
@@ -52,6 +55,15 @@ class Flow:
         max_record_bytes: records larger than this (as JSON) are rejected; None (the
             default) skips the size check, which costs a JSON encoding per record.
         description: shown in the Dagster UI.
+        dedup: ``"run"`` (default): a key seen earlier in the same run is skipped.
+            ``"flow"``: also skip keys any earlier or concurrent run of the flow dispatched
+            (a durable table), so an incremental re-run dispatches only new records. Either
+            way a retried or re-executed page keeps its own keys.
+        dispatch: ``"inline"`` (default): page steps call the handler. ``"rq"`` or an
+            ``RqDispatch(...)``: page steps enqueue the jobs on an RQ queue named after the
+            flow and ``rq worker`` processes run the handler (it must be a top-level
+            function of an importable module); the run is finalized when the last job
+            ends. See ``flow_assets.rq_worker`` for running workers.
 
     Examples:
         >>> from flow_assets import Flow, FileSource
@@ -80,6 +92,8 @@ class Flow:
         deadline: timedelta = timedelta(hours=1),
         max_record_bytes: int | None = None,
         description: str | None = None,
+        dedup: str = "run",
+        dispatch: str | RqDispatch = "inline",
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -131,10 +145,20 @@ class Flow:
             "None or an int >= 1",
         )
         self.description = description or f"Flow {name}: {source}"
+        self.dedup: str = _checked(
+            dedup, dedup in DEDUP_SCOPES, "dedup", " or ".join(map(repr, DEDUP_SCOPES))
+        )
+        self.rq: RqDispatch | None = resolve_dispatch(dispatch, handler)
+        self.handler_path = handler_path(handler) if self.rq else None
 
     @property
     def job_name(self) -> str:
         return f"{self.name}_job"
+
+    @property
+    def queue_name(self) -> str | None:
+        """The RQ queue of the flow's jobs (dispatch="rq"), else None."""
+        return (self.rq.queue or self.name) if self.rq else None
 
     @property
     def asset_key(self) -> dg.AssetKey:

@@ -2,16 +2,21 @@
 
 Idempotent by construction: the page's ledger row, rejects and failures are *replaced* on
 every attempt, and the Redis dedup claim is owned by the page index, so a retried page
-re-claims its own keys instead of seeing them as duplicates.
+re-claims its own keys instead of seeing them as duplicates. With ``dedup="flow"`` the keys
+Redis gave the page are then claimed in the flow's durable key table, owned by (run, page)
+in the same way.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
+from flow_assets.rq_dispatch import enqueue_jobs, plan_jobs
 from flow_assets.sources.base import Page
 from flow_assets.validation import validate_records
 from resources.counts import Counts
@@ -25,9 +30,11 @@ LOST_MID_RUN = "Redis lost the run's counters mid-run; rebuilt them from the SQL
 def process_page(
     flow: Flow, run_id: str, page: Page, counters: RedisCounters, store: MetricsStore
 ) -> Counts:
-    """Process one page and return its final counts (as recorded in the ledger)."""
+    """Process one page; its counts as recorded in the ledger (dispatch="rq": at dispatch)."""
     valid = validate_records(page.records, flow.key, flow.max_record_bytes)
     owned = _claim(flow, run_id, page.index, valid.keys, counters, store)
+    if flow.dedup == "flow":
+        owned = _claim_in_flow(flow, run_id, page.index, valid.keys, owned, store)
     keys = [key for key, mine in zip(valid.keys, owned, strict=True) if mine]
     records = [record for record, mine in zip(valid.records, owned, strict=True) if mine]
     rejects = [RejectedRecord(r.position, r.reason, r.raw) for r in valid.rejects]
@@ -37,6 +44,10 @@ def process_page(
         skipped=len(valid.keys) - len(keys),
         rejected=len(rejects),
     )
+    if flow.rq is not None:
+        return _dispatch_to_workers(
+            flow, run_id, page.index, dispatched, keys, records, rejects, counters, store
+        )
     # Written before the handler runs so that a crash mid-page leaves its jobs visible as
     # pending (and counted as lost if the run then fails) instead of invisible.
     store.record_pages(run_id, [PageRecord(page.index, dispatched, "dispatched", keys, rejects)])
@@ -51,6 +62,42 @@ def process_page(
     if not counters.record_page(flow.name, run_id, page.index, final):
         _rebuild(flow, run_id, counters, store)
     return final
+
+
+def _dispatch_to_workers(
+    flow: Flow,
+    run_id: str,
+    page_index: int,
+    counts: Counts,
+    keys: list[str],
+    records: list[Mapping[str, Any]],
+    rejects: list[RejectedRecord],
+    counters: RedisCounters,
+    store: MetricsStore,
+) -> Counts:
+    """dispatch="rq": ledger first (page and pending jobs), then Redis, then the queue, so
+    that every ack finds its job and page; returns the page's counts at dispatch."""
+    assert flow.rq is not None and flow.queue_name and flow.handler_path
+    job_ids = plan_jobs(flow.name, run_id, page_index, keys, flow.rq.batch_size)
+    status = "dispatched" if keys else "done"
+    page = PageRecord(page_index, counts, status, keys, rejects)
+    pending = store.record_async_page(run_id, page, job_ids)
+    if not counters.record_dispatched_page(flow.name, run_id, page_index, counts):
+        _rebuild(flow, run_id, counters, store)  # the ledger already holds this page
+    enqueue_jobs(
+        counters.rq_connection(),
+        flow.rq,
+        queue=flow.queue_name,
+        handler=flow.handler_path,
+        flow=flow.name,
+        run_id=run_id,
+        page_index=page_index,
+        records=dict(zip(keys, records, strict=True)),
+        job_ids=job_ids,
+        pending=pending,
+        key_ttl_seconds=counters.key_ttl_seconds,
+    )
+    return counts
 
 
 def _claim(
@@ -71,6 +118,20 @@ def _claim(
             " was rebuilt from the ledger; check the Redis server's maxmemory policy and restarts"
         )
     return owned
+
+
+def _claim_in_flow(
+    flow: Flow,
+    run_id: str,
+    page_index: int,
+    keys: list[str],
+    owned: list[bool],
+    store: MetricsStore,
+) -> list[bool]:
+    """Narrow the run's claim to keys no other run (or page) of the flow dispatched."""
+    candidates = [key for key, mine in zip(keys, owned, strict=True) if mine]
+    flags = iter(store.claim_flow_keys(flow.name, run_id, page_index, candidates))
+    return [mine and next(flags) for mine in owned]
 
 
 def _rebuild(flow: Flow, run_id: str, counters: RedisCounters, store: MetricsStore) -> None:

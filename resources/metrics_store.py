@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 
@@ -11,7 +11,7 @@ from pydantic import Field
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from resources import db, migrations
+from resources import db, flow_key_queries, job_queries, migrations
 from resources import store_queries as q
 from resources.counts import Counts
 from resources.redaction import redact_text
@@ -160,6 +160,44 @@ class MetricsStore(ConfigurableResource):
             raise ValueError(
                 f"cannot record pages of run {run_id!r}: {redact_text(str(exc.orig))}."
                 " Call start_run for the run before recording its pages."
+            ) from exc
+
+    def claim_flow_keys(
+        self, flow_name: str, run_id: str, page_index: int, record_keys: Sequence[str]
+    ) -> list[bool]:
+        """Claim a page's keys for ``dedup="flow"``: one flag per key, True where this page
+        of this run owns it (claimed now, or by an earlier attempt of the same page).
+
+        A key another run (or another page) already owns is False: skip it. Exact under
+        concurrent runs of the flow; at most two statements, one transaction.
+        """
+        if not record_keys:
+            return []
+        with self._tx(write=True) as conn:
+            return flow_key_queries.claim_flow_keys(
+                conn, flow_name, run_id, page_index, record_keys, _now()
+            )
+
+    def record_async_page(
+        self, run_id: str, page: PageRecord, job_ids: Mapping[str, str]
+    ) -> set[str]:
+        """Record a page whose jobs go to workers, and its jobs as pending; one transaction.
+
+        The page row is replaced as in ``record_pages``; jobs already registered by an
+        earlier attempt keep their state. Returns the keys whose jobs are still pending
+        (the ones a retried page may have to enqueue again).
+        """
+        if page.counts.completed or page.counts.failed:
+            raise ValueError(f"page {page.page_index}: outcomes of async jobs come from acks")
+        try:
+            with self._tx(write=True) as conn:
+                if q.replace_pages(conn, run_id, [page], _now()) == 0:
+                    raise _unknown_run(run_id)
+                return job_queries.register_jobs(conn, run_id, page.page_index, job_ids, _now())
+        except IntegrityError as exc:
+            raise ValueError(
+                f"cannot record page {page.page_index} of run {run_id!r}:"
+                f" {redact_text(str(exc.orig))}. Call start_run for the run first."
             ) from exc
 
     def mark_extraction_done(self, run_id: str, pages_total: int) -> None:

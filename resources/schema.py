@@ -31,6 +31,10 @@ from sqlalchemy.types import TypeDecorator
 FLOW_STATUSES: tuple[str, ...] = ("running", "completed", "partial_success", "failed", "cancelled")
 FINAL_STATUSES: tuple[str, ...] = FLOW_STATUSES[1:]
 PAGE_STATUSES: tuple[str, ...] = ("dispatched", "done")
+#: flow_page_progress's count columns, in Counts' field order.
+PAGE_COUNT_COLUMNS: tuple[str, ...] = (
+    "source_records", "dispatched", "skipped", "rejected", "completed", "failed",
+)  # fmt: skip
 
 # Stable constraint and index names on every dialect, so migrations can address them.
 NAMING_CONVENTION: dict[str, str] = {
@@ -188,4 +192,41 @@ flow_job_failures = Table(
     Column("created_at", UTCDateTime, nullable=False),
     # A retried page deletes its own failures first: (run_id, page_index) finds them.
     Index("ix_flow_job_failures_run_id_page_index", "run_id", "page_index"),
+)
+
+flow_dispatched_keys = Table(
+    "flow_dispatched_keys",
+    metadata,
+    # dedup="flow": every key any run of the flow dispatched, and which run and page own it.
+    # No foreign key to flow_metrics: a key stays dispatched even if its run's row is pruned.
+    Column("flow_name", String(64), primary_key=True),
+    Column("record_key", Text, primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("page_index", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+JOB_STATES: tuple[str, ...] = ("pending", "completed", "failed")
+
+flow_async_jobs = Table(
+    "flow_async_jobs",
+    metadata,
+    # dispatch="rq": one row per record dispatched to a worker, its state a guarded
+    # transition (pending -> completed | failed, failed -> completed). Page rows keep the
+    # counts known at dispatch; run totals add these outcomes (store_queries.page_totals).
+    Column(
+        "run_id",
+        String(64),
+        ForeignKey("flow_metrics.run_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("record_key", Text, primary_key=True),
+    Column("page_index", Integer, nullable=False),
+    Column("job_id", String(160), nullable=False),
+    Column("state", String(16), nullable=False, server_default=text("'pending'")),
+    Column("error", Text, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+    CheckConstraint(f"state IN ({_in_list(JOB_STATES)})", name="state"),
+    # Totals group outcomes by (run, page): an index-only scan on PostgreSQL.
+    Index("ix_flow_async_jobs_run_id_page_index_state", "run_id", "page_index", "state"),
 )

@@ -12,11 +12,25 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Table, case, delete, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Insert,
+    Table,
+    and_,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
+from resources import job_queries
 from resources.counts import Counts
 from resources.schema import (
+    PAGE_COUNT_COLUMNS,
     RUNNING_PREDICATE,
     UNPUBLISHED_PREDICATE,
     flow_job_failures,
@@ -38,7 +52,6 @@ _IN_CHUNK = 500  # bound the parameters of one IN (...) list
 
 _fm, _pages = flow_metrics, flow_page_progress
 _rejects, _failures = flow_rejected_records, flow_job_failures
-_PAGE_COUNT_COLUMNS = ("source_records", "dispatched", "skipped", "rejected", "completed", "failed")
 
 
 def truncate_text(value: str, max_bytes: int) -> str:
@@ -106,13 +119,13 @@ def replace_pages(conn: Connection, run_id: str, pages: Sequence[PageRecord], no
             "run_id": run_id,
             "page_index": page.page_index,
             "status": page.status,
-            **dict(zip(_PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True)),
+            **dict(zip(PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True)),
             "claimed_keys": json.dumps(list(page.claimed_keys), separators=(",", ":")),
             "updated_at": now,
         }
         for page in ordered
     ]
-    updated = ("status", *_PAGE_COUNT_COLUMNS, "claimed_keys", "updated_at")
+    updated = ("status", *PAGE_COUNT_COLUMNS, "claimed_keys", "updated_at")
     stmt = _upsert(conn.dialect.name, _pages, ("run_id", "page_index"), updated)
     conn.execute(stmt, page_rows)
 
@@ -201,16 +214,28 @@ def runs(conn: Connection, flow_name: str | None, run_id: str | None, limit: int
 
 
 def page_totals(conn: Connection, run_ids: Sequence[str]) -> dict[str, PageTotals]:
-    """Sum each run's page rows in one grouped query per chunk of run ids."""
+    """Sum each run's page rows, plus its async job outcomes, in one query per chunk of runs.
+
+    A page dispatched to workers (dispatch="rq") keeps the counts it had at dispatch; its
+    jobs' outcomes are in ``flow_async_jobs`` and added here. Such a page is done when
+    none of its jobs is pending.
+    """
     totals = {run_id: PageTotals(Counts(), 0, 0) for run_id in run_ids}
-    sums = [func.sum(_pages.c[name]) for name in _PAGE_COUNT_COLUMNS]
-    done = func.sum(case((_pages.c.status == "done", 1), else_=0))
     for chunk in _chunks(list(dict.fromkeys(run_ids))):
-        stmt = (
-            select(_pages.c.run_id, *sums, done, func.count())
-            .where(_pages.c.run_id.in_(chunk))
-            .group_by(_pages.c.run_id)
+        pages = job_queries.pages_with_outcomes(chunk)
+        settled = or_(
+            pages.c.status == "done",
+            and_(
+                pages.c.has_jobs.is_not(None),
+                pages.c.dispatched == pages.c.completed + pages.c.failed,
+            ),
         )
+        stmt = select(
+            pages.c.run_id,
+            *(func.sum(pages.c[name]) for name in PAGE_COUNT_COLUMNS),
+            func.sum(case((settled, 1), else_=0)),
+            func.count(),
+        ).group_by(pages.c.run_id)
         for run_id, *values in conn.execute(stmt):
             *counts, pages_done, pages_seen = (int(value) for value in values)
             totals[run_id] = PageTotals(Counts(*counts), pages_done, pages_seen)
@@ -218,9 +243,9 @@ def page_totals(conn: Connection, run_ids: Sequence[str]) -> dict[str, PageTotal
 
 
 def page_counts(conn: Connection, run_id: str) -> dict[int, Counts]:
-    stmt = select(_pages.c.page_index, *(_pages.c[name] for name in _PAGE_COUNT_COLUMNS)).where(
-        _pages.c.run_id == run_id
-    )
+    """Each page's counts, async job outcomes included (what Redis holds for the page)."""
+    pages = job_queries.pages_with_outcomes([run_id])
+    stmt = select(pages.c.page_index, *(pages.c[name] for name in PAGE_COUNT_COLUMNS))
     return {index: Counts(*counts) for index, *counts in conn.execute(stmt)}
 
 
@@ -333,10 +358,14 @@ def rejected_records(conn: Connection, run_id: str, limit: int) -> list[StoredRe
 
 
 def job_failures(conn: Connection, run_id: str, limit: int) -> list[StoredFailure]:
+    """Failed jobs of a run, handled inline or by workers, by page and record key."""
     stmt = (
         select(_failures)
         .where(_failures.c.run_id == run_id)
         .order_by(_failures.c.page_index, _failures.c.record_key)
         .limit(limit)
     )
-    return [StoredFailure(**row._mapping) for row in conn.execute(stmt)]
+    rows = [dict(row._mapping) for row in conn.execute(stmt)]
+    rows += job_queries.failed_jobs(conn, run_id, limit)
+    rows.sort(key=lambda row: (row["page_index"], row["record_key"]))
+    return [StoredFailure(**row) for row in rows[:limit]]

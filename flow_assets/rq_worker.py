@@ -1,0 +1,136 @@
+"""What RQ workers run for flows with dispatch="rq": the handler, then idempotent acks.
+
+Start workers with the package importable and the ledger's URL in the environment::
+
+    FLOW_DATABASE_URL=postgresql+psycopg://... \\
+        rq worker --url redis://redis-host:6379/0 orders -c flow_assets.rq_settings
+
+(``orders`` is the flow's queue; ``-c flow_assets.rq_settings`` preloads this module, and
+the modules in ``FLOW_RQ_PRELOAD``, so the work horse RQ forks per job starts warm). The
+forking worker isolates each job but pays a fork and a database connection per job;
+``-w rq.worker.SimpleWorker`` runs jobs in the worker process, several times faster for
+short jobs. Add workers on any machine that reaches the Redis server and the database to
+scale out. A job whose worker died is failed or retried by RQ's maintenance in any live
+worker (``--maintenance-interval``); see ``RqDispatch.job_timeout``.
+
+``run_jobs`` is the job: it imports the flow's handler by name and calls it with a
+``JobBatch``. The job's RQ callbacks acknowledge its outcome: ``ack_success`` (the
+outcomes the handler reported) and ``ack_failure`` (the job raised, timed out, or its
+worker died; only once RQ will not retry it). An ack is a guarded transition in SQL (the
+source of truth) then in the run's Redis counters, so a repeated or duplicated callback
+changes nothing. This module does not import Dagster.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+from rq.exceptions import AbandonedJobError
+from rq.job import Job
+
+from flow_assets.dispatch import JobBatch, error_text
+from resources import db, job_lua, job_queries, migrations, store_queries
+from resources.job_lua import Ack
+
+log = logging.getLogger(__name__)
+
+LOST_ERROR = "lost: the worker running the job died (RQ AbandonedJobError)"
+COUNTERS_LOST = "Redis lost the run's counters while workers acked jobs; totals are the ledger's"
+CONNECT_RETRY_SECONDS = 10.0
+
+
+def run_jobs(
+    handler_path: str,
+    flow: str,
+    run_id: str,
+    page_index: int,
+    keys: Sequence[str],
+    records: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The RQ job: call the handler on the records; their outcomes, for ``ack_success``."""
+    batch = JobBatch(keys, records)
+    _handler(handler_path)(batch)
+    batch.finish()
+    failures = batch.failures
+    return {"completed": [key for key in keys if key not in failures], "failed": failures}
+
+
+def ack_success(job: Job, connection: redis.Redis, result: Any, *args: Any, **kwargs: Any) -> Ack:
+    """RQ success callback: acknowledge the outcomes ``run_jobs`` returned."""
+    completed, failed = result["completed"], result["failed"]
+    return acknowledge(connection, job, completed=completed, failed=failed)
+
+
+def ack_failure(
+    job: Job, connection: redis.Redis, exc_type: type[BaseException] | None, exc: Any, tb: Any
+) -> Ack | None:
+    """RQ failure callback: the job's pending records failed, unless RQ retries the job."""
+    if job.should_retry:
+        log.info("job %s failed (%s); RQ retries it (%s left)", job.id, exc_type, job.retries_left)
+        return None
+    if exc_type is AbandonedJobError or isinstance(exc, AbandonedJobError):
+        error = LOST_ERROR
+    else:
+        error = error_text(exc if isinstance(exc, BaseException) else f"{exc_type}: {exc}")
+    keys = job.args[4]
+    return acknowledge(connection, job, completed=[], failed=dict.fromkeys(keys, error))
+
+
+def acknowledge(
+    connection: redis.Redis,
+    job: Job,
+    *,
+    completed: Sequence[str],
+    failed: Mapping[str, str],
+) -> Ack:
+    """Apply a job's outcomes to the ledger, then to the live counters; what Redis did.
+
+    Returns ``NOOP`` when every transition had happened before (a repeated callback).
+    """
+    flow, run_id, ttl = job.meta["flow"], job.meta["run_id"], int(job.meta["ttl"])
+    with _ledger() as conn:
+        deltas = job_queries.ack_jobs(conn, run_id, completed, failed, _now())
+    outcome = Ack.NOOP
+    for page_index, delta in sorted(deltas.items()):
+        if not delta:
+            continue
+        outcome = job_lua.ack_jobs(
+            connection,
+            flow,
+            run_id,
+            page_index,
+            ttl,
+            completed=delta.completed,
+            failed=delta.failed,
+            recovered=delta.recovered,
+        )
+        if outcome is Ack.LOST:
+            # The ledger has the outcome; the next page step (or the finalizer) rebuilds
+            # the counters from it. Note it on the run while it is running.
+            with _ledger() as conn:
+                store_queries.note_counter_mismatch(conn, run_id, COUNTERS_LOST)
+            break
+    return outcome
+
+
+def _ledger() -> Any:
+    url = db.resolve_url(None)
+    migrations.ensure_schema(url, auto_migrate=False, retry_seconds=CONNECT_RETRY_SECONDS)
+    return db.transaction(db.get_engine(url), write=True, retry_seconds=CONNECT_RETRY_SECONDS)
+
+
+def _handler(path: str) -> Callable[[JobBatch], None]:
+    module_name, _, qualname = path.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found  # type: ignore[no-any-return]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,141 @@
+"""The handler RQ workers run in the dispatch="rq" tests, and helpers to run real workers.
+
+Records carry what the handler should do with them, so the workers (other processes) need
+no other input: ``fail`` (report a failed job), ``hang`` (on the first attempt, write this
+process's pid to that path and sleep until killed), ``raise_until`` (raise until that path
+exists). Every key handled is appended to ``$FLOW_TEST_HANDLED``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from flow_assets.dispatch import JobBatch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RQ = REPO_ROOT / ".venv" / "bin" / "rq"
+
+
+def handle(batch: JobBatch) -> None:
+    """The flows' handler, importable by the workers as ``tests.dagster.rq_flows:handle``."""
+    for key, record in batch.items():
+        hang, gate = record.get("hang"), record.get("raise_until")
+        if hang and not os.path.exists(hang):
+            Path(hang).write_text(str(os.getpid()))
+            time.sleep(600)  # the test kills this worker here
+        if gate and not os.path.exists(gate):
+            raise ConnectionError(f"downstream is down for {key}")
+        if record.get("fail"):
+            batch.fail(record, ValueError(f"downstream refused {key}"))
+    handled = os.environ.get("FLOW_TEST_HANDLED")
+    if handled:
+        with open(handled, "a") as out:
+            out.write("".join(f"{key}\n" for key in batch.keys))
+
+
+class Workers:
+    """Real ``rq worker`` processes, each in its own process group (its work horses make
+    groups of their own)."""
+
+    def __init__(self, processes: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
+        self.processes = processes
+        self.logs = logs
+
+    def kill_holder_of(self, pid: int) -> int:
+        """SIGKILL the worker running the job in process ``pid`` (the worker itself, or its
+        work horse, which RQ puts in a process group of its own); its index. The worker
+        dies first, so nothing of RQ sees the job end."""
+        worker_pid = pid if pid in self.pids() else psutil.Process(pid).ppid()
+        for index, process in enumerate(self.processes):
+            if process.pid == worker_pid:
+                os.killpg(worker_pid, signal.SIGKILL)
+                if pid != worker_pid:
+                    os.killpg(pid, signal.SIGKILL)
+                process.wait(timeout=30)
+                return index
+        raise AssertionError(f"pid {pid} runs in none of the workers")
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def alive(self) -> list[bool]:
+        return [process.poll() is None for process in self.processes]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+    def tail(self) -> str:
+        return "\n".join(log.read_text()[-3000:] for log in self.logs if log.exists())
+
+
+@contextmanager
+def rq_workers(
+    count: int,
+    queue: str,
+    redis_url: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    worker_class: str = "rq.worker.Worker",
+) -> Iterator[Workers]:
+    """``count`` workers on ``queue``; always killed (SIGKILL to each group) on exit.
+
+    ``rq.worker.Worker`` forks a work horse per job; ``rq.worker.SimpleWorker`` runs jobs in
+    the worker process (several times faster here: no fork, a warm database engine).
+
+    Maintenance runs every 2 s (an idle worker wakes every worker-ttl - 15 = 5 s to check),
+    so a surviving worker soon moves a dead worker's job out of RQ's started registry once
+    the job's heartbeat expires, about a minute after the death.
+    """
+    processes: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    full_env: dict[str, Any] = {
+        **os.environ,
+        **env,
+        "PYTHONPATH": str(REPO_ROOT),
+        "FLOW_RQ_PRELOAD": "tests.dagster.rq_flows",
+    }
+    try:
+        for n in range(count):
+            log = log_dir / f"worker{n}.log"
+            logs.append(log)
+            command = [
+                str(RQ), "worker", "-c", "flow_assets.rq_settings", "--url", redis_url,
+                "-w", worker_class,
+                "--name", f"{queue}-w{n}-{os.getpid()}", "--maintenance-interval", "2",
+                "--job-monitoring-interval", "2", "--worker-ttl", "20", queue,
+            ]  # fmt: skip
+            with open(log, "wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        cwd=REPO_ROOT,
+                        env=full_env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        yield Workers(processes, logs)
+    finally:
+        Workers(processes, logs).stop()
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
