@@ -12,10 +12,12 @@ from typing import Any
 _EXPORTS = {
     "Flow": "flow_assets.flow",
     "JobBatch": "flow_assets.dispatch",
+    "RqDispatch": "flow_assets.rq_dispatch",
     "build_definitions": "flow_assets.build",
     "default_resources": "flow_assets.build",
     "ConfigurationError": "flow_assets.errors",
     "FlowDefinitionError": "flow_assets.errors",
+    "HandlerError": "flow_assets.errors",
     "SourceError": "flow_assets.errors",
     "FileSource": "flow_assets.sources",
     "HttpJsonSource": "flow_assets.sources",

@@ -50,13 +50,27 @@ def run(
     flow: Annotated[str, typer.Argument(help="Flow name, e.g. demo_orders.")],
     partition: Annotated[str | None, typer.Option(help="Partition key to run.")] = None,
     module: ModuleOption = DEFAULT_MODULE,
+    wait: Annotated[
+        float,
+        typer.Option(
+            help='Seconds to wait for the jobs of a dispatch="rq" flow to be done by workers.',
+            min=0,
+        ),
+    ] = 600,
 ) -> None:
     """Materialize one flow in-process, finalize it, and print its row."""
     from flow_assets.runner import load_definitions, run_flow
 
     defs = load_definitions(module)
-    row = run_flow(defs, flow, partition_key=partition, progress=cli_render.progress)
+    row = run_flow(
+        defs, flow, partition_key=partition, progress=cli_render.progress, wait_seconds=wait
+    )
     cli_render.print_runs([row])
+    if row.flow_status == "running":
+        cli_render.console.print(
+            f"run {row.run_id} still has jobs pending on RQ workers; the finalize_flow_runs"
+            " sensor (or `flowctl run` with a longer --wait) finalizes it when they are done"
+        )
 
 
 @app.command()

@@ -61,6 +61,13 @@ class JobBatch:
             self._state[key] = FAILED
             self._errors[key] = error_text(error)
 
+    def fail_pending(self, error: BaseException | str) -> int:
+        """Fail every job still pending with ``error`` (the handler gave up); how many."""
+        pending = [key for key, state in self._state.items() if state == PENDING]
+        for key in pending:
+            self.fail(key, error)
+        return len(pending)
+
     def finish(self) -> tuple[int, int]:
         """Complete what is still pending; return ``(completed, failed)``."""
         for key, state in self._state.items():

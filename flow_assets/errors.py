@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from resources.errors import ConfigurationError, FlowError
 
-__all__ = ["ConfigurationError", "FlowDefinitionError", "FlowError", "SourceError"]
+__all__ = ["ConfigurationError", "FlowDefinitionError", "FlowError", "HandlerError", "SourceError"]
 
 
 class FlowDefinitionError(FlowError, ValueError):
@@ -14,3 +14,9 @@ class FlowDefinitionError(FlowError, ValueError):
 class SourceError(FlowError):
     """A source could not produce a page: the message names the source, the page and the
     problem (never a credential)."""
+
+
+class HandlerError(FlowError):
+    """A flow's handler raised: the message names the flow and page and carries the
+    handler's error as ``Type: message``, secrets redacted (the original is not chained,
+    so Dagster's events never hold its unredacted text)."""

@@ -80,8 +80,10 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
         store: MetricsStore = getattr(context.resources, STORE_KEY)
         counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
         run_id = flow_run_id(context)
+        # Dagster will not retry this attempt: a handler error then fails the page's jobs.
+        final_attempt = context.retry_number >= flow.retry_policy.max_retries
         for page in chunk.pages or (flow.source.fetch(ref) for ref in chunk.refs):
-            process_page(flow, run_id, page, counters, store)
+            process_page(flow, run_id, page, counters, store, final_attempt=final_attempt)
         return len(chunk)
 
     @dg.op(

@@ -10,17 +10,22 @@ in the same way.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from flow_assets.dispatch import JobBatch
+import dagster as dg
+
+from flow_assets.dispatch import JobBatch, error_text
+from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
 from flow_assets.rq_dispatch import enqueue_jobs, plan_jobs
 from flow_assets.sources.base import Page
 from flow_assets.validation import validate_records
 from resources.counts import Counts
 from resources.metrics_store import JobFailure, MetricsStore, PageRecord, RejectedRecord
+from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
 
 log = logging.getLogger(__name__)
@@ -28,9 +33,20 @@ LOST_MID_RUN = "Redis lost the run's counters mid-run; rebuilt them from the SQL
 
 
 def process_page(
-    flow: Flow, run_id: str, page: Page, counters: RedisCounters, store: MetricsStore
+    flow: Flow,
+    run_id: str,
+    page: Page,
+    counters: RedisCounters,
+    store: MetricsStore,
+    *,
+    final_attempt: bool = False,
 ) -> Counts:
-    """Process one page; its counts as recorded in the ledger (dispatch="rq": at dispatch)."""
+    """Process one page; its counts as recorded in the ledger (dispatch="rq": at dispatch).
+
+    A handler that raises fails the step with a redacted ``HandlerError``, so Dagster
+    retries it; on the ``final_attempt`` the page's unfinished jobs are first recorded as
+    failed with that error, so none is left pending.
+    """
     valid = validate_records(page.records, flow.key, flow.max_record_bytes)
     owned = _claim(flow, run_id, page.index, valid.keys, counters, store)
     if flow.dedup == "flow":
@@ -48,20 +64,51 @@ def process_page(
         return _dispatch_to_workers(
             flow, run_id, page.index, dispatched, keys, records, rejects, counters, store
         )
-    # Written before the handler runs so that a crash mid-page leaves its jobs visible as
-    # pending (and counted as lost if the run then fails) instead of invisible.
-    store.record_pages(run_id, [PageRecord(page.index, dispatched, "dispatched", keys, rejects)])
+    # Written before the handler runs, to the ledger and then to Redis (its mirror), so
+    # that a crash mid-page leaves its jobs visible as pending (counted as lost if the run
+    # then fails) instead of invisible.
+    pending_page = PageRecord(page.index, dispatched, "dispatched", keys, rejects)
+    _record(flow, run_id, pending_page, counters, store)
 
     batch = JobBatch(keys, records)
-    if keys:
-        flow.handler(batch)
+    error: HandlerError | None = None
+    try:
+        if keys:
+            flow.handler(batch)
+    except (dg.Failure, dg.RetryRequested):
+        raise  # the handler's own instructions to Dagster
+    except Exception as exc:
+        error = _handler_error(flow, page.index, exc)
+        if not final_attempt:
+            raise error from None  # Dagster retries the step; the retry replaces this page
+        batch.fail_pending(error_text(exc))
     completed, failed = batch.finish()
     final = replace(dispatched, completed=completed, failed=failed)
-    failures = [JobFailure(key, error) for key, error in batch.failures.items()]
-    store.record_pages(run_id, [PageRecord(page.index, final, "done", keys, rejects, failures)])
-    if not counters.record_page(flow.name, run_id, page.index, final):
-        _rebuild(flow, run_id, counters, store)
+    failures = [JobFailure(key, message) for key, message in batch.failures.items()]
+    done_page = PageRecord(page.index, final, "done", keys, rejects, failures)
+    _record(flow, run_id, done_page, counters, store)
+    if error is not None:
+        # The last attempt: its unfinished jobs are failed, the error kept; the step fails.
+        raise error from None
     return final
+
+
+def _record(
+    flow: Flow, run_id: str, page: PageRecord, counters: RedisCounters, store: MetricsStore
+) -> None:
+    """Write a page to the ledger, then mirror its counts in Redis (rebuilt if lost)."""
+    store.record_pages(run_id, [page])
+    if not counters.record_page(flow.name, run_id, page.page_index, page.counts):
+        _rebuild(flow, run_id, counters, store)
+
+
+def _handler_error(flow: Flow, page_index: int, exc: Exception) -> HandlerError:
+    """The handler's exception as ours: text and traceback redacted, never chained."""
+    trace = redact_text("".join(traceback.format_exception(exc)))
+    log.error("flow %s page %d: the handler raised:\n%s", flow.name, page_index, trace)
+    return HandlerError(
+        f"flow {flow.name!r} page {page_index}: the handler raised {error_text(exc)}"
+    )
 
 
 def _dispatch_to_workers(

@@ -1,8 +1,8 @@
 """Settings for ``rq worker -c flow_assets.rq_settings <queue>...`` (RQ reads UPPERCASE names).
 
-- ``REDIS_URL``: ``FLOW_REDIS_URL``, else the socket of the embedded Redis server under
-  ``FLOW_HOME`` (the server the flows' counters and queues use; the flows start it).
-  ``--url`` on the command line wins.
+- ``REDIS_URL``: ``FLOW_REDIS_URL``, else the embedded Redis server under ``FLOW_HOME``
+  (the server the flows' counters and queues use), started here if it is not running yet,
+  so a worker may start before the first flow run. ``--url`` on the command line wins.
 - Imports ``flow_assets.rq_worker`` and the modules listed in ``FLOW_RQ_PRELOAD``
   (comma-separated, e.g. the module defining your handlers) once, in the worker process,
   so that the work horse RQ forks for each job starts with them loaded.
@@ -15,10 +15,10 @@ import os
 
 from flow_assets import rq_worker  # noqa: F401  (preloaded for the forked work horses)
 from resources import migrations
-from resources.embedded_redis import socket_path
+from resources.embedded_redis import ensure_embedded_redis
 from resources.home import flow_home
 
-REDIS_URL = os.environ.get("FLOW_REDIS_URL") or f"unix://{socket_path(flow_home())}"
+REDIS_URL = os.environ.get("FLOW_REDIS_URL") or ensure_embedded_redis(flow_home())
 
 for _module in filter(None, (m.strip() for m in os.environ.get("FLOW_RQ_PRELOAD", "").split(","))):
     importlib.import_module(_module)

@@ -7,8 +7,10 @@ the very ``finalize_flow_runs`` sensor the daemon runs, so every path finalizes 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -25,6 +27,7 @@ from sensors.sensor import SENSOR_NAME
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 Progress = Callable[[str], AbstractContextManager[Any]]
+WAIT_POLL_SECONDS = 1.0
 
 
 def _no_progress(message: str) -> AbstractContextManager[None]:
@@ -59,8 +62,14 @@ def run_flow(
     partition_key: str | None = None,
     instance: dg.DagsterInstance | None = None,
     progress: Progress = _no_progress,
+    wait_seconds: float = 0.0,
 ) -> RunRow:
-    """Execute a flow's job in-process, finalize it, and return its ``flow_metrics`` row."""
+    """Execute a flow's job in-process, finalize it, and return its ``flow_metrics`` row.
+
+    A run whose jobs went to RQ workers (``dispatch="rq"``) is still ``running`` when its
+    Dagster run ends: it is finalized again every second, for up to ``wait_seconds``, until
+    the workers have acknowledged every job.
+    """
     job = _job(defs, flow_name)
     label = f"flow {flow_name}" + (f" [{partition_key}]" if partition_key else "")
     with _instance(instance) as dagster_instance:
@@ -73,14 +82,44 @@ def run_flow(
             )
         with progress(f"finalizing {label}"):
             finalize_now(defs, dagster_instance)
-    with resolved_store(defs) as store:
-        rows = store.runs(run_id=result.run_id)
+        with resolved_store(defs) as store:
+            row = _row(store, flow_name, result.run_id)
+            if row.flow_status == "running" and wait_seconds > 0:
+                with progress(f"waiting up to {wait_seconds:g} s for the jobs of {label}"):
+                    row = _wait_for_jobs(defs, dagster_instance, store, row, wait_seconds)
+    return row
+
+
+def _row(store: MetricsStore, flow_name: str, run_id: str) -> RunRow:
+    rows = store.runs(run_id=run_id)
     if not rows:
         raise FlowError(
-            f"flow {flow_name!r} run {result.run_id} wrote no flow_metrics row: it failed before"
+            f"flow {flow_name!r} run {run_id} wrote no flow_metrics row: it failed before"
             " planning; run with DAGSTER_HOME set and inspect the run in the Dagster UI"
         )
     return rows[0]
+
+
+def _wait_for_jobs(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    store: MetricsStore,
+    row: RunRow,
+    wait_seconds: float,
+) -> RunRow:
+    """Finalize every second until the run is final (its workers acked every job)."""
+    give_up = time.monotonic() + wait_seconds
+    dagster_log = logging.getLogger("dagster")
+    level = dagster_log.level
+    dagster_log.setLevel(logging.WARNING)  # no "waiting: 1" line every second
+    try:
+        while row.flow_status == "running" and time.monotonic() < give_up:
+            time.sleep(WAIT_POLL_SECONDS)
+            finalize_now(defs, instance)
+            row = _row(store, row.flow_name, row.run_id)
+    finally:
+        dagster_log.setLevel(level)
+    return row
 
 
 def run_demo(progress: Progress = _no_progress) -> list[RunRow]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -164,10 +164,14 @@ def _write_final(
     if mismatch:
         log.warning("flow %s run %s: %s", row.flow_name, row.run_id, mismatch)
     mismatch = "; ".join(filter(None, [row.counter_mismatch, mismatch])) or None
+    # A final row has no pending job (DESIGN.md, conservation): jobs that can no longer
+    # finish are counted failed, and the reason says how many were lost. The page rows keep
+    # them pending, so a re-execution of the run can still finish them.
+    final_counts = replace(counts, failed=counts.failed + counts.pending)
     return store.finalize(
         row.run_id,
         status=verdict.status or "",
-        counts=counts,
+        counts=final_counts,
         pages_done=pages_done,
         finished_at=now,
         failure_reason=verdict.reason,

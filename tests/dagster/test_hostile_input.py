@@ -302,14 +302,6 @@ def test_failed_jobs_keep_their_error_and_the_tolerance_decides_the_status(
     assert run_keys_left(redis_url) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a handler that raises on every attempt leaves its page's jobs pending ('lost');"
-        " they are not counted as failed and the exception text is not kept in job_failures"
-        " (flow_assets/page_step.py process_page calls flow.handler without handling its error)"
-    ),
-)
 def test_a_handler_raising_for_a_whole_page_fails_its_jobs_with_the_error_kept(
     redis_url: str, sqlite_url: str, instance: dg.DagsterInstance
 ) -> None:

@@ -212,14 +212,6 @@ def test_passwords_in_database_and_redis_urls_never_reach_any_output(
     assert_no_password(outputs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: an exception raised by a handler reaches Dagster unredacted (flow_assets/"
-        "page_step.py process_page calls flow.handler without redacting its error): the"
-        " STEP_FAILURE event, the console log and the event log database hold the password"
-    ),
-)
 def test_a_handler_exception_quoting_a_url_is_redacted_in_dagster_events(
     secret_pg_url: str,
     secret_redis_url: str,

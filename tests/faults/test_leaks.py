@@ -140,7 +140,7 @@ def test_keys_of_a_failed_run_are_removed_by_the_finalizer(
     row = row_of(sqlite_url, result.run_id)
     assert row.flow_status == "failed"
     # Pages 0 and 2 done; page 1 (ids 5-9) dispatched and lost.
-    assert_counts(row, Counts(source=12, dispatched=11, skipped=1, completed=6))
+    assert_counts(row, Counts(source=12, dispatched=11, skipped=1, completed=6, failed=5))
     assert_conserved(row)
     assert status_tag(instance, result.run_id) == "failed"
     assert run_keys_left(redis_url) == []

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from flow_assets.dispatch import JobBatch
+from flow_assets.errors import HandlerError
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
@@ -157,7 +158,7 @@ def test_the_page_step_skips_keys_of_other_runs_and_keeps_its_own(
     assert got == Counts(source=4, dispatched=3, skipped=1, completed=3)
 
     # run-b overlaps on 2 and 3; its first attempt crashes, the retry counts once.
-    with pytest.raises(ConnectionError):
+    with pytest.raises(HandlerError, match="ConnectionError: crash after the first job"):
         process_page(flow, second, page_of(0, [2, 3, 4, 5, "x" * 600]), counters, store)
     got = process_page(flow, second, page_of(0, [2, 3, 4, 5, "x" * 600]), counters, store)
     assert got == Counts(source=5, dispatched=2, skipped=2, rejected=1, completed=2)
