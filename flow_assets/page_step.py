@@ -68,7 +68,8 @@ def process_page(
     # that a crash mid-page leaves its jobs visible as pending (counted as lost if the run
     # then fails) instead of invisible.
     pending_page = PageRecord(page.index, dispatched, "dispatched", keys, rejects)
-    _record(flow, run_id, pending_page, counters, store)
+    store.record_pages(run_id, [pending_page])
+    _mirror(flow, run_id, pending_page, counters, store)
 
     batch = JobBatch(keys, records)
     error: HandlerError | None = None
@@ -86,18 +87,18 @@ def process_page(
     final = replace(dispatched, completed=completed, failed=failed)
     failures = [JobFailure(key, message) for key, message in batch.failures.items()]
     done_page = PageRecord(page.index, final, "done", keys, rejects, failures)
-    _record(flow, run_id, done_page, counters, store)
+    store.finish_page(run_id, done_page)
+    _mirror(flow, run_id, done_page, counters, store)
     if error is not None:
         # The last attempt: its unfinished jobs are failed, the error kept; the step fails.
         raise error from None
     return final
 
 
-def _record(
+def _mirror(
     flow: Flow, run_id: str, page: PageRecord, counters: RedisCounters, store: MetricsStore
 ) -> None:
-    """Write a page to the ledger, then mirror its counts in Redis (rebuilt if lost)."""
-    store.record_pages(run_id, [page])
+    """Mirror a page the ledger holds in the live counters (rebuilt if Redis lost them)."""
     if not counters.record_page(flow.name, run_id, page.page_index, page.counts):
         _rebuild(flow, run_id, counters, store)
 

@@ -162,6 +162,13 @@ class MetricsStore(ConfigurableResource):
                 " Call start_run for the run before recording its pages."
             ) from exc
 
+    def finish_page(self, run_id: str, page: PageRecord) -> None:
+        """Record a page's outcome after ``record_pages`` wrote it in this attempt with the
+        same keys and rejects (the hot path: counts, status and failures only)."""
+        with self._tx(write=True) as conn:
+            if q.finish_page(conn, run_id, page, _now()) == 0:
+                q.replace_pages(conn, run_id, [page], _now())  # the page row is gone: write all
+
     def claim_flow_keys(
         self, flow_name: str, run_id: str, page_index: int, record_keys: Sequence[str]
     ) -> list[bool]:

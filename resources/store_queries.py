@@ -89,6 +89,22 @@ def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield values[start : start + _IN_CHUNK]
 
 
+def _failure_rows(run_id: str, pages: Sequence[PageRecord], now: datetime) -> list[dict[str, Any]]:
+    """Job failure rows of pages, one per record key (the last page's wins)."""
+    rows = {
+        failure.record_key: {
+            "run_id": run_id,
+            "record_key": failure.record_key,
+            "page_index": page.page_index,
+            "error": truncate_text(failure.error, MAX_ERROR_BYTES),
+            "created_at": now,
+        }
+        for page in pages
+        for failure in page.failures
+    }
+    return list(rows.values())
+
+
 def insert_run(
     conn: Connection,
     run_id: str,
@@ -151,24 +167,36 @@ def replace_pages(conn: Connection, run_id: str, pages: Sequence[PageRecord], no
     }
     if reject_rows:
         conn.execute(_rejects.insert(), list(reject_rows.values()))
-    failure_rows = {
-        failure.record_key: {
-            "run_id": run_id,
-            "record_key": failure.record_key,
-            "page_index": page.page_index,
-            "error": truncate_text(failure.error, MAX_ERROR_BYTES),
-            "created_at": now,
-        }
-        for page in ordered
-        for failure in page.failures
-    }
+    failure_rows = _failure_rows(run_id, ordered, now)
     if failure_rows:
         # Upsert: a key failed earlier on another page (a bug elsewhere) must not abort the page.
         columns = ("page_index", "error", "created_at")
         stmt = _upsert(conn.dialect.name, _failures, ("run_id", "record_key"), columns)
-        conn.execute(stmt, list(failure_rows.values()))
+        conn.execute(stmt, failure_rows)
     # Last, so the run row's lock is held for the shortest time.
     return conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now)).rowcount
+
+
+def finish_page(conn: Connection, run_id: str, page: PageRecord, now: datetime) -> int:
+    """Record the outcome of a page already written by ``replace_pages`` in this attempt
+    (same keys and rejects): its counts, status and failures only, so the hot path does
+    not send the page's claimed keys twice. Returns page rows updated (0: not written)."""
+    counts = dict(zip(PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True))
+    where = (_pages.c.run_id == run_id, _pages.c.page_index == page.page_index)
+    values = {"status": page.status, **counts, "updated_at": now}
+    if conn.execute(update(_pages).where(*where).values(**values)).rowcount == 0:
+        return 0
+    conn.execute(
+        delete(_failures).where(
+            _failures.c.run_id == run_id, _failures.c.page_index == page.page_index
+        )
+    )
+    if page.failures:
+        columns = ("page_index", "error", "created_at")
+        stmt = _upsert(conn.dialect.name, _failures, ("run_id", "record_key"), columns)
+        conn.execute(stmt, _failure_rows(run_id, [page], now))
+    conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now))
+    return 1
 
 
 def mark_extraction_done(conn: Connection, run_id: str, pages_total: int, now: datetime) -> int:

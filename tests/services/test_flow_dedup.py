@@ -13,8 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from flow_assets.dispatch import JobBatch
-from flow_assets.errors import HandlerError
-from flow_assets.errors import FlowDefinitionError
+from flow_assets.errors import FlowDefinitionError, HandlerError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
 from flow_assets.sources.base import Page, PageRef
