@@ -38,11 +38,17 @@ def _record(kind: str, seconds: float) -> None:
 
 
 def _timed_process_page(
-    flow: Flow, run_id: str, page: Page, counters: RedisCounters, store: MetricsStore
+    flow: Flow,
+    run_id: str,
+    page: Page,
+    counters: RedisCounters,
+    store: MetricsStore,
+    *,
+    final_attempt: bool = False,
 ) -> Counts:
     started = time.perf_counter()
     try:
-        return process_page(flow, run_id, page, counters, store)
+        return process_page(flow, run_id, page, counters, store, final_attempt=final_attempt)
     finally:
         _record("page", time.perf_counter() - started)
 

@@ -115,7 +115,7 @@ def _check(row: RunRow, records: int) -> None:
     if row.counts != expected or row.flow_status != "partial_success":
         raise RuntimeError(
             f"e2e run {row.run_id} ended {row.flow_status} with {row.counts}, expected"
-            f" partial_success with {expected}"
+            f" partial_success with {expected}; reason: {row.failure_reason}"
         )
 
 

@@ -23,9 +23,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 HOT_PATH_PHASES: dict[str, tuple[str, str]] = {
     "validate records (Python, per record)": ("flow_assets/validation.py", "validate_records"),
     "Redis claim_page (Lua dedup)": ("resources/redis_counters.py", "claim_page"),
-    "SQL page ledger: record_pages x2 (dispatched, done)": (
+    "SQL page ledger: record_pages (pre-write, keys and rejects)": (
         "resources/metrics_store.py",
         "record_pages",
+    ),
+    "SQL page ledger: finish_page (counts, failures)": (
+        "resources/metrics_store.py",
+        "finish_page",
     ),
     "JobBatch build (Python, per record)": ("flow_assets/dispatch.py", "__init__"),
     "JobBatch finish": ("flow_assets/dispatch.py", "finish"),

@@ -11,10 +11,10 @@ from bench.report import Results
 
 FIXES: dict[str, str] = {
     "SQL page ledger": (
-        "write each page once per attempt, not twice (the pre-write 'dispatched' row and the"
-        " 'done' row are two transactions, each also re-sending claimed_keys and touching the"
-        " run row), or batch the pages of a step into one transaction; drop the"
-        " pool_pre_ping round trip per transaction"
+        "batch the pages of a step into one pre-write and one finish transaction (each page"
+        " is still two transactions: the pre-write with its claimed keys, which a crash must"
+        " find, and the small finish update); store claimed keys in a compact form instead"
+        " of JSON; drop the pool_pre_ping round trip per transaction"
     ),
     "validate records": (
         "key a page in bulk when the key is a plain field (one comprehension, not a"
@@ -51,6 +51,7 @@ def _where(shares: list[Share]) -> str:
 
 def _fixes(shares: list[Share]) -> str:
     found = [fix for s in _top(shares) for key, fix in FIXES.items() if s.label.startswith(key)]
+    found = list(dict.fromkeys(found))  # two phases may share a fix
     return ("What would close the gap: " + "; ".join(found) + ".") if found else ""
 
 

@@ -118,7 +118,9 @@ def classify(
         return Verdict("failed", _unfinished(cause, counts, snapshot))
     if counts.pending > 0:
         if stale:
-            return Verdict("failed", f"stalled: {counts.pending} jobs never finished")
+            return Verdict(
+                "failed", f"stalled: {counts.pending} jobs lost (none finished by the deadline)"
+            )
         return Verdict(None, f"{counts.pending} jobs pending")
     if not tolerance.allows(counts.failed, counts.dispatched):
         return Verdict(

@@ -5,7 +5,12 @@ RQ callbacks called by hand are the ones the workers call, on jobs fetched from 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
+from flow_assets import runner
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
@@ -313,3 +319,77 @@ def test_two_workers_one_killed_mid_job_give_exact_counts(
     else:
         assert hung_key not in errors
         assert hung_key in handled.read_text().split()
+
+
+def test_flowctl_run_waits_for_the_workers_then_finalizes(
+    redis_url: str,
+    sqlite_url: str,
+    instance: dg.DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``flowctl run`` of a dispatch="rq" flow (runner.run_flow with ``wait_seconds``) returns
+    the final row once a real worker has acked every job, not the ``running`` row."""
+    monkeypatch.setenv("FLOW_DATABASE_URL", sqlite_url)
+    records = [{"id": f"o{n}", "fail": n % 10 == 3} for n in range(200)] + [{"id": "o1"}]
+    flow = rq_flow(
+        write_jsonl(records, tmp_path / "orders.jsonl"),
+        dispatch=RqDispatch(batch_size=20),
+        max_failed_jobs=0.2,
+    )
+    defs = make_defs([flow], redis_url, sqlite_url)
+    env = {"FLOW_DATABASE_URL": sqlite_url}
+    with rq_workers(1, FLOW, redis_url, env, tmp_path, "rq.worker.SimpleWorker"):
+        row = runner.run_flow(defs, FLOW, instance=instance, wait_seconds=120)
+
+    assert row.flow_status == "partial_success", row.failure_reason
+    assert_counts(row, Counts(201, 200, skipped=1, completed=180, failed=20))
+    assert run_keys_left(redis_url) == []
+
+
+def _ack_from_another_process(
+    redis_url: str, acks: dict[str, dict[str, Any]], gate: str, rounds: int
+) -> list[tuple[str, str]]:
+    """In a spawned process: wait at the gate, then send every success callback ``rounds``
+    times (redelivery); what each ack did."""
+    connection = redis.Redis.from_url(redis_url)
+    while not os.path.exists(gate):
+        time.sleep(0.001)
+    done = []
+    for _ in range(rounds):
+        for job_id, outcome in acks.items():
+            job = Job.fetch(job_id, connection=connection)
+            done.append((job_id, ack_success(job, connection, outcome).value))
+    return done
+
+
+def test_the_same_acks_sent_concurrently_from_two_processes_count_once(
+    started: tuple[Flow, str, RedisCounters, MetricsStore], redis_url: str, tmp_path: Path
+) -> None:
+    """Two processes deliver every job's success callback three times each, at once: each
+    job's outcome is applied exactly once (one DECREMENTED or ZERO per job, the rest NOOP),
+    the last one applied says ZERO, and the ledger and Redis agree on exact totals."""
+    flow, run_id, counters, store = started
+    page = Page(0, [{"id": f"k{n}"} for n in range(40)])
+    process_page(flow, run_id, page, counters, store)
+    jobs = queued_jobs(counters, "rq_orders")
+    acks = {
+        job.id: {"completed": job.args[4][:1], "failed": {key: "no" for key in job.args[4][1:]}}
+        for job in jobs
+    }
+    gate = tmp_path / "go"
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_ack_from_another_process, redis_url, acks, str(gate), 3) for _ in range(2)
+        ]
+        time.sleep(3)  # both processes started (spawn imports this module), waiting at the gate
+        gate.touch()
+        done = [ack for future in futures for ack in future.result(timeout=120)]
+
+    applied = Counter(job_id for job_id, outcome in done if outcome in ("DECREMENTED", "ZERO"))
+    assert applied == dict.fromkeys(acks, 1)
+    assert sum(outcome == "ZERO" for _, outcome in done) == 1
+    assert len(done) == 2 * 3 * len(acks)
+    expected = Counts(source=40, dispatched=40, completed=20, failed=20)
+    assert store.page_totals([run_id])[run_id].counts == expected
+    assert counters.totals(FLOW, run_id) == expected

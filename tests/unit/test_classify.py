@@ -80,7 +80,7 @@ def test_pending_jobs_wait_until_the_deadline_then_stall() -> None:
     assert waiting.status is None and "3 jobs pending" in (waiting.reason or "")
     stalled = verdict(snap(counts, last=STALE))
     assert stalled.status == "failed"
-    assert (stalled.reason or "").startswith("stalled")
+    assert (stalled.reason or "").startswith("stalled: 3 jobs lost")
 
 
 def test_in_progress_run_is_not_final_until_it_stalls() -> None:
