@@ -20,7 +20,7 @@ import flow_assets.jobs
 from bench.data import PAGE_SIZE, no_op
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
-from flow_assets.sources.base import Page
+from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
@@ -60,7 +60,22 @@ def install_timing(timing_dir: str) -> None:
 
 
 class TimedFileSource(FileSource):
-    """A FileSource whose page reads (file I/O and JSON parsing) are timed."""
+    """A FileSource whose page reads (file I/O and JSON parsing) are timed: the plan's scan
+    for page starts and each page step's fetch (JSON Lines), or pages read in order."""
+
+    def plan(self, partition_key: str | None) -> list[PageRef] | None:
+        started = time.perf_counter()
+        try:
+            return super().plan(partition_key)
+        finally:
+            _record("source", time.perf_counter() - started)
+
+    def fetch(self, ref: PageRef) -> Page:
+        started = time.perf_counter()
+        try:
+            return super().fetch(ref)
+        finally:
+            _record("source", time.perf_counter() - started)
 
     def pages(self, partition_key: str | None) -> Iterator[Page]:
         pages = super().pages(partition_key)

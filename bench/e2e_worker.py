@@ -34,7 +34,8 @@ RESULT_PREFIX = "BENCH_RESULT "
 #: has its own profile): label -> (file suffix, function).
 RUN_PHASES: dict[str, tuple[str, str]] = {
     "ours: process_page": ("flow_assets/page_step.py", "process_page"),
-    "ours: FileSource page reads (JSON parsing)": ("flow_assets/sources/files.py", "pages"),
+    "ours: FileSource plan (scan for page starts)": ("flow_assets/sources/files.py", "plan"),
+    "ours: FileSource page reads (JSON parsing)": ("flow_assets/sources/files.py", "fetch"),
     "Dagster: event log writes (handle_new_event)": (
         "dagster/_core/instance/methods/event_methods.py",
         "handle_new_event",

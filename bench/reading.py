@@ -118,12 +118,10 @@ def reading(results: Results) -> list[str]:
             " tree, shared pages counted per process)."
             + (
                 " In-process (execute_in_process, as flowctl run does), Dagster captures every"
-                " step output in memory for the result object, so the plan's chunks of a"
-                " sequential source (records included) stay until the run ends: a filesystem"
-                " IO manager for them does not help (tried: 777 MB at 1,000,000). What would"
-                " close the gap: chunks that carry page references a step re-reads (byte"
-                " offsets of JSONL pages, keyset bounds) instead of records, or flowctl run"
-                " through execute_job on a reconstructable job (no output capture)."
+                " step output in memory for the result object, so chunks that carry records"
+                " (sequential sources) stay until the run ends. What would close the gap:"
+                " chunks of page references (as JSON Lines files now have) for more sources,"
+                " or flowctl run through execute_job on a reconstructable job."
                 if flat == "NOT MET"
                 else ""
             )

@@ -1,8 +1,10 @@
 """Records from local files (JSON Lines, CSV, Parquet), read page by page, never whole.
 
-A file source is sequential: ``plan`` returns None and ``pages`` reads the files in sorted
-order, ``page_size`` records per page (the last page of each file may be shorter; a page never
-spans two files), with indexes running on across files.
+Pages hold ``page_size`` records of one file (the last page of each file may be shorter; a
+page never spans two files), files in sorted order, with indexes running on across files.
+JSON Lines is random access: ``plan`` scans the files once for where each page starts (byte
+offset, line number), so each page step reads its own pages and no process holds the whole
+source. CSV (quoted fields may span lines) and Parquet are read in order with ``pages``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import glob
 import json
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flow_assets.errors import FlowDefinitionError, SourceError
-from flow_assets.sources.base import Page, SequentialSource
+from flow_assets.sources.base import Page, PageRef, SequentialSource
 from flow_assets.sources.paginators import require_int
 
 __all__ = ["FORMATS", "FileSource"]
@@ -110,6 +113,31 @@ class FileSource(SequentialSource):
 
     # -- the Source protocol ---------------------------------------------------------------
 
+    def plan(self, partition_key: str | None) -> list[PageRef] | None:
+        """JSON Lines: one ref per page (file, byte offset, line and row numbers); else None."""
+        if self.format != "jsonl":
+            return None
+        refs: list[PageRef] = []
+        for file in self.files(partition_key):
+            with self._reading(file):
+                starts = self._jsonl_record_starts(file)
+                for row, (offset, line) in enumerate(starts, start=1):
+                    if (row - 1) % self.page_size == 0:
+                        params = {"file": file, "offset": offset, "line": line, "row": row}
+                        refs.append(PageRef(len(refs), params))
+        return refs
+
+    def fetch(self, ref: PageRef) -> Page:
+        """Read one planned JSON Lines page (the same records ``pages`` gives it)."""
+        if self.format != "jsonl":
+            return super().fetch(ref)  # raises: CSV and Parquet are read in order
+        file, row = ref.params["file"], ref.params["row"]
+        with self._reading(file):
+            lines = self._jsonl_lines(file, ref.params["offset"], ref.params["line"])
+            chunk = list(islice(lines, self.page_size))
+            records = [self._parse_line(file, number, line) for number, line in chunk]
+        return Page(ref.index, records, f"{file}:rows {row}-{row + len(records) - 1}")
+
     def pages(self, partition_key: str | None) -> Iterator[Page]:
         """Every record of every file, in pages; indexes run on across files."""
         index = 0
@@ -157,8 +185,14 @@ class FileSource(SequentialSource):
 
     def _read(self, file: str) -> Iterator[list[Any]]:
         reader = {"jsonl": self._read_jsonl, "csv": self._read_csv, "parquet": self._read_parquet}
-        try:
+        with self._reading(file):
             yield from reader[self.format](file)
+
+    @contextmanager
+    def _reading(self, file: str) -> Iterator[None]:
+        """Turn a failure to read ``file`` into a SourceError naming it and the format."""
+        try:
+            yield
         except SourceError:
             raise
         except (OSError, ValueError, pa.ArrowException) as exc:
@@ -170,10 +204,32 @@ class FileSource(SequentialSource):
     def _read_jsonl(self, file: str) -> Iterator[list[Any]]:
         # json, not pandas.read_json: pandas adds the keys a record lacks (as NaN, depending on
         # its neighbours in the chunk) and turns ints into floats; records must stay as written.
-        with open(file, encoding="utf-8") as lines:
-            numbered = enumerate(lines, start=1)
-            while chunk := list(islice(numbered, self.page_size)):
-                yield [self._parse_line(file, n, line) for n, line in chunk if line.strip()]
+        lines = self._jsonl_lines(file)
+        while chunk := list(islice(lines, self.page_size)):
+            yield [self._parse_line(file, number, line) for number, line in chunk]
+
+    @staticmethod
+    def _jsonl_lines(file: str, offset: int = 0, first_line: int = 1) -> Iterator[tuple[int, str]]:
+        """``(line number, text)`` of the non-blank lines from byte ``offset`` on.
+
+        Lines end at a newline (read as bytes, so that a page can start at a byte offset).
+        """
+        with open(file, "rb") as data:
+            data.seek(offset)
+            for number, raw in enumerate(data, start=first_line):
+                line = raw.decode("utf-8")
+                if line.strip():
+                    yield number, line
+
+    @staticmethod
+    def _jsonl_record_starts(file: str) -> Iterator[tuple[int, int]]:
+        """``(byte offset, line number)`` where each non-blank line starts."""
+        offset = 0
+        with open(file, "rb") as data:
+            for number, raw in enumerate(data, start=1):
+                if raw.decode("utf-8").strip():
+                    yield offset, number
+                offset += len(raw)
 
     def _parse_line(self, file: str, number: int, line: str) -> Any:
         try:

@@ -171,13 +171,62 @@ class TestGlobsAndPartitions:
             list(FileSource(str(tmp_path / "*.parquet")).pages(None))
 
 
+class TestJsonLinesRandomAccess:
+    """plan() + fetch() give exactly the pages pages() gives, each page read on its own."""
+
+    def write_files(self, tmp_path: Path) -> FileSource:
+        first = tmp_path / "day" / "a.jsonl"
+        first.parent.mkdir()
+        # Blank lines (also whitespace-only and CRLF) are skipped; non-ASCII text; 23 records.
+        lines = [json.dumps({"id": i, "name": f"café {i}"}) for i in range(23)]
+        lines[4:4] = ["", "   "]
+        first.write_bytes(("\r\n".join(lines[:10]) + "\n" + "\n".join(lines[10:]) + "\n").encode())
+        write_jsonl(tmp_path / "day" / "b.jsonl", [{"id": 100 + i} for i in range(7)])
+        (tmp_path / "day" / "c.jsonl").write_text("")  # no records: no page
+        return FileSource(str(tmp_path / "{partition}" / "*.jsonl"), page_size=5)
+
+    def test_planned_pages_equal_the_pages_read_in_order(self, tmp_path: Path) -> None:
+        source = self.write_files(tmp_path)
+        in_order = list(source.pages("day"))
+        refs = source.plan("day")
+        assert refs is not None and [ref.index for ref in refs] == list(range(7))
+        fetched = [source.fetch(ref) for ref in reversed(refs)][::-1]  # any order
+        assert fetched == in_order
+        assert [len(page.records) for page in fetched] == [5, 5, 5, 5, 3, 5, 2]
+        assert fetched[4].label.endswith("a.jsonl:rows 21-23")
+        assert fetched[0].records[0] == {"id": 0, "name": "café 0"}
+
+    def test_a_bad_line_names_its_file_and_line_when_its_page_is_fetched(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "x.jsonl"
+        path.write_text('{"id": 1}\n{"id": 2}\n\n{"id": 3, oops}\n{"id": 4}\n')
+        source = FileSource(path, page_size=2)
+        refs = source.plan(None)
+        assert refs is not None and len(refs) == 2
+        assert source.fetch(refs[0]).records == [{"id": 1}, {"id": 2}]
+        with pytest.raises(SourceError, match=rf"{path}:4 is not valid JSON"):
+            source.fetch(refs[1])
+
+    def test_invalid_utf8_is_a_source_error_at_plan(self, tmp_path: Path) -> None:
+        path = tmp_path / "x.jsonl"
+        path.write_bytes(b'{"id": 1}\n{"id": "\xff"}\n')
+        with pytest.raises(SourceError, match=r"cannot read .* as jsonl: UnicodeDecodeError"):
+            FileSource(path).plan(None)
+
+
 class TestContract:
-    def test_is_a_sequential_source(self, tmp_path: Path) -> None:
+    def test_jsonl_is_random_access_csv_and_parquet_are_sequential(self, tmp_path: Path) -> None:
         source = FileSource(write_jsonl(tmp_path / "x.jsonl", [{"id": 1}]))
         assert isinstance(source, Source)
-        assert source.plan(None) is None
+        assert source.plan(None) == [
+            PageRef(0, {"file": str(tmp_path / "x.jsonl"), "offset": 0, "line": 1, "row": 1})
+        ]
+        csv = tmp_path / "x.csv"
+        csv.write_text("id\n1\n")
+        assert FileSource(csv).plan(None) is None
         with pytest.raises(SourceError, match="sequential"):
-            source.fetch(PageRef(0))
+            FileSource(csv).fetch(PageRef(0))
 
     def test_format_comes_from_the_suffix_or_the_argument(self, tmp_path: Path) -> None:
         assert FileSource("x.NDJSON").format == "jsonl"
