@@ -10,11 +10,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 
 from tests.servers import PostgresServer, RedisServer, start_postgres, start_redis
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+    from resources.metrics_store import MetricsStore
 
 TESTS_DIR = Path(__file__).parent
 # Each test is marked with the tier folder it lives in; the markers are in pyproject.toml.
@@ -89,3 +95,29 @@ def flow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("FLOW_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines() -> Iterator[None]:
+    """Each test gets its own database: drop pooled connections to the previous ones."""
+    yield
+    from resources import db
+
+    db.dispose_engines()
+
+
+@pytest.fixture
+def store(database_url: str) -> MetricsStore:
+    """A metrics store on the test's database (PostgreSQL and SQLite)."""
+    from resources.metrics_store import MetricsStore
+
+    return MetricsStore(url=database_url)
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    """A temporary Dagster instance (imported here: unit tests do not pay for Dagster)."""
+    import dagster as dg
+
+    with dg.instance_for_test() as test_instance:
+        yield test_instance

@@ -4,7 +4,6 @@ definitions, executions and sensor ticks on real Redis and PostgreSQL/SQLite; no
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,12 +16,6 @@ from flow_assets.sources.files import FileSource
 from resources.counts import Counts
 from sensors.sensor import SENSOR_NAME
 from tests.flowkit import assert_counts, make_defs, row_of, run_flow, run_keys_left, tick
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
 
 
 def test_the_code_location_loads_with_jobs_assets_checks_and_a_running_sensor() -> None:

@@ -3,7 +3,7 @@ Redis and real PostgreSQL/SQLite, with a real HTTP API on 127.0.0.1. Nothing is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -47,12 +47,6 @@ def page_number_flow(
         api, paginator=PageNumberPaginator(total_pages_path="total_pages"), records_path="items"
     )
     return Flow(name=name, source=source, key="id", handler=handler, **options)
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
 
 
 def collect_handler(seen: list[str]):

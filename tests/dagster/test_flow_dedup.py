@@ -3,14 +3,12 @@ real finalizer ticks, on real Redis and real PostgreSQL/SQLite over JSONL files;
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
 
-from resources import db
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
 from tests.dagster import dedup_flows
@@ -28,18 +26,6 @@ from tests.flowkit import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DAY1 = [f"o{n:03d}" for n in range(300)]  # 6 pages
 DAY2 = [f"o{n:03d}" for n in range(200, 500)] + ["o450"]  # overlaps DAY1 on o200-o299
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
-
-
-@pytest.fixture(autouse=True)
-def _fresh_engines() -> Iterator[None]:
-    yield
-    db.dispose_engines()
 
 
 @pytest.fixture

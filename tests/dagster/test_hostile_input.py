@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,6 @@ FLOWCTL = Path(sys.executable).parent / "flowctl"
 PASSWORD = "hostile-pw-9c1e"
 PATH = "/orders"
 SOURCE_NAME = "127.0.0.1/orders"
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
 
 
 def http_flow(

@@ -60,12 +60,6 @@ RACE_RUNS = 12
 STALL_DEADLINE = timedelta(minutes=5)
 
 
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
-
-
 def write_records(path: Path, ids: Sequence[int]) -> Path:
     path.write_text("".join(json.dumps({"id": i, "value": i * 10}) + "\n" for i in ids))
     return path

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -51,12 +50,6 @@ IDS = [*range(11), 2]  # 12 records in 3 pages: 0-4, 5-9 and 10 with a duplicate
 EXPECTED = Counts(source=12, dispatched=11, skipped=1, completed=11)
 # Another deployment sharing the Redis server: its run is not in this ledger.
 FOREIGN = ("elsewhere", "run-of-another-deployment")
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
 
 
 def records(ids: list[int]) -> list[dict[str, int]]:

@@ -13,7 +13,7 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,6 @@ REDIS_LOST_AT_FINALIZE = "Redis had lost the run's counters"
 PASSWORD = "s3cret-pw-9f41"
 # Set with ROOT_RUN_ID_TAG by Dagster's UI launcher on every re-execution.
 PARENT_RUN_ID_TAG = "dagster/parent_run_id"
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
 
 
 def make_flow(

@@ -17,24 +17,12 @@ from flow_assets.errors import FlowDefinitionError, HandlerError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
 from flow_assets.sources.base import Page, PageRef
-from resources import db
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from resources.schema import flow_dispatched_keys
 
 FLOW = "orders"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_engines() -> Iterator[None]:
-    yield
-    db.dispose_engines()
-
-
-@pytest.fixture
-def store(database_url: str) -> MetricsStore:
-    return MetricsStore(url=database_url)
 
 
 def owners(store: MetricsStore, flow: str = FLOW) -> dict[str, tuple[str, int]]:

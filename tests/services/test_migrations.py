@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -21,12 +20,6 @@ from resources.schema import FINAL_STATUSES, VERSION_TABLE, metadata
 pytestmark = pytest.mark.services
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_engines() -> Iterator[None]:
-    yield
-    db.dispose_engines()
 
 
 @pytest.fixture
