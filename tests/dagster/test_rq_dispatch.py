@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,6 @@ from flow_assets.rq_dispatch import RqDispatch
 from flow_assets.rq_worker import LOST_ERROR, ack_failure, ack_success
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
-from resources import db
 from resources.counts import Counts
 from resources.job_lua import Ack
 from resources.metrics_store import MetricsStore
@@ -49,18 +47,6 @@ from tests.flowkit import (
 )
 
 FLOW = "rq_orders"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_engines() -> Iterator[None]:
-    yield
-    db.dispose_engines()
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> Path:
@@ -348,11 +334,12 @@ def test_flowctl_run_waits_for_the_workers_then_finalizes(
 
 
 def _ack_from_another_process(
-    redis_url: str, acks: dict[str, dict[str, Any]], gate: str, rounds: int
+    redis_url: str, acks: dict[str, dict[str, Any]], ready: str, gate: str, rounds: int
 ) -> list[tuple[str, str]]:
-    """In a spawned process: wait at the gate, then send every success callback ``rounds``
-    times (redelivery); what each ack did."""
+    """In a spawned process: say ready, wait at the gate, then send every success callback
+    ``rounds`` times (redelivery); what each ack did."""
     connection = redis.Redis.from_url(redis_url)
+    Path(ready).touch()
     while not os.path.exists(gate):
         time.sleep(0.001)
     done = []
@@ -377,13 +364,14 @@ def test_the_same_acks_sent_concurrently_from_two_processes_count_once(
         job.id: {"completed": job.args[4][:1], "failed": {key: "no" for key in job.args[4][1:]}}
         for job in jobs
     }
-    gate = tmp_path / "go"
+    gate, ready = tmp_path / "go", [tmp_path / f"ready{n}" for n in range(2)]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
-            pool.submit(_ack_from_another_process, redis_url, acks, str(gate), 3) for _ in range(2)
+            pool.submit(_ack_from_another_process, redis_url, acks, str(flag), str(gate), 3)
+            for flag in ready
         ]
-        time.sleep(3)  # both processes started (spawn imports this module), waiting at the gate
-        gate.touch()
+        wait_for(lambda: all(flag.exists() for flag in ready), 120, "both processes ready")
+        gate.touch()  # both wait at the gate: their acks overlap
         done = [ack for future in futures for ack in future.result(timeout=120)]
 
     applied = Counter(job_id for job_id, outcome in done if outcome in ("DECREMENTED", "ZERO"))
