@@ -167,7 +167,10 @@ class MetricsStore(ConfigurableResource):
         same keys and rejects (the hot path: counts, status and failures only)."""
         with self._tx(write=True) as conn:
             if q.finish_page(conn, run_id, page, _now()) == 0:
-                q.replace_pages(conn, run_id, [page], _now())  # the page row is gone: write all
+                raise ValueError(
+                    f"page {page.page_index} of run {run_id!r} was not recorded in this attempt;"
+                    " call record_pages for it before finish_page"
+                )
 
     def claim_flow_keys(
         self, flow_name: str, run_id: str, page_index: int, record_keys: Sequence[str]

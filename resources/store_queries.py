@@ -89,8 +89,10 @@ def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield values[start : start + _IN_CHUNK]
 
 
-def _failure_rows(run_id: str, pages: Sequence[PageRecord], now: datetime) -> list[dict[str, Any]]:
-    """Job failure rows of pages, one per record key (the last page's wins)."""
+def _upsert_failures(
+    conn: Connection, run_id: str, pages: Sequence[PageRecord], now: datetime
+) -> None:
+    """Write the job failures of pages, one row per record key (the last page's wins)."""
     rows = {
         failure.record_key: {
             "run_id": run_id,
@@ -102,7 +104,11 @@ def _failure_rows(run_id: str, pages: Sequence[PageRecord], now: datetime) -> li
         for page in pages
         for failure in page.failures
     }
-    return list(rows.values())
+    if rows:
+        # Upsert: a key failed earlier on another page (a bug elsewhere) must not abort the page.
+        columns = ("page_index", "error", "created_at")
+        stmt = _upsert(conn.dialect.name, _failures, ("run_id", "record_key"), columns)
+        conn.execute(stmt, list(rows.values()))
 
 
 def insert_run(
@@ -167,34 +173,21 @@ def replace_pages(conn: Connection, run_id: str, pages: Sequence[PageRecord], no
     }
     if reject_rows:
         conn.execute(_rejects.insert(), list(reject_rows.values()))
-    failure_rows = _failure_rows(run_id, ordered, now)
-    if failure_rows:
-        # Upsert: a key failed earlier on another page (a bug elsewhere) must not abort the page.
-        columns = ("page_index", "error", "created_at")
-        stmt = _upsert(conn.dialect.name, _failures, ("run_id", "record_key"), columns)
-        conn.execute(stmt, failure_rows)
+    _upsert_failures(conn, run_id, ordered, now)
     # Last, so the run row's lock is held for the shortest time.
     return conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now)).rowcount
 
 
 def finish_page(conn: Connection, run_id: str, page: PageRecord, now: datetime) -> int:
-    """Record the outcome of a page already written by ``replace_pages`` in this attempt
-    (same keys and rejects): its counts, status and failures only, so the hot path does
-    not send the page's claimed keys twice. Returns page rows updated (0: not written)."""
+    """Record the outcome of a page ``replace_pages`` wrote in this attempt (same keys and
+    rejects; its old failures already deleted): counts, status and failures only, so the
+    hot path does not send the page's claimed keys twice. Returns page rows updated."""
     counts = dict(zip(PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True))
     where = (_pages.c.run_id == run_id, _pages.c.page_index == page.page_index)
     values = {"status": page.status, **counts, "updated_at": now}
     if conn.execute(update(_pages).where(*where).values(**values)).rowcount == 0:
         return 0
-    conn.execute(
-        delete(_failures).where(
-            _failures.c.run_id == run_id, _failures.c.page_index == page.page_index
-        )
-    )
-    if page.failures:
-        columns = ("page_index", "error", "created_at")
-        stmt = _upsert(conn.dialect.name, _failures, ("run_id", "record_key"), columns)
-        conn.execute(stmt, _failure_rows(run_id, [page], now))
+    _upsert_failures(conn, run_id, [page], now)
     conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now))
     return 1
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -28,18 +27,6 @@ pytestmark = pytest.mark.services
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=timezone.utc)
 PASSWORD = "hunter2-s3cret"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_engines() -> Iterator[None]:
-    # Each test gets its own database: drop pooled connections to the previous ones.
-    yield
-    db.dispose_engines()
-
-
-@pytest.fixture
-def store(database_url: str) -> MetricsStore:
-    return MetricsStore(url=database_url)
 
 
 def _page(index: int, counts: Counts, status: str = "done", **kwargs: object) -> PageRecord:
@@ -101,6 +88,28 @@ def test_a_page_recorded_twice_counts_once_and_its_rejects_and_failures_are_repl
         (0, 4, "bad date", "raw-4")
     ]
     assert [(f.record_key, f.error) for f in store.job_failures("run-1")] == [("k-b", "HTTP 500")]
+
+
+def test_finish_page_updates_the_pre_written_page_only(store: MetricsStore) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    pending = Counts(source=4, dispatched=3, rejected=1)
+    rejects = [RejectedRecord(2, "missing id", {"n": 2})]
+    store.record_pages("run-1", [_page(0, pending, "dispatched", rejects=rejects)])
+    done = _page(
+        0,
+        Counts(source=4, dispatched=3, rejected=1, completed=2, failed=1),
+        rejects=rejects,
+        failures=[JobFailure("p0-k1", "HTTP 500")],
+    )
+    store.finish_page("run-1", done)
+
+    totals = store.page_totals(["run-1"])["run-1"]
+    assert totals == PageTotals(done.counts, pages_done=1, pages_seen=1)
+    assert store.claimed_keys("run-1") == {"p0-k0": 0, "p0-k1": 0, "p0-k2": 0}
+    assert [r.reason for r in store.rejected_records("run-1")] == ["missing id"]
+    assert [(f.record_key, f.error) for f in store.job_failures("run-1")] == [("p0-k1", "HTTP 500")]
+    with pytest.raises(ValueError, match="page 1 of run 'run-1' was not recorded"):
+        store.finish_page("run-1", _page(1, Counts(source=1, dispatched=1, completed=1)))
 
 
 def test_page_totals_sum_pages_per_run_and_give_zeros_to_runs_without_pages(
