@@ -21,12 +21,11 @@ from redis.commands.core import Script
 
 from resources.counts import Counts
 from resources.keys import run_keys
-from resources.lua import _CHECK_STATE, LOST
+from resources.lua import _CHECK_STATE, LOST, store_page_counts
 
 # Both scripts open with lua._CHECK_STATE (``intact()``, ``refresh(ttl)``): the same test
 # of the run's state as the counters' own scripts, so all of them agree on a loss.
-RECORD_DISPATCHED_PAGE = (
-    """
+RECORD_DISPATCHED_PAGE = """
 -- KEYS[1..4] = meta, seen, pages, totals of the run (meta: 'claims' = HLEN seen,
 --   'pages' = HLEN pages; pages: page index -> packed counts 'source,...,failed')
 -- ARGV[1] = page index
@@ -35,38 +34,7 @@ RECORD_DISPATCHED_PAGE = (
 -- returns 'LOST' if the run's state is missing or incomplete; else 'OK'.
 -- Replaces the page's dispatch counts but keeps its completed and failed counts: jobs
 -- of an earlier attempt of the page may already have been acked.
-"""
-    + _CHECK_STATE
-    + """
-if not intact() then
-    return 'LOST'
-end
-local fields = {'source', 'dispatched', 'skipped', 'rejected', 'completed', 'failed'}
-local old = {0, 0, 0, 0, 0, 0}
-local packed = redis.call('HGET', KEYS[3], ARGV[1])
-if packed then
-    local i = 1
-    for value in string.gmatch(packed, '[^,]+') do
-        old[i] = tonumber(value)
-        i = i + 1
-    end
-else
-    redis.call('HINCRBY', KEYS[1], 'pages', 1)
-end
-local new = {}
-for i, field in ipairs(fields) do
-    if i <= 4 then
-        new[i] = tonumber(ARGV[2 + i])
-    else
-        new[i] = old[i]
-    end
-    redis.call('HINCRBY', KEYS[4], field, new[i] - old[i])
-end
-redis.call('HSET', KEYS[3], ARGV[1], table.concat(new, ','))
-refresh(ARGV[2])
-return 'OK'
-"""
-)
+""" + store_page_counts(keep_outcomes=True)
 
 ACK_JOBS = (
     """
@@ -91,10 +59,7 @@ local packed = redis.call('HGET', KEYS[3], ARGV[1])
 if not packed or done + failed + recovered == 0 or done < 0 or failed < 0 or recovered < 0 then
     return 'NOOP'
 end
-local c = {}
-for value in string.gmatch(packed, '[^,]+') do
-    c[#c + 1] = tonumber(value)
-end
+local c = unpack_counts(packed)
 -- c = source, dispatched, skipped, rejected, completed, failed
 if done + failed > c[2] - c[5] - c[6] or recovered > c[6] then
     return 'NOOP'

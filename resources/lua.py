@@ -36,7 +36,50 @@ local function refresh(ttl)
         redis.call('EXPIRE', KEYS[i], ttl)
     end
 end
+local function unpack_counts(packed)
+    local counts = {}
+    for value in string.gmatch(packed, '[^,]+') do
+        counts[#counts + 1] = tonumber(value)
+    end
+    return counts
+end
 """
+
+# Body of the page-recording scripts; ``keep_outcomes`` (set before it) keeps the page's
+# completed and failed counts instead of replacing them (ARGV then ends after 'rejected').
+_STORE_PAGE_COUNTS = """
+if not intact() then
+    return 'LOST'
+end
+local fields = {'source', 'dispatched', 'skipped', 'rejected', 'completed', 'failed'}
+local old = {0, 0, 0, 0, 0, 0}
+local packed = redis.call('HGET', KEYS[3], ARGV[1])
+if packed then
+    old = unpack_counts(packed)
+else
+    redis.call('HINCRBY', KEYS[1], 'pages', 1)
+end
+local new = {}
+for i, field in ipairs(fields) do
+    if keep_outcomes and i > 4 then
+        new[i] = old[i]
+    else
+        new[i] = tonumber(ARGV[2 + i])
+    end
+    -- HINCRBY by 0 too, so every field of totals exists once a page is recorded.
+    redis.call('HINCRBY', KEYS[4], field, new[i] - old[i])
+end
+redis.call('HSET', KEYS[3], ARGV[1], table.concat(new, ','))
+refresh(ARGV[2])
+return 'OK'
+"""
+
+
+def store_page_counts(*, keep_outcomes: bool) -> str:
+    """The shared state check and page-recording body (see ``_STORE_PAGE_COUNTS``)."""
+    flag = "true" if keep_outcomes else "false"
+    return _CHECK_STATE + f"local keep_outcomes = {flag}\n" + _STORE_PAGE_COUNTS
+
 
 CLAIM_PAGE = (
     """
@@ -81,8 +124,7 @@ return table.concat(flags)
 )
 
 # The field order is Counts' (resources.counts.COUNT_FIELDS); a unit test keeps them equal.
-RECORD_PAGE = (
-    """
+RECORD_PAGE = """
 -- KEYS[1] = meta key of the run: hash with 'claims' = HLEN of seen, 'pages' = HLEN of pages
 -- KEYS[2] = seen key (only its TTL is refreshed here)
 -- KEYS[3] = pages key of the run: hash page index -> packed counts 'source,...,failed'
@@ -93,30 +135,4 @@ RECORD_PAGE = (
 -- returns 'LOST' if the run's state is missing or incomplete; else 'OK'.
 -- The page's counts REPLACE its earlier ones: totals move by (new - old) per field, so a
 -- page recorded twice (retry, re-execution) counts once.
-"""
-    + _CHECK_STATE
-    + """
-if not intact() then
-    return 'LOST'
-end
-local fields = {'source', 'dispatched', 'skipped', 'rejected', 'completed', 'failed'}
-local old = {}
-local packed = redis.call('HGET', KEYS[3], ARGV[1])
-if packed then
-    for value in string.gmatch(packed, '[^,]+') do
-        old[#old + 1] = tonumber(value)
-    end
-else
-    redis.call('HINCRBY', KEYS[1], 'pages', 1)
-end
-local new = {}
-for i, field in ipairs(fields) do
-    new[i] = tonumber(ARGV[2 + i])
-    -- HINCRBY by 0 too, so every field of totals exists once a page is recorded.
-    redis.call('HINCRBY', KEYS[4], field, new[i] - (old[i] or 0))
-end
-redis.call('HSET', KEYS[3], ARGV[1], table.concat(new, ','))
-refresh(ARGV[2])
-return 'OK'
-"""
-)
+""" + store_page_counts(keep_outcomes=False)

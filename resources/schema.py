@@ -139,15 +139,21 @@ flow_metrics = Table(
     Index("ix_flow_metrics_started_at", "started_at"),
 )
 
-flow_page_progress = Table(
-    "flow_page_progress",
-    metadata,
-    Column(
+
+def _run_id_key() -> Column[str]:
+    """The run a row belongs to: first part of its primary key, deleted with the run."""
+    return Column(
         "run_id",
         String(64),
         ForeignKey("flow_metrics.run_id", ondelete="CASCADE"),
         primary_key=True,
-    ),
+    )
+
+
+flow_page_progress = Table(
+    "flow_page_progress",
+    metadata,
+    _run_id_key(),
     Column("page_index", Integer, primary_key=True, autoincrement=False),
     Column("status", String(16), nullable=False),
     _count("source_records"),
@@ -164,12 +170,7 @@ flow_page_progress = Table(
 flow_rejected_records = Table(
     "flow_rejected_records",
     metadata,
-    Column(
-        "run_id",
-        String(64),
-        ForeignKey("flow_metrics.run_id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _run_id_key(),
     Column("page_index", Integer, primary_key=True, autoincrement=False),
     Column("position", Integer, primary_key=True, autoincrement=False),
     Column("reason", Text, nullable=False),
@@ -180,12 +181,7 @@ flow_rejected_records = Table(
 flow_job_failures = Table(
     "flow_job_failures",
     metadata,
-    Column(
-        "run_id",
-        String(64),
-        ForeignKey("flow_metrics.run_id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _run_id_key(),
     Column("record_key", Text, primary_key=True),
     Column("page_index", Integer, nullable=False),
     Column("error", Text, nullable=False),
@@ -214,12 +210,7 @@ flow_async_jobs = Table(
     # dispatch="rq": one row per record dispatched to a worker, its state a guarded
     # transition (pending -> completed | failed, failed -> completed). Page rows keep the
     # counts known at dispatch; run totals add these outcomes (store_queries.page_totals).
-    Column(
-        "run_id",
-        String(64),
-        ForeignKey("flow_metrics.run_id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _run_id_key(),
     Column("record_key", Text, primary_key=True),
     Column("page_index", Integer, nullable=False),
     Column("job_id", String(160), nullable=False),
