@@ -9,10 +9,13 @@ wall time spent outside our code (Dagster's) can be computed afterwards.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -23,8 +26,6 @@ from flow_assets.page_step import process_page
 from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
 from tests.flowkit import make_defs
 
 FLOW_NAME = "bench_e2e"
@@ -37,55 +38,38 @@ def _record(kind: str, seconds: float) -> None:
             out.write(f"{kind}\t{seconds:.6f}\n")
 
 
-def _timed_process_page(
-    flow: Flow,
-    run_id: str,
-    page: Page,
-    counters: RedisCounters,
-    store: MetricsStore,
-    *,
-    final_attempt: bool = False,
-) -> Counts:
+@contextmanager
+def _timed(kind: str) -> Iterator[None]:
     started = time.perf_counter()
     try:
-        return process_page(flow, run_id, page, counters, store, final_attempt=final_attempt)
+        yield
     finally:
-        _record("page", time.perf_counter() - started)
+        _record(kind, time.perf_counter() - started)
+
+
+@functools.wraps(process_page)
+def _timed_process_page(*args: Any, **kwargs: Any) -> Counts:
+    with _timed("page"):
+        return process_page(*args, **kwargs)
 
 
 def install_timing(timing_dir: str) -> None:
     """Time process_page in this process: the page op looks it up in flow_assets.jobs."""
     _TIMING_DIR[:] = [Path(timing_dir)]
-    flow_assets.jobs.process_page = _timed_process_page  # type: ignore[assignment]
+    flow_assets.jobs.process_page = _timed_process_page
 
 
 class TimedFileSource(FileSource):
     """A FileSource whose page reads (file I/O and JSON parsing) are timed: the plan's scan
-    for page starts and each page step's fetch (JSON Lines), or pages read in order."""
+    for page starts and each page step's fetch (the bench's file is JSON Lines)."""
 
     def plan(self, partition_key: str | None) -> list[PageRef] | None:
-        started = time.perf_counter()
-        try:
+        with _timed("source"):
             return super().plan(partition_key)
-        finally:
-            _record("source", time.perf_counter() - started)
 
     def fetch(self, ref: PageRef) -> Page:
-        started = time.perf_counter()
-        try:
+        with _timed("source"):
             return super().fetch(ref)
-        finally:
-            _record("source", time.perf_counter() - started)
-
-    def pages(self, partition_key: str | None) -> Iterator[Page]:
-        pages = super().pages(partition_key)
-        while True:
-            started = time.perf_counter()
-            page = next(pages, None)
-            _record("source", time.perf_counter() - started)
-            if page is None:
-                return
-            yield page
 
 
 def build_flow(data_path: str) -> Flow:
