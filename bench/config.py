@@ -27,7 +27,8 @@ class Sizes:
         finalizer_history_rows: older finished rows already in flow_metrics.
         profile_pages: pages profiled with cProfile for the hot-path breakdown.
         repeats: timed runs per hot-path size; the fastest counts (short runs are noisy).
-        finalizer_max_ticks: ticks timed per finalizer scenario (the goal's horizon).
+        finalizer_max_ticks: ticks timed at most per finalizer scenario (until every run is
+            final and published).
         finalizer_profile_runs: ready runs in the one profiled finalizer tick.
     """
 
@@ -58,8 +59,8 @@ FULL = Sizes(
     finalizer_history_rows=1_000_000,
     profile_pages=100,
     repeats=2,
-    finalizer_max_ticks=2,
-    finalizer_profile_runs=200,
+    finalizer_max_ticks=8,
+    finalizer_profile_runs=1000,
 )
 
 QUICK = Sizes(
@@ -74,7 +75,7 @@ QUICK = Sizes(
     finalizer_history_rows=100_000,
     profile_pages=30,
     repeats=3,
-    finalizer_max_ticks=2,
+    finalizer_max_ticks=4,
     finalizer_profile_runs=20,
 )
 

@@ -8,7 +8,7 @@ import dagster as dg
 
 from flow_assets.flow import Flow
 from resources.metrics_store import MetricsStore
-from sensors.publish import STATUS_CHECK, final_events
+from sensors.publish import STATUS_CHECK, final_check
 
 
 def build_status_check(flow: Flow) -> dg.AssetChecksDefinition:
@@ -25,9 +25,7 @@ def build_status_check(flow: Flow) -> dg.AssetChecksDefinition:
         ]
         if not finished:
             return dg.AssetCheckResult(passed=True, description="no finished run yet")
-        evaluation = next(
-            e for e in final_events(finished[0]) if isinstance(e, dg.AssetCheckEvaluation)
-        )
+        evaluation = final_check(finished[0])
         return dg.AssetCheckResult(
             passed=evaluation.passed,
             severity=evaluation.severity,

@@ -17,6 +17,7 @@ from resources.counts import Counts
 from resources.redaction import redact_text
 from resources.schema import FINAL_STATUSES
 from resources.store_records import (
+    FinalState,
     JobFailure,
     PageRecord,
     PageTotals,
@@ -27,6 +28,7 @@ from resources.store_records import (
 )
 
 __all__ = [
+    "FinalState",
     "JobFailure",
     "MetricsStore",
     "PageRecord",
@@ -228,20 +230,28 @@ class MetricsStore(ConfigurableResource):
         counter_mismatch: str | None = None,
     ) -> bool:
         """Write the final state if the run is still ``running``; True only for the winner."""
-        if status not in FINAL_STATUSES:
-            raise ValueError(f"status {status!r} is not final; expected one of {FINAL_STATUSES}")
-        _aware(finished_at, "finished_at")
+        final = FinalState(
+            run_id, status, counts, pages_done, finished_at, failure_reason, counter_mismatch
+        )
+        return self.finalize_many([final]) == [run_id]
+
+    def finalize_many(self, finals: Sequence[FinalState]) -> list[str]:
+        """Write each final state whose run is still ``running``, in one transaction.
+
+        Returns:
+            The run ids this call finalized (a run already final, or unknown, is left out).
+        """
+        for final in finals:
+            if final.status not in FINAL_STATUSES:
+                raise ValueError(
+                    f"run {final.run_id!r}: status {final.status!r} is not final;"
+                    f" expected one of {FINAL_STATUSES}"
+                )
+            _aware(final.finished_at, "finished_at")
+        if not finals:
+            return []
         with self._tx(write=True) as conn:
-            return q.finalize(
-                conn,
-                run_id,
-                status=status,
-                counts=counts,
-                pages_done=pages_done,
-                finished_at=finished_at,
-                failure_reason=failure_reason,
-                counter_mismatch=counter_mismatch,
-            )
+            return q.finalize_many(conn, finals)
 
     def note_counter_mismatch(self, run_id: str, note: str) -> bool:
         """Record on a running run that Redis disagreed with the ledger (first note kept)."""

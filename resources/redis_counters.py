@@ -31,7 +31,7 @@ from resources.redaction import redact_url
 _SCHEMES = ("redis://", "rediss://", "unix://")
 _T = TypeVar("_T")
 _EMBEDDED = "embedded:"
-_CHUNK = 1000  # fields per HSET when rebuilding: bounded commands, still few round trips
+_CHUNK = 1000  # fields per HSET when rebuilding, runs per pipeline: bounded, few round trips
 
 
 class _Connection(NamedTuple):
@@ -141,18 +141,33 @@ class RedisCounters(ConfigurableResource):
 
     def totals(self, flow: str, run_id: str) -> Counts | None:
         """The run's live totals, or None when Redis has no state for the run."""
-        meta, totals_key = run_key(flow, run_id, "meta"), run_key(flow, run_id, "totals")
+        return self.totals_many([(flow, run_id)])[(flow, run_id)]
+
+    def totals_many(self, runs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Counts | None]:
+        """Live totals of each ``(flow, run_id)``, None where Redis has no state for the run.
+
+        One round trip per ``_CHUNK`` runs; each chunk is read atomically (MULTI/EXEC).
+        """
 
         def op(connection: _Connection) -> list[Any]:
-            pipe = connection.client.pipeline(transaction=True)
-            pipe.exists(meta)
-            pipe.hgetall(totals_key)
-            return pipe.execute()
+            replies: list[Any] = []
+            for start in range(0, len(runs), _CHUNK):
+                pipe = connection.client.pipeline(transaction=True)
+                for flow, run_id in runs[start : start + _CHUNK]:
+                    pipe.exists(run_key(flow, run_id, "meta"))
+                    pipe.hgetall(run_key(flow, run_id, "totals"))
+                replies.extend(pipe.execute())
+            return replies
 
-        exists, totals = self._run(op)
-        if not exists:
-            return None
-        return Counts(**{field: int(totals.get(field, 0)) for field in COUNT_FIELDS})
+        replies = self._run(op) if runs else []
+        found: dict[tuple[str, str], Counts | None] = {}
+        for run, exists, totals in zip(runs, replies[::2], replies[1::2], strict=True):
+            found[run] = (
+                Counts(**{field: int(totals.get(field, 0)) for field in COUNT_FIELDS})
+                if exists
+                else None
+            )
+        return found
 
     def rebuild(
         self,
@@ -213,8 +228,24 @@ class RedisCounters(ConfigurableResource):
 
     def delete_run(self, flow: str, run_id: str) -> int:
         """Remove every key of the run; the number of keys removed."""
-        keys = run_keys(flow, run_id)
-        return int(self._run(lambda connection: connection.client.delete(*keys)))
+        return self.delete_runs([(flow, run_id)])
+
+    def delete_runs(self, runs: Sequence[tuple[str, str]]) -> int:
+        """Remove every key of each ``(flow, run_id)``; the number of keys removed.
+
+        One DEL per run (a run's keys share a cluster slot), one round trip per chunk.
+        """
+
+        def op(connection: _Connection) -> int:
+            removed = 0
+            for start in range(0, len(runs), _CHUNK):
+                pipe = connection.client.pipeline(transaction=False)
+                for flow, run_id in runs[start : start + _CHUNK]:
+                    pipe.delete(*run_keys(flow, run_id))
+                removed += sum(int(n) for n in pipe.execute())
+            return removed
+
+        return self._run(op) if runs else 0
 
     def ttl_report(self, flow: str, run_id: str) -> dict[str, int]:
         """Seconds to live of each existing key of the run (-1: no TTL)."""

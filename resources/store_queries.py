@@ -17,6 +17,7 @@ from sqlalchemy import (
     Insert,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     func,
@@ -39,6 +40,7 @@ from resources.schema import (
     flow_rejected_records,
 )
 from resources.store_records import (
+    FinalState,
     PageRecord,
     PageTotals,
     RunRow,
@@ -284,41 +286,73 @@ def claimed_keys(conn: Connection, run_id: str) -> dict[str, int]:
     return owners
 
 
-def finalize(
-    conn: Connection,
-    run_id: str,
-    *,
-    status: str,
-    counts: Counts,
-    pages_done: int,
-    finished_at: datetime,
-    failure_reason: str | None,
-    counter_mismatch: str | None,
-) -> bool:
-    """Compare-and-set the final row; True only if this call moved it out of ``running``."""
-    started_at = conn.execute(select(_fm.c.started_at).where(_fm.c.run_id == run_id)).scalar()
-    if started_at is None:
-        return False
-    runtime_ms = max(0, round((finished_at - started_at).total_seconds() * 1000))
-    stmt = (
-        update(_fm)
-        .where(_fm.c.run_id == run_id, text(RUNNING_PREDICATE))
-        .values(
-            flow_status=status,
-            source_record_count=counts.source,
-            dispatched_jobs=counts.dispatched,
-            skipped_records=counts.skipped,
-            rejected_records=counts.rejected,
-            completed_jobs=counts.completed,
-            failed_jobs=counts.failed,
-            pages_done=pages_done,
-            finished_at=finished_at,
-            total_runtime_ms=runtime_ms,
-            failure_reason=failure_reason,
-            counter_mismatch=counter_mismatch,
-        )
+def finalize_many(conn: Connection, finals: Sequence[FinalState]) -> list[str]:
+    """Compare-and-set the final rows; the run ids this call moved out of ``running``.
+
+    The running rows are locked first (FOR UPDATE; SQLite's write transaction is
+    exclusive already), so a concurrent finalizer waits and then finds them final: each
+    run gets exactly one final state. Runs are locked in run id order, so two finalizers
+    never wait on each other's locks (no deadlock). The writes go out as one executemany.
+    """
+    by_run = {final.run_id: final for final in finals}
+    won: list[str] = []
+    for chunk in _chunks(sorted(by_run)):
+        locked = conn.execute(
+            select(_fm.c.run_id, _fm.c.started_at)
+            .where(_fm.c.run_id.in_(chunk), text(RUNNING_PREDICATE))
+            .with_for_update()
+        ).all()
+        if locked:
+            conn.execute(
+                _FINALIZE, [_final_values(by_run[run_id], start) for run_id, start in locked]
+            )
+            won.extend(run_id for run_id, _ in locked)
+    return won
+
+
+_FINALIZE = (
+    update(_fm)
+    .where(_fm.c.run_id == bindparam("b_run_id"), text(RUNNING_PREDICATE))
+    .values(
+        {
+            column: bindparam(f"b_{column}")
+            for column in (
+                "flow_status",
+                "source_record_count",
+                "dispatched_jobs",
+                "skipped_records",
+                "rejected_records",
+                "completed_jobs",
+                "failed_jobs",
+                "pages_done",
+                "finished_at",
+                "total_runtime_ms",
+                "failure_reason",
+                "counter_mismatch",
+            )
+        }
     )
-    return conn.execute(stmt).rowcount == 1
+)
+
+
+def _final_values(final: FinalState, started_at: datetime) -> dict[str, Any]:
+    counts = final.counts
+    runtime_ms = max(0, round((final.finished_at - started_at).total_seconds() * 1000))
+    return {
+        "b_run_id": final.run_id,
+        "b_flow_status": final.status,
+        "b_source_record_count": counts.source,
+        "b_dispatched_jobs": counts.dispatched,
+        "b_skipped_records": counts.skipped,
+        "b_rejected_records": counts.rejected,
+        "b_completed_jobs": counts.completed,
+        "b_failed_jobs": counts.failed,
+        "b_pages_done": final.pages_done,
+        "b_finished_at": final.finished_at,
+        "b_total_runtime_ms": runtime_ms,
+        "b_failure_reason": final.failure_reason,
+        "b_counter_mismatch": final.counter_mismatch,
+    }
 
 
 def note_counter_mismatch(conn: Connection, run_id: str, note: str) -> int:

@@ -90,6 +90,29 @@ class PageTotals:
 
 
 @dataclass(frozen=True)
+class FinalState:
+    """What the finalizer writes on a run it moves out of ``running``.
+
+    Args:
+        run_id: the run.
+        status: one of the final statuses.
+        counts: the run's final counts (no pending job left).
+        pages_done: pages whose outcome is known.
+        finished_at: when it was finalized (timezone-aware).
+        failure_reason: why it did not complete, for a human.
+        counter_mismatch: how Redis disagreed with the ledger, if it did.
+    """
+
+    run_id: str
+    status: str
+    counts: Counts
+    pages_done: int
+    finished_at: datetime
+    failure_reason: str | None = None
+    counter_mismatch: str | None = None
+
+
+@dataclass(frozen=True)
 class RunRow:
     """One ``flow_metrics`` row; timestamps are timezone-aware UTC."""
 

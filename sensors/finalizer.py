@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -15,7 +16,7 @@ import dagster as dg
 
 from resources.counts import Counts
 from resources.errors import CountersUnavailableError
-from resources.metrics_store import MetricsStore, RunRow
+from resources.metrics_store import FinalState, MetricsStore, PageTotals, RunRow
 from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
@@ -24,6 +25,9 @@ from sensors.publish import publish_final_runs
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE = timedelta(hours=1)
+# Runs examined per pass: the ledger and Redis work is batched (a few ms per 1,000 runs),
+# so one tick can finalize a large backfill.
+DEFAULT_BATCH_SIZE = 5000
 MAX_CAUSE_CHARS = 300
 # Every run of a re-execution group carries the group's first run id in this tag (set by
 # Dagster's UI, and by the flow's ops for re-executions launched from Python).
@@ -71,20 +75,27 @@ def finalize_runs(
     policies: Mapping[str, FlowPolicy],
     *,
     now: datetime | None = None,
-    batch_size: int = 500,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    time_budget_seconds: float | None = None,
 ) -> FinalizeReport:
-    """Finalize up to ``batch_size`` unfinished runs, then publish every unpublished final run.
+    """Finalize up to ``batch_size`` unfinished runs, then publish final, unpublished runs.
+
+    The final rows are written in one transaction. Publishing to Dagster (the slow part)
+    starts no new chunk of runs once ``time_budget_seconds`` have passed since this call
+    began (None: no limit); the rest is published by the next call.
 
     Safe to run twice or concurrently: the final write is a compare-and-set on
     ``flow_status = 'running'``, so each run gets one final state.
     """
     now = now or datetime.now(timezone.utc)
+    started = time.monotonic()
     report = FinalizeReport()
     rows = store.running_runs(batch_size)
     if rows:
         run_ids = [row.run_id for row in rows]
         totals = store.page_totals(run_ids)
         dagster_runs = latest_dagster_runs(instance, run_ids)
+        ready: list[tuple[RunRow, PageTotals, Verdict]] = []
         for row in rows:
             page_totals = totals[row.run_id]
             policy = policies.get(row.flow_name, FlowPolicy())
@@ -100,11 +111,15 @@ def finalize_runs(
                 continue
             if snapshot.run_state is RunState.FAILED:
                 verdict = _with_cause(verdict, instance, dagster_runs[row.run_id])
-            if _write_final(
-                store, counters, row, page_totals.counts, page_totals.pages_done, verdict, now
-            ):
-                report.finalized[row.run_id] = verdict.status or ""
-    report.published = publish_final_runs(instance, store, counters, now, batch_size)
+            ready.append((row, page_totals, verdict))
+        finals = _final_states(counters, ready, now)
+        statuses = {final.run_id: final.status for final in finals}
+        for run_id in store.finalize_many(finals):
+            report.finalized[run_id] = statuses[run_id]
+    publish_until = None if time_budget_seconds is None else started + time_budget_seconds
+    report.published = publish_final_runs(
+        instance, store, counters, now, batch_size, until=publish_until
+    )
     return report
 
 
@@ -151,41 +166,49 @@ def _run_state(run: dg.DagsterRun | None) -> RunState:
     return _RUN_STATES.get(run.status, RunState.IN_PROGRESS)
 
 
-def _write_final(
-    store: MetricsStore,
-    counters: RedisCounters,
-    row: RunRow,
-    counts: Counts,
-    pages_done: int,
-    verdict: Verdict,
-    now: datetime,
-) -> bool:
-    mismatch = _counter_mismatch(counters, row, counts)
-    if mismatch:
-        log.warning("flow %s run %s: %s", row.flow_name, row.run_id, mismatch)
-    mismatch = "; ".join(filter(None, [row.counter_mismatch, mismatch])) or None
-    # A final row has no pending job (DESIGN.md, conservation): jobs that can no longer
-    # finish are counted failed, and the reason says how many were lost. The page rows keep
-    # them pending, so a re-execution of the run can still finish them.
-    final_counts = replace(counts, failed=counts.failed + counts.pending)
-    return store.finalize(
-        row.run_id,
-        status=verdict.status or "",
-        counts=final_counts,
-        pages_done=pages_done,
-        finished_at=now,
-        failure_reason=verdict.reason,
-        counter_mismatch=mismatch,
-    )
+def _final_states(
+    counters: RedisCounters, ready: list[tuple[RunRow, PageTotals, Verdict]], now: datetime
+) -> list[FinalState]:
+    mismatches = _counter_mismatches(counters, [(row, totals.counts) for row, totals, _ in ready])
+    finals = []
+    for row, totals, verdict in ready:
+        mismatch = mismatches[row.run_id]
+        if mismatch:
+            log.warning("flow %s run %s: %s", row.flow_name, row.run_id, mismatch)
+        # A final row has no pending job (DESIGN.md, conservation): jobs that can no longer
+        # finish are counted failed, and the reason says how many were lost. The page rows
+        # keep them pending, so a re-execution of the run can still finish them.
+        counts = totals.counts
+        finals.append(
+            FinalState(
+                row.run_id,
+                status=verdict.status or "",
+                counts=replace(counts, failed=counts.failed + counts.pending),
+                pages_done=totals.pages_done,
+                finished_at=now,
+                failure_reason=verdict.reason,
+                counter_mismatch="; ".join(filter(None, [row.counter_mismatch, mismatch])) or None,
+            )
+        )
+    return finals
 
 
-def _counter_mismatch(counters: RedisCounters, row: RunRow, ledger: Counts) -> str | None:
+def _counter_mismatches(
+    counters: RedisCounters, ledgers: list[tuple[RunRow, Counts]]
+) -> dict[str, str | None]:
     """Compare Redis's live totals with the ledger's; the ledger wins, the gap is recorded."""
     try:
-        live = counters.totals(row.flow_name, row.run_id)
+        live = counters.totals_many([(row.flow_name, row.run_id) for row, _ in ledgers])
     except CountersUnavailableError:
         # Redis is a cache of the ledger: finalizing does not wait for it.
-        return "Redis was unreachable at finalization; totals computed from the SQL ledger"
+        note = "Redis was unreachable at finalization; totals computed from the SQL ledger"
+        return {row.run_id: note for row, _ in ledgers}
+    return {
+        row.run_id: _mismatch(live[(row.flow_name, row.run_id)], ledger) for row, ledger in ledgers
+    }
+
+
+def _mismatch(live: Counts | None, ledger: Counts) -> str | None:
     if live is None:
         return "Redis had lost the run's counters; totals computed from the SQL ledger"
     if live != ledger:

@@ -8,9 +8,16 @@ final state itself is written exactly once).
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
 
 import dagster as dg
+
+# Dagster's own building blocks of report_runless_asset_event (Dagster is pinned exactly).
+from dagster._core.events import StepMaterializationData
+from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
 
 from resources.errors import CountersUnavailableError
 from resources.metrics_store import MetricsStore, RunRow
@@ -19,6 +26,7 @@ from resources.redis_counters import RedisCounters
 log = logging.getLogger(__name__)
 STATUS_TAG = "flow/status"
 STATUS_CHECK = "flow_status"
+PUBLISH_CHUNK = 100  # runs per event-log batch and per mark_published (~0.4 s)
 _SEVERITY = {
     "partial_success": dg.AssetCheckSeverity.WARN,
     "cancelled": dg.AssetCheckSeverity.WARN,
@@ -36,42 +44,92 @@ def publish_final_runs(
     counters: RedisCounters,
     now: datetime,
     limit: int,
+    *,
+    until: float | None = None,
 ) -> list[str]:
-    """Publish up to ``limit`` final, unpublished runs; return their run ids."""
+    """Publish up to ``limit`` final, unpublished runs; return their run ids.
+
+    Runs go out in chunks of ``PUBLISH_CHUNK``, each marked published once done. After
+    the first chunk, none starts past ``until`` (a ``time.monotonic()`` value; None: no
+    limit), so a large backlog spreads over several ticks instead of running into
+    Dagster's sensor timeout.
+    """
+    published: list[str] = []
     rows = store.unpublished_runs(limit)
-    known_runs = (
-        {
-            run.run_id
-            for run in instance.get_runs(dg.RunsFilter(run_ids=[row.run_id for row in rows]))
-        }
-        if rows
-        else set()
-    )
+    for start in range(0, len(rows), PUBLISH_CHUNK):
+        if start and until is not None and time.monotonic() >= until:
+            break  # the first chunk always goes: every call makes progress
+        chunk = rows[start : start + PUBLISH_CHUNK]
+        _publish_chunk(instance, counters, chunk)
+        run_ids = [row.run_id for row in chunk]
+        store.mark_published(run_ids, now)
+        published.extend(run_ids)
+    return published
+
+
+def _publish_chunk(
+    instance: dg.DagsterInstance, counters: RedisCounters, rows: Sequence[RunRow]
+) -> None:
+    by_flow: dict[str, list[RunRow]] = defaultdict(list)
     for row in rows:
-        for event in final_events(row):
-            instance.report_runless_asset_event(event)
+        by_flow[row.flow_name].append(row)
+    for flow_rows in by_flow.values():
+        store_materializations(instance, [final_materialization(row) for row in flow_rows])
+    known_runs = set(instance.get_run_ids(dg.RunsFilter(run_ids=[row.run_id for row in rows])))
+    for row in rows:
+        instance.report_runless_asset_event(final_check(row))
         if row.run_id in known_runs:
             instance.add_run_tags(row.run_id, {STATUS_TAG: row.flow_status})
-        _forget_run_keys(counters, row)
-    if rows:
-        store.mark_published([row.run_id for row in rows], now)
-    return [row.run_id for row in rows]
+    _forget_run_keys(counters, rows)
 
 
-def _forget_run_keys(counters: RedisCounters, row: RunRow) -> None:
+def store_materializations(
+    instance: dg.DagsterInstance, materializations: Sequence[dg.AssetMaterialization]
+) -> None:
+    """Report runless materializations of ONE asset key in one event-log write.
+
+    What ``report_runless_asset_event`` stores for each, written as a batch: the
+    PostgreSQL event log inserts a batch in one statement (one connection instead of two
+    per event); other storages store the events one by one. One asset key per call,
+    because a PostgreSQL batch updates the asset's latest-materialization row from the
+    batch's last event only.
+    """
+    keys = {materialization.asset_key for materialization in materializations}
+    if len(keys) > 1:
+        raise ValueError(f"one asset key per batch, got {sorted(k.to_string() for k in keys)}")
+    timestamp = time.time()
+    entries = [
+        dg.EventLogEntry(
+            user_message="",
+            level=logging.INFO,
+            job_name=RUNLESS_JOB_NAME,
+            run_id=RUNLESS_RUN_ID,
+            error_info=None,
+            timestamp=timestamp,
+            step_key=None,
+            dagster_event=dg.DagsterEvent(
+                event_type_value=dg.DagsterEventType.ASSET_MATERIALIZATION.value,
+                event_specific_data=StepMaterializationData(materialization),
+                job_name=RUNLESS_JOB_NAME,
+            ),
+        )
+        for materialization in materializations
+    ]
+    if entries:
+        instance.event_log_storage.store_event_batch(entries)
+
+
+def _forget_run_keys(counters: RedisCounters, rows: Sequence[RunRow]) -> None:
     try:
-        counters.delete_run(row.flow_name, row.run_id)
+        counters.delete_runs([(row.flow_name, row.run_id) for row in rows])
     except CountersUnavailableError as exc:
         # The keys expire by their TTL, and `flowctl cleanup` / the sensor's periodic
         # cleanup remove them once Redis is back; publishing does not wait for Redis.
-        log.warning(
-            "flow %s run %s: could not delete its Redis keys: %s", row.flow_name, row.run_id, exc
-        )
+        log.warning("could not delete the Redis keys of %d final runs: %s", len(rows), exc)
 
 
-def final_events(row: RunRow) -> list[dg.AssetMaterialization | dg.AssetCheckEvaluation]:
-    """The materialization (numeric metadata, plotted by the UI) and check of a final run."""
-    key = flow_asset_key(row.flow_name)
+def final_materialization(row: RunRow) -> dg.AssetMaterialization:
+    """A final run's counts as materialization metadata (numeric: plotted by the UI)."""
     metadata: dict[str, dg.RawMetadataValue] = {
         "flow_status": row.flow_status,
         "source_record_count": row.source_record_count,
@@ -86,8 +144,19 @@ def final_events(row: RunRow) -> list[dg.AssetMaterialization | dg.AssetCheckEva
     }
     if row.failure_reason:
         metadata["failure_reason"] = row.failure_reason
-    check = dg.AssetCheckEvaluation(
-        asset_key=key,
+    return dg.AssetMaterialization(
+        asset_key=flow_asset_key(row.flow_name),
+        partition=row.partition_key,
+        description=f"flow {row.flow_name} run {row.run_id}: {row.flow_status}",
+        metadata=metadata,
+        tags={STATUS_TAG: row.flow_status},
+    )
+
+
+def final_check(row: RunRow) -> dg.AssetCheckEvaluation:
+    """A final run's status as the flow_status check: WARN on partial_success, ERROR on failed."""
+    return dg.AssetCheckEvaluation(
+        asset_key=flow_asset_key(row.flow_name),
         check_name=STATUS_CHECK,
         passed=row.flow_status == "completed",
         severity=_SEVERITY.get(row.flow_status, dg.AssetCheckSeverity.WARN),
@@ -102,11 +171,3 @@ def final_events(row: RunRow) -> list[dg.AssetMaterialization | dg.AssetCheckEva
             "partition": row.partition_key or "",
         },
     )
-    materialization = dg.AssetMaterialization(
-        asset_key=key,
-        partition=row.partition_key,
-        description=f"flow {row.flow_name} run {row.run_id}: {row.flow_status}",
-        metadata=metadata,
-        tags={STATUS_TAG: row.flow_status},
-    )
-    return [materialization, check]

@@ -12,19 +12,24 @@ import dagster as dg
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from sensors.cleanup import remove_stray_keys
-from sensors.finalizer import FlowPolicy, finalize_runs
+from sensors.finalizer import DEFAULT_BATCH_SIZE, FlowPolicy, finalize_runs
+from sensors.pooling import pooled_storage_connections
 
 SENSOR_NAME = "finalize_flow_runs"
 # Scanning Redis for stray keys costs O(keys on the server): every 20th tick is enough
 # for keys that also expire by their TTL.
 CLEANUP_EVERY_TICKS = 20
+# After this long a tick starts publishing no new chunk of runs: ticks stay well inside
+# Dagster's 60 s sensor timeout and the 15 s interval; a backlog is published over several.
+DEFAULT_TICK_BUDGET_SECONDS = 6.0
 
 
 def build_finalizer_sensor(
     policies: Mapping[str, FlowPolicy],
     *,
     minimum_interval_seconds: int = 15,
-    batch_size: int = 500,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tick_budget_seconds: float = DEFAULT_TICK_BUDGET_SECONDS,
 ) -> dg.SensorDefinition:
     """The finalizer sensor for the given flows, running by default.
 
@@ -32,6 +37,8 @@ def build_finalizer_sensor(
         policies: failure tolerance and deadline per flow name.
         minimum_interval_seconds: seconds between ticks.
         batch_size: unfinished runs examined per tick (the rest wait for the next tick).
+        tick_budget_seconds: seconds into a tick after which it publishes no new chunk of
+            final runs to Dagster (the rest goes out on the next tick).
 
     Examples:
         >>> sensor = build_finalizer_sensor({"orders": FlowPolicy()})
@@ -54,9 +61,15 @@ def build_finalizer_sensor(
         metrics_store: MetricsStore,
         redis_counters: RedisCounters,
     ) -> dg.SensorResult:
-        report = finalize_runs(
-            context.instance, metrics_store, redis_counters, policies, batch_size=batch_size
-        )
+        with pooled_storage_connections(context.instance):
+            report = finalize_runs(
+                context.instance,
+                metrics_store,
+                redis_counters,
+                policies,
+                batch_size=batch_size,
+                time_budget_seconds=tick_budget_seconds,
+            )
         state = json.loads(context.cursor or "{}")
         ticks = state.get("ticks", 0) + 1
         if ticks % CLEANUP_EVERY_TICKS == 0:

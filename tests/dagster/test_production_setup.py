@@ -5,53 +5,18 @@ ledger on real PostgreSQL, finalized by a real sensor tick. Nothing is faked."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import pytest
-import yaml
 
 from resources.counts import Counts
 from tests.dagster import production_flows
 from tests.flowkit import assert_conserved, assert_counts, row_of, run_keys_left, status_tag, tick
-from tests.servers import PostgresServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECORDS = 1500
 DUPLICATES = 60
 NEGATIVE = 30  # failed jobs, within the flow's 5 % tolerance
-
-
-@pytest.fixture
-def postgres_instance(
-    postgres_server: PostgresServer, tmp_path: Path
-) -> Iterator[dg.DagsterInstance]:
-    name = f"dagster_{tmp_path.name[-12:].replace('-', '_').lower()}"
-    postgres_server.create_database(name)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    port = int(postgres_server.admin_url.rsplit(":", 1)[1].split("/", 1)[0])
-    config = {
-        "storage": {
-            "postgres": {
-                "postgres_db": {
-                    "username": "postgres",
-                    "hostname": "127.0.0.1",
-                    "port": port,
-                    "db_name": name,
-                    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; dagster-postgres
-                    # is built on psycopg2.
-                    "scheme": "postgresql+psycopg2",
-                }
-            }
-        },
-        "telemetry": {"enabled": False},
-    }
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        yield instance
-    postgres_server.drop_database(name)
 
 
 def write_orders(path: Path) -> None:

@@ -10,10 +10,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from resources import db
+from resources import db, store_queries
 from resources.counts import Counts
 from resources.errors import ConfigurationError, StoreUnavailableError
 from resources.metrics_store import (
+    FinalState,
     JobFailure,
     MetricsStore,
     PageRecord,
@@ -240,6 +241,67 @@ def test_concurrent_finalizers_write_one_final_state(store: MetricsStore) -> Non
     assert len(winners) == 1
     [row] = store.runs(run_id="run-1")
     assert winners[0].startswith(row.flow_status)
+
+
+def test_finalize_many_writes_only_running_runs_in_one_call(store: MetricsStore) -> None:
+    for n in range(3):
+        store.start_run(f"run-{n}", "orders", None, T0)
+    store.finalize("run-1", status="failed", counts=Counts(), pages_done=0, finished_at=T0)
+    finals = [
+        FinalState(
+            f"run-{n}",
+            "completed",
+            Counts(source=n, dispatched=n, completed=n),
+            1,
+            T0 + timedelta(seconds=n),
+            failure_reason=None,
+        )
+        for n in range(3)
+    ] + [FinalState("no-such-run", "completed", Counts(), 0, T0)]
+
+    assert sorted(store.finalize_many(finals)) == ["run-0", "run-2"]
+    rows = {row.run_id: row for row in store.runs()}
+    assert rows["run-1"].flow_status == "failed"  # already final: left alone
+    assert rows["run-2"].counts == Counts(source=2, dispatched=2, completed=2)
+    assert (rows["run-2"].total_runtime_ms, rows["run-2"].pages_done) == (2000, 1)
+    assert store.finalize_many([]) == []
+    with pytest.raises(ValueError, match="run 'run-0': status 'running' is not final"):
+        store.finalize_many([FinalState("run-0", "running", Counts(), 0, T0)])
+
+
+def test_concurrent_batch_finalizers_give_each_run_one_winner(
+    store: MetricsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_queries, "_IN_CHUNK", 8)  # several lock batches per call
+    run_ids = [f"run-{n}" for n in range(40)]
+    for run_id in run_ids:
+        store.start_run(run_id, "orders", None, T0)
+    store.running_runs(1)
+    barrier = threading.Barrier(2)
+    won: dict[str, list[str]] = {}
+
+    def finalize(status: str, order: list[str]) -> None:
+        barrier.wait()
+        won[status] = store.finalize_many(
+            [FinalState(run_id, status, Counts(), 0, T0) for run_id in order]
+        )
+
+    # Opposite orders and several chunks: unless every call locks runs in one global
+    # order, the two deadlock (PostgreSQL aborts one) or both win a run.
+    threads = [
+        threading.Thread(target=finalize, args=("completed", run_ids)),
+        threading.Thread(target=finalize, args=("failed", run_ids[::-1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)  # a hang guard, not a timing assertion
+    assert not any(thread.is_alive() for thread in threads)
+
+    assert sorted(won["completed"] + won["failed"]) == sorted(run_ids)
+    rows = {row.run_id: row.flow_status for row in store.runs(limit=100)}
+    assert all(rows[run_id] == "completed" for run_id in won["completed"])
+    assert all(rows[run_id] == "failed" for run_id in won["failed"])
 
 
 def test_running_runs_oldest_progress_first_with_limit(store: MetricsStore) -> None:
