@@ -75,5 +75,5 @@ class NoSource:
 
 
 def hot_path_flow(name: str = "bench_hot") -> Flow:
-    """A flow with the no-op handler, keyed on ``id``, for process_page alone."""
+    """A flow with the no-op handler, keyed on ``id``, for the page hot path alone."""
     return Flow(name=name, source=NoSource(), key="id", handler=no_op)

@@ -11,9 +11,9 @@ ledger database and an empty Redis:
   then one finalizer tick.
 
 ``dagster_overhead_share`` is the share of the wall time spent outside our code: wall
-minus (page reads from the file + ``process_page`` + the finalizer tick), over wall. With
+minus (page reads from the file + ``process_pages`` + the finalizer tick), over wall. With
 the multiprocess executor the page work is spread over ``workers`` processes, so it counts
-``process_page`` time divided by ``workers``: an estimate, not a measurement.
+``process_pages`` time divided by ``workers``: an estimate, not a measurement.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _end_group(pgid: int) -> None:
 
 
 def overhead_share(result: dict[str, Any]) -> float:
-    """Share of the wall time outside page reads, process_page and the finalizer tick."""
+    """Share of the wall time outside page reads, process_pages and the finalizer tick."""
     parallel = result["workers"] if result["mode"] == "multiprocess" else 1
     ours = result["source"] + result["page"] / parallel + result["finalize_s"]
     return max(0.0, 1 - ours / result["wall_s"])

@@ -2,9 +2,9 @@
 
 ``build_job`` is the reconstructable entry point of the multiprocess run: each step
 process calls it with the same keyword arguments. Both entry points install timing
-instrumentation in the calling process: every ``process_page`` call and every page read
-from the file is timed and appended to ``<timing_dir>/<pid>.tsv``, so the share of the
-wall time spent outside our code (Dagster's) can be computed afterwards.
+instrumentation in the calling process: every ``process_pages`` call (one per step) and
+every page read from the file is timed and appended to ``<timing_dir>/<pid>.tsv``, so the
+share of the wall time spent outside our code (Dagster's) can be computed afterwards.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import dagster as dg
 import flow_assets.jobs
 from bench.data import PAGE_SIZE, no_op
 from flow_assets.flow import Flow
-from flow_assets.page_step import process_page
+from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
@@ -47,16 +47,16 @@ def _timed(kind: str) -> Iterator[None]:
         _record(kind, time.perf_counter() - started)
 
 
-@functools.wraps(process_page)
-def _timed_process_page(*args: Any, **kwargs: Any) -> Counts:
+@functools.wraps(process_pages)
+def _timed_process_pages(*args: Any, **kwargs: Any) -> Counts:
     with _timed("page"):
-        return process_page(*args, **kwargs)
+        return process_pages(*args, **kwargs)
 
 
 def install_timing(timing_dir: str) -> None:
-    """Time process_page in this process: the page op looks it up in flow_assets.jobs."""
+    """Time process_pages in this process: the page op looks it up in flow_assets.jobs."""
     _TIMING_DIR[:] = [Path(timing_dir)]
-    flow_assets.jobs.process_page = _timed_process_page
+    flow_assets.jobs.process_pages = _timed_process_pages
 
 
 class TimedFileSource(FileSource):
@@ -98,11 +98,10 @@ def build_job(
 
 
 def read_timings(timing_dir: str) -> dict[str, float]:
-    """Seconds per kind (``page``, ``source``) over every process, and the page count."""
-    totals = {"page": 0.0, "source": 0.0, "pages": 0.0}
+    """Seconds per kind (``page``: our page work, ``source``) over every process."""
+    totals = {"page": 0.0, "source": 0.0}
     for path in Path(timing_dir).glob("*.tsv"):
         for line in path.read_text().splitlines():
             kind, seconds = line.split("\t")
             totals[kind] += float(seconds)
-            totals["pages"] += kind == "page"
     return totals

@@ -33,7 +33,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 #: Phases of a profiled in-process execution (the finalizer tick after it is left out: it
 #: has its own profile): label -> (file suffix, function).
 RUN_PHASES: dict[str, tuple[str, str]] = {
-    "ours: process_page": ("flow_assets/page_step.py", "process_page"),
+    "ours: process_pages": ("flow_assets/page_step.py", "process_pages"),
     "ours: FileSource plan (scan for page starts)": ("flow_assets/sources/files.py", "plan"),
     "ours: FileSource page reads (JSON parsing)": ("flow_assets/sources/files.py", "fetch"),
     "Dagster: event log writes (handle_new_event)": (

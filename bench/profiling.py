@@ -27,15 +27,15 @@ HOT_PATH_PHASES: dict[str, tuple[str, str]] = {
         "resources/metrics_store.py",
         "record_pages",
     ),
-    "SQL page ledger: finish_page (counts, failures)": (
+    "SQL page ledger: finish_pages (counts, failures)": (
         "resources/metrics_store.py",
-        "finish_page",
+        "finish_pages",
     ),
     "JobBatch build (Python, per record)": ("flow_assets/dispatch.py", "__init__"),
     "JobBatch finish": ("flow_assets/dispatch.py", "finish"),
-    "Redis record_page (Lua counts)": ("resources/redis_counters.py", "record_page"),
+    "Redis record_pages (Lua counts)": ("resources/redis_counters.py", "record_pages"),
 }
-_TOTAL = ("flow_assets/page_step.py", "process_page")
+_TOTAL = ("flow_assets/page_step.py", "process_pages")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def profile(call: Callable[[], Any]) -> pstats.Stats:
 
 
 def hot_path_profile(hot: HotPath, pages: Sequence[Page]) -> list[Share]:
-    """Profile ``process_page`` over ``pages`` in a fresh run; its time by phase."""
+    """Profile ``process_pages`` over ``pages`` in a fresh run; its time by phase."""
     run_id = hot.open_run()
     return phase_breakdown(profile(lambda: hot.run(pages, run_id)), HOT_PATH_PHASES, _TOTAL)
 

@@ -117,7 +117,7 @@ def write_markdown(
         lines.append(f"| `{name}` | {fmt(name, results.figures[name])} | {goal or ''} | {shown} |")
     lines += ["", "## Reading", "", *[f"- {line}" for line in reading], ""]
     titles = {
-        "hot_path": "Hot path (`process_page`), by phase (cProfile, cumulative time)",
+        "hot_path": "Hot path (`process_pages`), by phase (cProfile, cumulative time)",
         "finalizer_tick": "One finalizer tick, by phase (cProfile, cumulative time)",
         "e2e_in_process": (
             "In-process e2e run: execute_in_process by phase (cProfile, cumulative time;"

@@ -32,9 +32,11 @@ class JobBatch:
     """
 
     def __init__(self, keys: Sequence[str], records: Sequence[Mapping[str, Any]]) -> None:
+        if len(keys) != len(records):
+            raise ValueError(f"JobBatch: {len(keys)} keys for {len(records)} records")
         self.keys = list(keys)
         self.records = list(records)
-        self._key_by_id = {id(record): key for key, record in zip(keys, records, strict=True)}
+        self._key_by_id: dict[int, str] | None = None  # built on the first record reported
         self._state = dict.fromkeys(self.keys, PENDING)
         self._errors: dict[str, str] = {}
 
@@ -82,7 +84,12 @@ class JobBatch:
         return dict(self._errors)
 
     def _key(self, job: str | Mapping[str, Any]) -> str:
-        key = job if isinstance(job, str) else self._key_by_id.get(id(job))
+        if isinstance(job, str):
+            key: str | None = job
+        else:
+            if self._key_by_id is None:
+                self._key_by_id = {id(r): k for k, r in zip(self.keys, self.records, strict=True)}
+            key = self._key_by_id.get(id(job))
         if key is None or key not in self._state:
             raise KeyError(
                 "JobBatch: that record is not part of this batch; report the record object the"

@@ -19,7 +19,7 @@ from typing import TypeVar
 import dagster as dg
 
 from flow_assets.flow import Flow
-from flow_assets.page_step import process_page
+from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
@@ -82,8 +82,8 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
         run_id = flow_run_id(context)
         # Dagster will not retry this attempt: a handler error then fails the page's jobs.
         final_attempt = context.retry_number >= flow.retry_policy.max_retries
-        for page in chunk.pages or (flow.source.fetch(ref) for ref in chunk.refs):
-            process_page(flow, run_id, page, counters, store, final_attempt=final_attempt)
+        pages = chunk.pages or [flow.source.fetch(ref) for ref in chunk.refs]
+        process_pages(flow, run_id, pages, counters, store, final_attempt=final_attempt)
         return len(chunk)
 
     @dg.op(

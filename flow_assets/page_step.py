@@ -1,5 +1,6 @@
 """One page through the hot path: validate, dedup, dispatch, and record its outcome once.
 
+A step's pages share their ledger transactions and Redis round trips (``process_pages``).
 Idempotent by construction: the page's ledger row, rejects and failures are *replaced* on
 every attempt, and the Redis dedup claim is owned by the page index, so a retried page
 re-claims its own keys instead of seeing them as duplicates. With ``dedup="flow"`` the keys
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
@@ -47,6 +48,73 @@ def process_page(
     retries it; on the ``final_attempt`` the page's unfinished jobs are first recorded as
     failed with that error, so none is left pending.
     """
+    return process_pages(flow, run_id, [page], counters, store, final_attempt=final_attempt)
+
+
+@dataclass(frozen=True)
+class _ClaimedPage:
+    """A page after validation and dedup: the jobs it owns, before its handler runs."""
+
+    index: int
+    counts: Counts
+    keys: list[str]
+    records: list[Mapping[str, Any]]
+    rejects: list[RejectedRecord]
+
+
+def process_pages(
+    flow: Flow,
+    run_id: str,
+    pages: Sequence[Page],
+    counters: RedisCounters,
+    store: MetricsStore,
+    *,
+    final_attempt: bool = False,
+) -> Counts:
+    """Process a step's pages, in order; their summed counts as recorded in the ledger.
+
+    Each page is validated and claimed in Redis (one Lua call); then all of them are
+    pre-written to the ledger in one transaction and mirrored in Redis in one round trip,
+    the handler runs page by page, and their outcomes go to the ledger in one transaction
+    and to Redis in one round trip. A handler error on a page: the pages finished before it
+    are recorded and, unless this is the ``final_attempt``, the step fails at once (its
+    retry replaces every page). On the final attempt the page's unfinished jobs are failed
+    with the error, the remaining pages still run, and the step fails at the end.
+    """
+    claimed = [_claim_page(flow, run_id, page, counters, store) for page in pages]
+    if flow.rq is not None:
+        return sum(
+            (_dispatch_to_workers(flow, run_id, page, counters, store) for page in claimed),
+            Counts(),
+        )
+    # Written before the handler runs, to the ledger and then to Redis (its mirror), so
+    # that a crash mid-step leaves its jobs visible as pending (counted as lost if the run
+    # then fails) instead of invisible.
+    pending = [PageRecord(p.index, p.counts, "dispatched", p.keys, p.rejects) for p in claimed]
+    store.record_pages(run_id, pending)
+    _mirror(flow, run_id, pending, counters, store)
+
+    done: list[PageRecord] = []
+    first_error: HandlerError | None = None
+    for page in claimed:
+        outcome, error = _run_handler(flow, page, final_attempt)
+        if outcome is None:
+            assert error is not None  # only a raising handler leaves a page unfinished
+            _finish(flow, run_id, done, counters, store)
+            raise error from None  # Dagster retries the step; the retry replaces its pages
+        done.append(outcome)
+        first_error = first_error or error
+    _finish(flow, run_id, done, counters, store)
+    if first_error is not None:
+        # The last attempt: unfinished jobs are failed, the error kept; the step fails.
+        raise first_error from None
+    return sum((page.counts for page in done), Counts())
+
+
+def _claim_page(
+    flow: Flow, run_id: str, page: Page, counters: RedisCounters, store: MetricsStore
+) -> _ClaimedPage:
+    """Validate a page and claim its record keys: the jobs it owns (the rest skipped)."""
     valid = validate_records(page.records, flow.key, flow.max_record_bytes)
     owned = _claim(flow, run_id, page.index, valid.keys, counters, store)
     if flow.dedup == "flow":
@@ -54,52 +122,62 @@ def process_page(
     keys = [key for key, mine in zip(valid.keys, owned, strict=True) if mine]
     records = [record for record, mine in zip(valid.records, owned, strict=True) if mine]
     rejects = [RejectedRecord(r.position, r.reason, r.raw) for r in valid.rejects]
-    dispatched = Counts(
+    counts = Counts(
         source=len(page.records),
         dispatched=len(keys),
         skipped=len(valid.keys) - len(keys),
         rejected=len(rejects),
     )
-    if flow.rq is not None:
-        return _dispatch_to_workers(
-            flow, run_id, page.index, dispatched, keys, records, rejects, counters, store
-        )
-    # Written before the handler runs, to the ledger and then to Redis (its mirror), so
-    # that a crash mid-page leaves its jobs visible as pending (counted as lost if the run
-    # then fails) instead of invisible.
-    pending_page = PageRecord(page.index, dispatched, "dispatched", keys, rejects)
-    store.record_pages(run_id, [pending_page])
-    _mirror(flow, run_id, pending_page, counters, store)
+    return _ClaimedPage(page.index, counts, keys, records, rejects)
 
-    batch = JobBatch(keys, records)
+
+def _run_handler(
+    flow: Flow, page: _ClaimedPage, final_attempt: bool
+) -> tuple[PageRecord | None, HandlerError | None]:
+    """Run the handler on a page: its outcome, and the handler's error if it raised.
+
+    The outcome is None when the handler raised and the step will be retried.
+    """
+    batch = JobBatch(page.keys, page.records)
     error: HandlerError | None = None
     try:
-        if keys:
+        if page.keys:
             flow.handler(batch)
     except (dg.Failure, dg.RetryRequested):
         raise  # the handler's own instructions to Dagster
     except Exception as exc:
         error = _handler_error(flow, page.index, exc)
         if not final_attempt:
-            raise error from None  # Dagster retries the step; the retry replaces this page
+            return None, error
         batch.fail_pending(error_text(exc))
     completed, failed = batch.finish()
-    final = replace(dispatched, completed=completed, failed=failed)
+    counts = replace(page.counts, completed=completed, failed=failed)
     failures = [JobFailure(key, message) for key, message in batch.failures.items()]
-    done_page = PageRecord(page.index, final, "done", keys, rejects, failures)
-    store.finish_page(run_id, done_page)
-    _mirror(flow, run_id, done_page, counters, store)
-    if error is not None:
-        # The last attempt: its unfinished jobs are failed, the error kept; the step fails.
-        raise error from None
-    return final
+    return PageRecord(page.index, counts, "done", page.keys, page.rejects, failures), error
+
+
+def _finish(
+    flow: Flow,
+    run_id: str,
+    pages: list[PageRecord],
+    counters: RedisCounters,
+    store: MetricsStore,
+) -> None:
+    if pages:
+        store.finish_pages(run_id, pages)
+        _mirror(flow, run_id, pages, counters, store)
 
 
 def _mirror(
-    flow: Flow, run_id: str, page: PageRecord, counters: RedisCounters, store: MetricsStore
+    flow: Flow,
+    run_id: str,
+    pages: Sequence[PageRecord],
+    counters: RedisCounters,
+    store: MetricsStore,
 ) -> None:
-    """Mirror a page the ledger holds in the live counters (rebuilt if Redis lost them)."""
-    if not counters.record_page(flow.name, run_id, page.page_index, page.counts):
+    """Mirror pages the ledger holds in the live counters (rebuilt if Redis lost them)."""
+    counts = [(page.page_index, page.counts) for page in pages]
+    if not counters.record_pages(flow.name, run_id, counts):
         _rebuild(flow, run_id, counters, store)
 
 
@@ -115,22 +193,18 @@ def _handler_error(flow: Flow, page_index: int, exc: Exception) -> HandlerError:
 def _dispatch_to_workers(
     flow: Flow,
     run_id: str,
-    page_index: int,
-    counts: Counts,
-    keys: list[str],
-    records: list[Mapping[str, Any]],
-    rejects: list[RejectedRecord],
+    page: _ClaimedPage,
     counters: RedisCounters,
     store: MetricsStore,
 ) -> Counts:
     """dispatch="rq": ledger first (page and pending jobs), then Redis, then the queue, so
     that every ack finds its job and page; returns the page's counts at dispatch."""
     assert flow.rq is not None and flow.queue_name and flow.handler_path
-    job_ids = plan_jobs(flow.name, run_id, page_index, keys, flow.rq.batch_size)
-    status = "dispatched" if keys else "done"
-    page = PageRecord(page_index, counts, status, keys, rejects)
-    pending = store.record_async_page(run_id, page, job_ids)
-    if not counters.record_dispatched_page(flow.name, run_id, page_index, counts):
+    job_ids = plan_jobs(flow.name, run_id, page.index, page.keys, flow.rq.batch_size)
+    status = "dispatched" if page.keys else "done"
+    record = PageRecord(page.index, page.counts, status, page.keys, page.rejects)
+    pending = store.record_async_page(run_id, record, job_ids)
+    if not counters.record_dispatched_page(flow.name, run_id, page.index, page.counts):
         _rebuild(flow, run_id, counters, store)  # the ledger already holds this page
     enqueue_jobs(
         counters.rq_connection(),
@@ -139,13 +213,13 @@ def _dispatch_to_workers(
         handler=flow.handler_path,
         flow=flow.name,
         run_id=run_id,
-        page_index=page_index,
-        records=dict(zip(keys, records, strict=True)),
+        page_index=page.index,
+        records=dict(zip(page.keys, page.records, strict=True)),
         job_ids=job_ids,
         pending=pending,
         key_ttl_seconds=counters.key_ttl_seconds,
     )
-    return counts
+    return page.counts
 
 
 def _claim(

@@ -32,19 +32,51 @@ def validate_records(
     max_record_bytes: int | None = None,
 ) -> ValidatedPage:
     """Key every record, rejecting non-objects, missing or ill-typed keys, oversized records."""
+    if isinstance(key, str) and max_record_bytes is None:
+        return _validate_by_field(records, key)
     page = ValidatedPage()
     for position, record in enumerate(records):
-        record_key, reason = _key_of(record, key)
-        if reason is None and max_record_bytes is not None:
-            size = len(_raw(record).encode())
-            if size > max_record_bytes:
-                reason = f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
-        if reason is None:
-            page.keys.append(record_key)
-            page.records.append(record)
-        else:
-            page.rejects.append(Reject(position, reason, _raw(record)))
+        _validate_one(page, position, record, key, max_record_bytes)
     return page
+
+
+def _validate_by_field(records: Sequence[Any], field_name: str) -> ValidatedPage:
+    """The common case without per-record calls: plain dicts whose key field holds a str or
+    an int. Any other record takes the general path, which keys or rejects it the same way."""
+    page = ValidatedPage()
+    keys, kept = page.keys, page.records
+    for position, record in enumerate(records):
+        if type(record) is dict:
+            value = record.get(field_name)
+            if type(value) is str and 0 < len(value) <= MAX_KEY_CHARS:
+                keys.append(value)
+                kept.append(record)
+                continue
+            if type(value) is int and len(text := str(value)) <= MAX_KEY_CHARS:
+                keys.append(text)
+                kept.append(record)
+                continue
+        _validate_one(page, position, record, field_name, None)
+    return page
+
+
+def _validate_one(
+    page: ValidatedPage,
+    position: int,
+    record: Any,
+    key: str | Callable[[Mapping[str, Any]], Hashable],
+    max_record_bytes: int | None,
+) -> None:
+    record_key, reason = _key_of(record, key)
+    if reason is None and max_record_bytes is not None:
+        size = len(_raw(record).encode())
+        if size > max_record_bytes:
+            reason = f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
+    if reason is None:
+        page.keys.append(record_key)
+        page.records.append(record)
+    else:
+        page.rejects.append(Reject(position, reason, _raw(record)))
 
 
 def _key_of(record: Any, key: str | Callable[[Mapping[str, Any]], Hashable]) -> tuple[str, Any]:

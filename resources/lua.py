@@ -88,7 +88,9 @@ CLAIM_PAGE = (
 -- KEYS[3] = pages key, KEYS[4] = totals key (only their TTL is refreshed here)
 -- ARGV[1] = page index
 -- ARGV[2] = TTL in seconds, refreshed on all four keys
--- ARGV[3..n] = the page's record keys, in page order
+-- ARGV[3] = the page's record keys, in page order, as one JSON array of strings (one
+--   argument instead of one per key: packing a thousand arguments costs the client more
+--   than cjson costs the server)
 -- returns 'LOST' if the run's state is missing or incomplete; else a string of one flag per
 --   record key, in order: '1' = owned by this page (dispatch it), '0' = duplicate (skip it).
 -- A key is owned if it was new, or if this page already owns it (a retried page must not
@@ -99,25 +101,42 @@ CLAIM_PAGE = (
 if not intact() then
     return 'LOST'
 end
+local CHUNK = 1000
 local page = ARGV[1]
+local keys = cjson.decode(ARGV[3])
+-- Owners of all the keys first, then one HSET of the new ones: a few commands per page
+-- instead of one per key (the script is atomic, so nothing changes in between). Chunks
+-- keep each command's arguments within Lua's stack limit.
+local owners = {}
+for first = 1, #keys, CHUNK do
+    local got = redis.call('HMGET', KEYS[2], unpack(keys, first, math.min(first + CHUNK - 1, #keys)))
+    for j = 1, #got do
+        owners[first + j - 1] = got[j]
+    end
+end
 local flags = {}
 local earlier = {}
-local new_claims = 0
-for i = 3, #ARGV do
-    local key = ARGV[i]
+local claims = {}
+for i = 1, #keys do
+    local key = keys[i]
     local flag = '0'
     if not earlier[key] then
         earlier[key] = true
-        if redis.call('HSETNX', KEYS[2], key, page) == 1 then
-            new_claims = new_claims + 1
+        local owner = owners[i]
+        if not owner then
+            claims[#claims + 1] = key
+            claims[#claims + 1] = page
             flag = '1'
-        elseif redis.call('HGET', KEYS[2], key) == page then
+        elseif owner == page then
             flag = '1'
         end
     end
     flags[#flags + 1] = flag
 end
-redis.call('HINCRBY', KEYS[1], 'claims', new_claims)
+for first = 1, #claims, 2 * CHUNK do
+    redis.call('HSET', KEYS[2], unpack(claims, first, math.min(first + 2 * CHUNK - 1, #claims)))
+end
+redis.call('HINCRBY', KEYS[1], 'claims', #claims / 2)
 refresh(ARGV[2])
 return table.concat(flags)
 """

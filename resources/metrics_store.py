@@ -167,11 +167,17 @@ class MetricsStore(ConfigurableResource):
     def finish_page(self, run_id: str, page: PageRecord) -> None:
         """Record a page's outcome after ``record_pages`` wrote it in this attempt with the
         same keys and rejects (the hot path: counts, status and failures only)."""
+        self.finish_pages(run_id, [page])
+
+    def finish_pages(self, run_id: str, pages: Sequence[PageRecord]) -> None:
+        """``finish_page`` for several pages in one transaction (a step's pages)."""
+        if not pages:
+            return
         with self._tx(write=True) as conn:
-            if q.finish_page(conn, run_id, page, _now()) == 0:
+            if missing := q.finish_pages(conn, run_id, pages, _now()):
                 raise ValueError(
-                    f"page {page.page_index} of run {run_id!r} was not recorded in this attempt;"
-                    " call record_pages for it before finish_page"
+                    f"pages {missing} of run {run_id!r} were not recorded in this attempt;"
+                    " call record_pages for them before finish_pages"
                 )
 
     def claim_flow_keys(

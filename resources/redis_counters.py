@@ -7,6 +7,7 @@ False) and rebuilt from the ledger with :meth:`RedisCounters.rebuild`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -120,7 +121,8 @@ class RedisCounters(ConfigurableResource):
             SQL ledger and call again.
         """
         keys = run_keys(flow, run_id)
-        args: list[str | int] = [_page(page_index), self.key_ttl_seconds, *record_keys]
+        packed = json.dumps(list(record_keys), ensure_ascii=False, separators=(",", ":"))
+        args: list[str | int] = [_page(page_index), self.key_ttl_seconds, packed]
         flags = self._run(lambda connection: connection.claim_page(keys=keys, args=args))
         if flags == lua.LOST:
             return None
@@ -132,12 +134,28 @@ class RedisCounters(ConfigurableResource):
         One round trip; the run totals move by the difference, so a page recorded twice
         counts once.
         """
-        if errors := [f for f in COUNT_FIELDS if getattr(counts, f) < 0]:
-            raise ValueError(f"page {page_index} of run {run_id}: negative counts {errors}")
+        return self.record_pages(flow, run_id, [(page_index, counts)])
+
+    def record_pages(self, flow: str, run_id: str, pages: Sequence[tuple[int, Counts]]) -> bool:
+        """``record_page`` for several ``(page_index, counts)``, in one round trip."""
+        for page_index, counts in pages:
+            if errors := [f for f in COUNT_FIELDS if getattr(counts, f) < 0]:
+                raise ValueError(f"page {page_index} of run {run_id}: negative counts {errors}")
         keys = run_keys(flow, run_id)
-        args: list[str | int] = [_page(page_index), self.key_ttl_seconds, *counts.as_tuple()]
-        result = self._run(lambda connection: connection.record_page(keys=keys, args=args))
-        return result != lua.LOST
+
+        def op(connection: _Connection) -> list[Any]:
+            pipe = connection.client.pipeline(transaction=False)
+            for page_index, counts in pages:
+                args: list[str | int] = [
+                    _page(page_index),
+                    self.key_ttl_seconds,
+                    *counts.as_tuple(),
+                ]
+                connection.record_page(keys=keys, args=args, client=pipe)
+            return pipe.execute()
+
+        results = self._run(op) if pages else []
+        return lua.LOST not in results
 
     def totals(self, flow: str, run_id: str) -> Counts | None:
         """The run's live totals, or None when Redis has no state for the run."""

@@ -180,18 +180,51 @@ def replace_pages(conn: Connection, run_id: str, pages: Sequence[PageRecord], no
     return conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now)).rowcount
 
 
-def finish_page(conn: Connection, run_id: str, page: PageRecord, now: datetime) -> int:
-    """Record the outcome of a page ``replace_pages`` wrote in this attempt (same keys and
-    rejects; its old failures already deleted): counts, status and failures only, so the
-    hot path does not send the page's claimed keys twice. Returns page rows updated."""
-    counts = dict(zip(PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True))
-    where = (_pages.c.run_id == run_id, _pages.c.page_index == page.page_index)
-    values = {"status": page.status, **counts, "updated_at": now}
-    if conn.execute(update(_pages).where(*where).values(**values)).rowcount == 0:
-        return 0
-    _upsert_failures(conn, run_id, [page], now)
+def finish_pages(
+    conn: Connection, run_id: str, pages: Sequence[PageRecord], now: datetime
+) -> list[int]:
+    """Record the outcomes of pages ``replace_pages`` wrote in this attempt (same keys and
+    rejects; their old failures already deleted): counts, status and failures only, so the
+    hot path does not send the pages' claimed keys twice. One executemany for the rows.
+
+    Returns:
+        The indexes of the pages that have no row (nothing is written if there is one).
+    """
+    latest = {page.page_index: page for page in pages}
+    stmt = select(_pages.c.page_index).where(
+        _pages.c.run_id == run_id, _pages.c.page_index.in_(list(latest))
+    )
+    missing = set(latest) - set(conn.execute(stmt).scalars())
+    if missing:
+        return sorted(missing)
+    rows = [
+        {
+            "b_page_index": page.page_index,
+            "b_status": page.status,
+            **{
+                f"b_{name}": n
+                for name, n in zip(PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True)
+            },
+            "b_updated_at": now,
+            "b_run_id": run_id,
+        }
+        for page in latest.values()
+    ]
+    conn.execute(_FINISH_PAGE, rows)
+    _upsert_failures(conn, run_id, list(latest.values()), now)
     conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now))
-    return 1
+    return []
+
+
+_FINISH_PAGE = (
+    update(_pages)
+    .where(
+        _pages.c.run_id == bindparam("b_run_id"), _pages.c.page_index == bindparam("b_page_index")
+    )
+    .values(
+        {name: bindparam(f"b_{name}") for name in ("status", *PAGE_COUNT_COLUMNS, "updated_at")}
+    )
+)
 
 
 def mark_extraction_done(conn: Connection, run_id: str, pages_total: int, now: datetime) -> int:

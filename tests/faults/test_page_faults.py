@@ -14,6 +14,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,10 @@ def test_pages_failing_halfway_are_retried_and_pages_recorded_before_count_once(
     redis_url: str, database_url: str, instance: dg.DagsterInstance
 ) -> None:
     """Pages 4 and 10 (the middle pages of their chunks) raise after settling half their
-    jobs, on the first attempt only. The page before each was already recorded 'done' in
-    the ledger and in Redis when its chunk failed: the retry records it again, once."""
+    jobs, on the first attempt only. Their whole chunk was pre-written 'dispatched' before
+    its first handler ran; the retry records every page of it again, once, in the ledger and
+    in Redis. (What a failed attempt records of the pages before the failing one:
+    tests/services/test_page_step.py.)"""
     records = orders(RECORDS, PAGE)
     truth = ground_truth(records)
     store = MetricsStore(url=database_url)
@@ -129,6 +132,7 @@ def test_pages_failing_halfway_are_retried_and_pages_recorded_before_count_once(
         if page in failing and attempts[page] == 1:
             ledger_at_failure[page] = store.page_counts(running_run_id(store, FLOW))
             raise RuntimeError(f"injected: downstream went away halfway through page {page}")
+
         settle(batch, batch.records[half:])
 
     defs = make_defs([make_flow(handler, records)], redis_url, database_url)
@@ -136,15 +140,15 @@ def test_pages_failing_halfway_are_retried_and_pages_recorded_before_count_once(
 
     assert result.success
     assert len(retry_events(result)) == len(failing)
-    for page in failing:
-        before = ledger_at_failure[page]
-        assert before[page - 1].pending == 0  # the page before was recorded done ...
-        assert before[page].pending == before[page].dispatched > 0  # ... this one dispatched
-        assert attempts[page - 1] == attempts[page] == 2  # ... and both ran again
-    assert {p: n for p, n in attempts.items() if n != 1} == {3: 2, 4: 2, 9: 2, 10: 2}
     final_pages = store.page_counts(result.run_id)
-    for page in failing:  # re-recorded, not added to
-        assert final_pages[page - 1] == ledger_at_failure[page][page - 1]
+    for page in failing:
+        chunk = range(page - 1, page + 2)  # the failing page is the middle one
+        before = ledger_at_failure[page]
+        for other in chunk:  # pre-written 'dispatched' with the counts it ends with
+            assert before[other] == replace(final_pages[other], completed=0, failed=0)
+            assert before[other].pending == before[other].dispatched > 0
+        assert attempts[page - 1] == attempts[page] == 2  # the chunk's pages ran again
+    assert {p: n for p, n in attempts.items() if n != 1} == {3: 2, 4: 2, 9: 2, 10: 2}
     live = RedisCounters(url=redis_url).totals(FLOW, result.run_id)
     assert live == ledger_totals(store, result.run_id) == truth  # Redis counted pages once
 
@@ -224,8 +228,13 @@ def test_a_sigkilled_page_step_is_reexecuted_from_failure_and_counted_once(
         root = crashed.run_id
     assert int(marker.read_text()) != os.getpid()  # the handler died in a step process
     assert instance.get_run_by_id(root).status == dg.DagsterRunStatus.FAILURE
-    lost = fault_flows.PAGE_SIZE  # a quiet page: every record is a job of its own
-    assert store.page_counts(root)[CRASH_PAGE] == Counts(source=lost, dispatched=lost)
+    quiet = fault_flows.PAGE_SIZE  # a quiet page: every record is a job of its own
+    pages = store.page_counts(root)
+    assert pages[CRASH_PAGE] == Counts(source=quiet, dispatched=quiet)
+    # The step pre-wrote its whole chunk [4-7] and recorded none of it: all of it is pending.
+    assert all(pages[p].pending == pages[p].dispatched for p in range(4, 8))
+    lost = sum(counts.pending for counts in pages.values())
+    assert lost == sum(pages[p].dispatched for p in range(4, 8))  # other steps finished
     assert row_of(database_url, root).flow_status == "running"
 
     if tick_between:
@@ -401,9 +410,13 @@ def test_script_flush_between_pages_reloads_the_scripts_and_loses_nothing(
         assert result.success
         assert len(after_flush) == math.ceil(RECORDS / PAGE)  # one flush per page
         assert all(exists == [False, False] for exists in after_flush)
-        # Each later page claimed, and the page before it recorded, with reloaded scripts.
-        assert all(exists == [True, True] for exists in before_flush[1:])
-        assert client.script_exists(*shas) == [False, True]  # the last page's record
+        # A step claims its pages and records them 'dispatched' before its first handler,
+        # with scripts reloaded after the previous step's flushes; between its handlers
+        # no script runs.
+        for position, exists in enumerate(before_flush):
+            first_of_step = position % PAGES_PER_STEP == 0
+            assert exists == ([True, True] if first_of_step else [False, False]), position
+        assert client.script_exists(*shas) == [False, True]  # the last step's records
     finally:
         client.close()
     store = MetricsStore(url=database_url)

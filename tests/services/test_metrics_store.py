@@ -109,8 +109,33 @@ def test_finish_page_updates_the_pre_written_page_only(store: MetricsStore) -> N
     assert store.claimed_keys("run-1") == {"p0-k0": 0, "p0-k1": 0, "p0-k2": 0}
     assert [r.reason for r in store.rejected_records("run-1")] == ["missing id"]
     assert [(f.record_key, f.error) for f in store.job_failures("run-1")] == [("p0-k1", "HTTP 500")]
-    with pytest.raises(ValueError, match="page 1 of run 'run-1' was not recorded"):
+    with pytest.raises(ValueError, match=r"pages \[1\] of run 'run-1' were not recorded"):
         store.finish_page("run-1", _page(1, Counts(source=1, dispatched=1, completed=1)))
+
+
+def test_finish_pages_records_a_steps_pages_at_once_or_none_of_them(store: MetricsStore) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    store.record_pages(
+        "run-1", [_page(n, Counts(source=2, dispatched=2), "dispatched") for n in (0, 1)]
+    )
+    done = [
+        _page(0, Counts(source=2, dispatched=2, completed=2)),
+        _page(
+            1,
+            Counts(source=2, dispatched=2, completed=1, failed=1),
+            failures=[JobFailure("p1-k0", "HTTP 500")],
+        ),
+    ]
+    unknown = _page(7, Counts(source=1, dispatched=1, completed=1))
+
+    with pytest.raises(ValueError, match=r"pages \[7\] of run 'run-1' were not recorded"):
+        store.finish_pages("run-1", [*done, unknown])
+    assert store.page_totals(["run-1"])["run-1"].pages_done == 0  # nothing written
+    store.finish_pages("run-1", done)
+
+    totals = store.page_totals(["run-1"])["run-1"]
+    assert totals == PageTotals(Counts(4, 4, 0, 0, 3, 1), pages_done=2, pages_seen=2)
+    assert [(f.record_key, f.page_index) for f in store.job_failures("run-1")] == [("p1-k0", 1)]
 
 
 def test_page_totals_sum_pages_per_run_and_give_zeros_to_runs_without_pages(

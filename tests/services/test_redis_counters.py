@@ -76,6 +76,36 @@ def test_retried_page_owns_its_keys_again(counters: RedisCounters, run_id: str) 
     assert counters.claim_page(FLOW, run_id, 1, ["b", "c"]) == [False, True]
 
 
+def test_a_page_larger_than_the_scripts_command_chunks_claims_exactly(
+    counters: RedisCounters, run_id: str, redis_url: str
+) -> None:
+    # 2,600 keys: more than two of the script's 1,000-key HMGET/HSET chunks, with keys of
+    # page 0 and repeats within the page spread over every chunk.
+    counters.claim_page(FLOW, run_id, 0, [f"k{n}" for n in range(0, 3000, 7)])
+    keys = [f"k{n % 2300}" for n in range(2600)]
+    expected = [n < 2300 and n % 7 != 0 for n in range(2600)]
+
+    assert counters.claim_page(FLOW, run_id, 1, keys) == expected
+    assert counters.claim_page(FLOW, run_id, 1, keys) == expected  # a retry: the same
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    meta, seen = run_key(FLOW, run_id, "meta"), run_key(FLOW, run_id, "seen")
+    assert int(client.hget(meta, "claims") or 0) == client.hlen(seen) == 429 + 2300 - 329
+    client.close()
+
+
+def test_keys_with_any_characters_are_claimed_as_the_exact_strings(
+    counters: RedisCounters, run_id: str, redis_url: str
+) -> None:
+    # The keys travel as one JSON argument: what lands in Redis must be each key's exact
+    # UTF-8 bytes, as a rebuild from the ledger writes them.
+    odd = ["ключ", "a\nb", "a\u0000b", '"quoted"', "back\\slash", "[1,2]", "😀", " "]
+    assert counters.claim_page(FLOW, run_id, 4, [*odd, "ключ"]) == [True] * len(odd) + [False]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    seen = run_key(FLOW, run_id, "seen")
+    assert client.hgetall(seen) == dict.fromkeys(odd, "4")
+    client.close()
+
+
 def test_empty_page_claims_nothing(counters: RedisCounters, run_id: str) -> None:
     assert counters.claim_page(FLOW, run_id, 3, []) == []
 

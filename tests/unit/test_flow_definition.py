@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import timedelta
 
 import dagster as dg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flow_assets.dispatch import JobBatch
 from flow_assets.errors import FlowDefinitionError
@@ -120,6 +123,30 @@ def test_validation_keys_good_records_and_rejects_the_rest_with_reasons() -> Non
     }
     assert "over max_record_bytes=300" in reasons[7]
     assert page.rejects[0].raw == '{"name": "no key"}'
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.just(10**600),  # 601 digits: over the key length limit
+    st.floats(allow_nan=False),
+    st.text(max_size=3),
+    st.sampled_from(["", "x" * 512, "x" * 513]),
+    st.lists(st.integers(), max_size=2),
+)
+_RECORDS = st.one_of(
+    st.dictionaries(st.sampled_from(["id", "name"]), _VALUES, max_size=2),
+    st.dictionaries(st.just("id"), _VALUES, max_size=1).map(OrderedDict),  # a Mapping, not a dict
+    _VALUES,
+)
+
+
+@given(st.lists(_RECORDS, max_size=25))
+def test_the_fast_path_keys_and_rejects_exactly_like_the_general_one(records: list[object]) -> None:
+    fast = validate_records(records, "id")
+    general = validate_records(records, "id", max_record_bytes=10**9)  # never over: same rules
+    assert fast == general
 
 
 def test_key_function_errors_reject_the_record() -> None:
