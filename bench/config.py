@@ -59,7 +59,7 @@ FULL = Sizes(
     finalizer_history_rows=1_000_000,
     profile_pages=100,
     repeats=2,
-    finalizer_max_ticks=8,
+    finalizer_max_ticks=12,
     finalizer_profile_runs=1000,
 )
 

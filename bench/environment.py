@@ -24,7 +24,6 @@ from typing import Any
 import psutil
 import psycopg
 import redis
-import yaml
 
 from tests.servers import PostgresServer, RedisServer, start_postgres, start_redis
 
@@ -71,24 +70,7 @@ class BenchServers:
         """A DAGSTER_HOME whose ``dagster.yaml`` puts all storage on a fresh PG database."""
         url = self.new_database(prefix)
         home = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.workdir))
-        config = {
-            "storage": {
-                "postgres": {
-                    "postgres_db": {
-                        "username": "postgres",
-                        "hostname": "127.0.0.1",
-                        "port": self.postgres.port,
-                        "db_name": url.rsplit("/", 1)[1],
-                        # dagster-postgres is built on psycopg2; SQLAlchemy 2.1 would map a
-                        # plain postgresql:// URL to psycopg 3.
-                        "scheme": "postgresql+psycopg2",
-                    }
-                }
-            },
-            "telemetry": {"enabled": False},
-        }
-        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
-        return home
+        return self.postgres.dagster_home(home, url.rsplit("/", 1)[1])
 
 
 def psycopg_url(sqlalchemy_url: str) -> str:

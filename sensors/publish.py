@@ -26,7 +26,7 @@ from resources.redis_counters import RedisCounters
 log = logging.getLogger(__name__)
 STATUS_TAG = "flow/status"
 STATUS_CHECK = "flow_status"
-PUBLISH_CHUNK = 100  # runs per event-log batch and per mark_published (~0.4 s)
+PUBLISH_CHUNK = 250  # runs per event-log batch and per mark_published (about 1 s)
 _SEVERITY = {
     "partial_success": dg.AssetCheckSeverity.WARN,
     "cancelled": dg.AssetCheckSeverity.WARN,

@@ -130,30 +130,10 @@ def postgres_instance(
     """A Dagster instance whose run, event log and schedule storage is a fresh PostgreSQL
     database (dagster-postgres), dropped after the test."""
     import dagster as dg
-    import yaml
 
     name = f"dagster_{tmp_path.name[-12:].replace('-', '_').lower()}"
     postgres_server.create_database(name)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    port = int(postgres_server.admin_url.rsplit(":", 1)[1].split("/", 1)[0])
-    config = {
-        "storage": {
-            "postgres": {
-                "postgres_db": {
-                    "username": "postgres",
-                    "hostname": "127.0.0.1",
-                    "port": port,
-                    "db_name": name,
-                    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; dagster-postgres
-                    # is built on psycopg2.
-                    "scheme": "postgresql+psycopg2",
-                }
-            }
-        },
-        "telemetry": {"enabled": False},
-    }
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    home = postgres_server.dagster_home(tmp_path / "dagster_home", name)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         yield instance
     postgres_server.drop_database(name)

@@ -315,6 +315,31 @@ class PostgresServer:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
 
+    def dagster_home(self, home: Path, db_name: str) -> Path:
+        """Write ``home/dagster.yaml`` putting a Dagster instance's run, event log and
+        schedule storage in database ``db_name`` of this server (dagster-postgres)."""
+        import yaml
+
+        config = {
+            "storage": {
+                "postgres": {
+                    "postgres_db": {
+                        "username": PG_USER,
+                        "hostname": HOST,
+                        "port": self.port,
+                        "db_name": db_name,
+                        # SQLAlchemy 2.1 maps a plain postgresql:// URL to psycopg 3;
+                        # dagster-postgres is built on psycopg2.
+                        "scheme": "postgresql+psycopg2",
+                    }
+                }
+            },
+            "telemetry": {"enabled": False},
+        }
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+        return home
+
     def drop_database(self, name: str) -> None:
         """Drop database ``name`` if it exists, closing its open connections."""
         with self._connect() as conn:

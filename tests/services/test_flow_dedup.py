@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -16,11 +15,12 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.errors import FlowDefinitionError, HandlerError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
-from flow_assets.sources.base import Page, PageRef
+from flow_assets.sources.base import Page
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from resources.schema import flow_dispatched_keys
+from tests.flowkit import NoSource
 
 FLOW = "orders"
 
@@ -106,19 +106,6 @@ def test_concurrent_runs_each_key_is_owned_exactly_once(store: MetricsStore) -> 
             assert table[key] == (run, page_index)
 
 
-class ListSource:
-    """An in-memory source (the Flow needs one; process_page is given pages directly)."""
-
-    def plan(self, partition_key: str | None) -> list[PageRef] | None:
-        return None
-
-    def fetch(self, ref: PageRef) -> Page:
-        raise NotImplementedError
-
-    def pages(self, partition_key: str | None) -> Iterator[Page]:
-        return iter(())
-
-
 def page_of(index: int, ids: list[object]) -> Page:
     return Page(index, [{"id": i} for i in ids])
 
@@ -135,7 +122,7 @@ def test_the_page_step_skips_keys_of_other_runs_and_keeps_its_own(
             batch.fail(batch.keys[0], "downstream said no")
             raise ConnectionError("crash after the first job (first attempt of run-b)")
 
-    flow = Flow(name=FLOW, source=ListSource(), key="id", handler=handler, dedup="flow")
+    flow = Flow(name=FLOW, source=NoSource(), key="id", handler=handler, dedup="flow")
     first, second = f"run-{uuid.uuid4().hex[:8]}", f"run-{uuid.uuid4().hex[:8]}"
     for run in (first, second):
         store.start_run(run, FLOW, None, datetime.now(timezone.utc))
@@ -158,4 +145,4 @@ def test_the_page_step_skips_keys_of_other_runs_and_keeps_its_own(
 @pytest.mark.parametrize("scope", ["global", "", None, "FLOW"])
 def test_an_unknown_dedup_scope_is_refused_naming_the_valid_ones(scope: object) -> None:
     with pytest.raises(FlowDefinitionError, match=r"dedup=.*expected 'run' or 'flow'"):
-        Flow(name=FLOW, source=ListSource(), key="id", handler=print, dedup=scope)  # type: ignore[arg-type]
+        Flow(name=FLOW, source=NoSource(), key="id", handler=print, dedup=scope)  # type: ignore[arg-type]

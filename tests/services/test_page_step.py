@@ -5,7 +5,7 @@ Redis, the ledger on real SQLite and PostgreSQL; the handlers are the test's own
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import pytest
@@ -14,10 +14,11 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_pages
-from flow_assets.sources.base import Page, PageRef
+from flow_assets.sources.base import Page
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
+from tests.flowkit import NoSource
 
 pytestmark = pytest.mark.services
 FLOW = "step_flow"
@@ -32,19 +33,6 @@ DISPATCHED = {
     1: Counts(source=3, dispatched=1, skipped=1, rejected=1),
     2: Counts(source=2, dispatched=2),
 }
-
-
-class NoSource:
-    """The Flow needs a source; process_pages is given its pages."""
-
-    def plan(self, partition_key: str | None) -> list[PageRef] | None:
-        return None
-
-    def fetch(self, ref: PageRef) -> Page:
-        raise NotImplementedError
-
-    def pages(self, partition_key: str | None) -> Iterator[Page]:
-        return iter(())
 
 
 class Crash(BaseException):
