@@ -58,7 +58,7 @@ FULL = Sizes(
     finalizer_runs=10_000,
     finalizer_history_rows=1_000_000,
     profile_pages=100,
-    repeats=2,
+    repeats=3,
     finalizer_max_ticks=12,
     finalizer_profile_runs=1000,
 )

@@ -1,15 +1,14 @@
 """Figure 3: the ``finalize_flow_runs`` sensor on many runs ready to finalize, with and
 without a long finished history in ``flow_metrics``.
 
-Setup (not timed): one Dagster instance on PostgreSQL holding a SUCCESS ``DagsterRun``
-record per ready run (``instance.add_run`` from a few threads: the records the finalizer
-looks up, without executing thousands of jobs). Per scenario, a fresh ledger database with
-``history`` older finished and published runs (a ``flow_metrics`` row and a page row each,
-inserted server-side from ``generate_series``) plus the ready runs (``running``, extraction
-done, one ``done`` page row; COPY), and their live counters in Redis (``RedisCounters``).
-An untimed warm-up tick goes first; then the scenario without history: the one with history
-meets a Dagster event log already holding the first scenario's events, a bias against the
-goal, not for it.
+Setup (not timed), per scenario: a fresh Dagster instance on PostgreSQL holding a SUCCESS
+``DagsterRun`` record per ready run (``instance.add_run`` from a few threads: the records
+the finalizer looks up, without executing thousands of jobs), so that both scenarios
+publish into equally empty Dagster storage and differ only in the ledger; a fresh ledger
+database with ``history`` older finished and published runs (a ``flow_metrics`` row and a
+page row each, inserted server-side from ``generate_series``) plus the ready runs
+(``running``, extraction done, one ``done`` page row; COPY), and their live counters in
+Redis (``RedisCounters``). An untimed warm-up tick on the instance goes first.
 
 Timed: real sensor ticks, as the daemon evaluates them, until every run is final and
 published, at most ``max_ticks`` per scenario (the goal's horizon for finalizing is 2

@@ -109,7 +109,8 @@ local keys = cjson.decode(ARGV[3])
 -- keep each command's arguments within Lua's stack limit.
 local owners = {}
 for first = 1, #keys, CHUNK do
-    local got = redis.call('HMGET', KEYS[2], unpack(keys, first, math.min(first + CHUNK - 1, #keys)))
+    local last = math.min(first + CHUNK - 1, #keys)
+    local got = redis.call('HMGET', KEYS[2], unpack(keys, first, last))
     for j = 1, #got do
         owners[first + j - 1] = got[j]
     end
