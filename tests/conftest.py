@@ -7,6 +7,7 @@ database, a fresh SQLite file.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         if tier in TIERS:
             item.add_marker(tier)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_flow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests never use the repository's ``.flow_home``: FLOW_HOME defaults to a session
+    directory (a test's own ``flow_home`` overrides it), and an embedded Redis that some
+    code under test started there is stopped at the end instead of outliving the session."""
+    from resources.embedded_redis import stop_embedded_redis
+
+    home = tmp_path_factory.mktemp("home")
+    previous = os.environ.get("FLOW_HOME")
+    os.environ["FLOW_HOME"] = str(home)
+    yield home
+    stop_embedded_redis(home)
+    if previous is None:
+        os.environ.pop("FLOW_HOME", None)
+    else:
+        os.environ["FLOW_HOME"] = previous
 
 
 @pytest.fixture(scope="session")
