@@ -33,7 +33,7 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
-		.tmp_services bench/.work
+		.tmp_services bench/.work bench/quick
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

@@ -162,13 +162,14 @@ HOW_TO_RUN = [
     "",
     "```",
     "make bench                  # full run, < 20 min: the figures of record",
-    "BENCH_QUICK=1 make bench    # smaller sizes, < 3 min: checks the harness works",
+    "BENCH_QUICK=1 make bench    # smaller sizes, < 3 min: checks the harness (bench/quick/)",
     "```",
     "",
     "The harness (`bench/run.py`) starts its own Redis and PostgreSQL with `tests/servers.py`"
     " in a temp dir (PostgreSQL needs its binaries, as for `make test`) and stops them at the"
-    " end, also on errors and Ctrl-C. It prints the table and rewrites `bench/results.json`"
-    " (figure -> number, plus machine, versions, timestamp, sizes) and this file. Run it on"
+    " end, also on errors and Ctrl-C. It prints the table and rewrites `results.json`"
+    " (figure -> number, plus machine, versions, timestamp, sizes) and this file, in `bench/`"
+    " (`bench/quick/` for a quick run, so it never overwrites the figures of record). Run it on"
     " an otherwise idle machine: round-trip-bound figures (the baselines, the finalizer)"
     " suffer most from a busy CPU. Modules: `environment` (servers, machine), `data`"
     " (records, pages, JSONL), `hotpath` + `memory` + `baselines` (figures 1, 4, 5),"

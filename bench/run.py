@@ -1,7 +1,8 @@
 """``python -m bench.run`` (``make bench``): run every benchmark, print and write the results.
 
-``BENCH_QUICK=1`` runs smaller sizes (< 3 min) to check the harness; the full run (< 20 min
-on an idle 2-core machine) gives the figures of record. Figures and goals: issue 5.
+``BENCH_QUICK=1`` runs smaller sizes (< 3 min) to check the harness and writes under
+``bench/quick/`` (not committed); the full run (< 20 min on an idle 2-core machine) gives the
+figures of record in ``bench/results.json`` and ``bench/RESULTS.md``. Figures and goals: issue 5.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bench.environment import (
     redis_version,
 )
 from bench.reading import reading
-from bench.report import Results, print_table, write_json, write_markdown
+from bench.report import BENCH_DIR, Results, print_table, write_json, write_markdown
 from sensors.sensor import DEFAULT_TICK_BUDGET_SECONDS
 
 Section = Callable[[BenchServers, Results], None]
@@ -203,7 +204,14 @@ def main() -> int:
         console.print("interrupted: servers stopped, no results written")
         return 130
     print_table(results, console)
-    for path in (write_json(results), write_markdown(results, reading(results))):
+    # A quick run must not overwrite the committed figures of record.
+    out_dir = BENCH_DIR / "quick" if sizes.quick else BENCH_DIR
+    out_dir.mkdir(exist_ok=True)
+    written = (
+        write_json(results, out_dir / "results.json"),
+        write_markdown(results, reading(results), out_dir / "RESULTS.md"),
+    )
+    for path in written:
         console.log(f"wrote {path}")
     for error in errors:
         console.print(f"[bold red]failed[/]: {error}")
