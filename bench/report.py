@@ -72,8 +72,17 @@ def print_table(results: Results, console: Console) -> None:
     console.print(table)
 
 
-def write_json(results: Results, path: Path = BENCH_DIR / "results.json") -> Path:
+def output_dir(sizes: Sizes) -> Path:
+    """``bench/`` for the figures of record; a quick run writes ``bench/quick/`` (not
+    committed) so it never overwrites them."""
+    directory = BENCH_DIR / "quick" if sizes.quick else BENCH_DIR
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+def write_json(results: Results) -> Path:
     """One object: figure name -> number, plus the context keys."""
+    path = output_dir(results.sizes) / "results.json"
     figures = {k: (v if math.isfinite(v) else None) for k, v in results.figures.items()}
     payload = {
         **figures,
@@ -91,10 +100,9 @@ def _profile_table(shares: list[Share]) -> list[str]:
     return lines
 
 
-def write_markdown(
-    results: Results, reading: list[str], path: Path = BENCH_DIR / "RESULTS.md"
-) -> Path:
+def write_markdown(results: Results, reading: list[str]) -> Path:
     ctx, sizes = results.context, results.sizes
+    path = output_dir(sizes) / "RESULTS.md"
     kind = (
         "QUICK run (BENCH_QUICK=1): reduced sizes, not the figures of record"
         if sizes.quick

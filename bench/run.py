@@ -27,7 +27,7 @@ from bench.environment import (
     redis_version,
 )
 from bench.reading import reading
-from bench.report import BENCH_DIR, Results, print_table, write_json, write_markdown
+from bench.report import Results, print_table, write_json, write_markdown
 from sensors.sensor import DEFAULT_TICK_BUDGET_SECONDS
 
 Section = Callable[[BenchServers, Results], None]
@@ -204,14 +204,7 @@ def main() -> int:
         console.print("interrupted: servers stopped, no results written")
         return 130
     print_table(results, console)
-    # A quick run must not overwrite the committed figures of record.
-    out_dir = BENCH_DIR / "quick" if sizes.quick else BENCH_DIR
-    out_dir.mkdir(exist_ok=True)
-    written = (
-        write_json(results, out_dir / "results.json"),
-        write_markdown(results, reading(results), out_dir / "RESULTS.md"),
-    )
-    for path in written:
+    for path in (write_json(results), write_markdown(results, reading(results))):
         console.log(f"wrote {path}")
     for error in errors:
         console.print(f"[bold red]failed[/]: {error}")

@@ -7,7 +7,6 @@ database, a fresh SQLite file.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
+from resources.embedded_redis import stop_embedded_redis
 from tests.servers import PostgresServer, RedisServer, start_postgres, start_redis
 
 if TYPE_CHECKING:
@@ -43,17 +43,11 @@ def _session_flow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     """Tests never use the repository's ``.flow_home``: FLOW_HOME defaults to a session
     directory (a test's own ``flow_home`` overrides it), and an embedded Redis that some
     code under test started there is stopped at the end instead of outliving the session."""
-    from resources.embedded_redis import stop_embedded_redis
-
     home = tmp_path_factory.mktemp("home")
-    previous = os.environ.get("FLOW_HOME")
-    os.environ["FLOW_HOME"] = str(home)
-    yield home
-    stop_embedded_redis(home)
-    if previous is None:
-        os.environ.pop("FLOW_HOME", None)
-    else:
-        os.environ["FLOW_HOME"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLOW_HOME", str(home))
+        yield home
+        stop_embedded_redis(home)
 
 
 @pytest.fixture(scope="session")
