@@ -40,7 +40,7 @@ def measured_run(
     before = used_memory(servers)
     run = hot.run(pages)
     grown = used_memory(servers) - before
-    hot.store.mark_extraction_done(run.run_id, len(pages))
+    hot.store.record_plan(run.run_id, len(pages), None)
     status = _finalize(hot, run.run_id)
     if status is None:
         raise RuntimeError(f"the finalizer did not finalize hot-path run {run.run_id}")

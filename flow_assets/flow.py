@@ -14,6 +14,7 @@ from flow_assets.errors import FlowDefinitionError
 from flow_assets.rq_dispatch import RqDispatch, handler_path, resolve_dispatch
 from flow_assets.sources.base import Source
 from resources.names import InvalidNameError, validate_name
+from resources.run_policy import RunPolicy
 from sensors.classify import Tolerance
 
 KeySpec = str | Callable[[Mapping[str, Any]], Hashable]
@@ -22,7 +23,7 @@ Handler = Callable[[JobBatch], None]
 _OPTIONS = (
     "name", "source", "key", "handler", "partitions", "schedule", "max_failed_jobs", "group",
     "pages_per_step", "retry_policy", "deadline", "max_record_bytes", "description", "dedup",
-    "dispatch",
+    "dispatch", "keep_failed_keys", "rerun_partitions",
 )  # fmt: skip
 DEDUP_SCOPES = ("run", "flow")
 
@@ -64,6 +65,11 @@ class Flow:
             flow and ``rq worker`` processes run the handler (it must be a top-level
             function of an importable module); the run is finalized when the last job
             ends. See ``flow_assets.rq_worker`` for running workers.
+        keep_failed_keys: with ``dedup="flow"``, keep the keys of failed jobs claimed when
+            a run is final, so later runs skip them too (default False: they are released
+            and the next run dispatches them again).
+        rerun_partitions: let the schedule launch a partition again although it already
+            has a successful run (``completed`` or ``partial_success``); default False.
 
     Examples:
         >>> from flow_assets import Flow, FileSource
@@ -94,6 +100,8 @@ class Flow:
         description: str | None = None,
         dedup: str = "run",
         dispatch: str | RqDispatch = "inline",
+        keep_failed_keys: bool = False,
+        rerun_partitions: bool = False,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -150,6 +158,24 @@ class Flow:
         )
         self.rq: RqDispatch | None = resolve_dispatch(dispatch, handler)
         self.handler_path = handler_path(handler) if self.rq else None
+        self.keep_failed_keys: bool = _checked(
+            keep_failed_keys, isinstance(keep_failed_keys, bool), "keep_failed_keys", "a bool"
+        )
+        self.rerun_partitions: bool = _checked(
+            rerun_partitions, isinstance(rerun_partitions, bool), "rerun_partitions", "a bool"
+        )
+
+    def run_policy(self, code_location: str | None = None) -> RunPolicy:
+        """The policy each run of this flow records when it starts (and is decided by)."""
+        return RunPolicy(
+            max_failed_jobs=self.tolerance.max_failed_jobs,
+            deadline_seconds=self.deadline.total_seconds(),
+            dedup=self.dedup,
+            keep_failed_keys=self.keep_failed_keys,
+            dispatch="rq" if self.rq else "inline",
+            queue=self.queue_name,
+            code_location=code_location,
+        )
 
     @property
     def job_name(self) -> str:

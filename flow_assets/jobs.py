@@ -19,9 +19,11 @@ from typing import TypeVar
 import dagster as dg
 
 from flow_assets.flow import Flow
+from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef
 from resources.metrics_store import MetricsStore
+from resources.page_ranges import missing_pages_text
 from resources.redis_counters import RedisCounters
 
 COUNTERS_KEY = "redis_counters"
@@ -64,10 +66,17 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
         store: MetricsStore = getattr(context.resources, STORE_KEY)
         counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
         run_id = flow_run_id(context)
-        store.start_run(run_id, flow.name, partition_key, datetime.now(timezone.utc))
+        policy = flow.run_policy(_code_location(context.run))
+        store.start_run(run_id, flow.name, partition_key, datetime.now(timezone.utc), policy)
         counters.start_run(flow.name, run_id)
+        pages_total, reported_total = 0, None
         for chunk in _chunks(flow, partition_key):
+            pages_total += len(chunk)
+            reported_total = _reported_total(chunk) or reported_total
             yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
+        # Dagster starts the mapped steps once this op has returned: the plan is in the
+        # ledger before any page is, and extraction is done when each page has its row.
+        store.record_plan(run_id, pages_total, reported_total)
 
     @dg.op(
         name=f"{flow.name}_pages",
@@ -82,22 +91,30 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
         run_id = flow_run_id(context)
         # Dagster will not retry this attempt: a handler error then fails the page's jobs.
         final_attempt = context.retry_number >= flow.retry_policy.max_retries
-        pages = chunk.pages or [flow.source.fetch(ref) for ref in chunk.refs]
-        process_pages(flow, run_id, pages, counters, store, final_attempt=final_attempt)
+        with heartbeat(store, run_id, heartbeat_interval(flow.deadline)):
+            pages = chunk.pages or [flow.source.fetch(ref) for ref in chunk.refs]
+            process_pages(flow, run_id, pages, counters, store, final_attempt=final_attempt)
         return len(chunk)
 
     @dg.op(
         name=f"{flow.name}_collect",
         required_resource_keys={STORE_KEY},
-        description="Mark extraction done once every chunk was processed.",
+        description="Check that every planned page has its row in the ledger.",
         tags=tags,
     )
     def collect(context: dg.OpExecutionContext, pages_per_chunk: list[int]) -> None:
-        pages_total = sum(pages_per_chunk)
-        getattr(context.resources, STORE_KEY).mark_extraction_done(
-            flow_run_id(context), pages_total
-        )
-        context.log.info(f"flow {flow.name}: extraction done, {pages_total} pages")
+        store: MetricsStore = getattr(context.resources, STORE_KEY)
+        run_id = flow_run_id(context)
+        missing = store.missing_pages(run_id)
+        if missing:
+            # A re-execution from failure re-runs failed steps only: steps that never
+            # started (orchestrator died, run terminated) are out of its reach.
+            raise dg.Failure(
+                f"flow {flow.name}: {missing_pages_text(missing)} of the plan never ran in"
+                " this run; re-execute all steps (not from failure) to read them"
+            )
+        store.mark_extraction_done(run_id)
+        context.log.info(f"flow {flow.name}: extraction done, {sum(pages_per_chunk)} pages")
 
     @dg.graph(name=f"{flow.name}_graph", description=flow.description)
     def flow_graph() -> None:
@@ -130,6 +147,17 @@ def flow_run_id(context: dg.OpExecutionContext) -> str:
         )
     getattr(context.resources, STORE_KEY).reopen(root)
     return root
+
+
+def _code_location(run: dg.DagsterRun) -> str | None:
+    """The code location that launched the run (None for in-process executions)."""
+    origin = run.remote_job_origin
+    return origin.location_name if origin is not None else None
+
+
+def _reported_total(chunk: PageChunk) -> int | None:
+    totals = [p.reported_total for p in (*chunk.refs, *chunk.pages) if p.reported_total]
+    return max(totals) if totals else None
 
 
 def _chunks(flow: Flow, partition_key: str | None) -> Iterator[PageChunk]:

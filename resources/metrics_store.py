@@ -15,6 +15,7 @@ from resources import db, flow_key_queries, job_queries, migrations
 from resources import store_queries as q
 from resources.counts import Counts
 from resources.redaction import redact_text
+from resources.run_policy import RunPolicy
 from resources.schema import FINAL_STATUSES
 from resources.store_records import (
     FinalState,
@@ -34,6 +35,7 @@ __all__ = [
     "PageRecord",
     "PageTotals",
     "RejectedRecord",
+    "RunPolicy",
     "RunRow",
     "StoredFailure",
     "StoredReject",
@@ -139,12 +141,47 @@ class MetricsStore(ConfigurableResource):
     # --- writes ------------------------------------------------------------------------
 
     def start_run(
-        self, run_id: str, flow_name: str, partition_key: str | None, started_at: datetime
+        self,
+        run_id: str,
+        flow_name: str,
+        partition_key: str | None,
+        started_at: datetime,
+        policy: RunPolicy | None = None,
     ) -> None:
-        """Insert the run as ``running``; calling it again (a retried plan op) changes nothing."""
+        """Insert the run as ``running`` with its flow's policy; calling it again (a retried
+        plan op) changes nothing."""
         _aware(started_at, "started_at")
         with self._tx(write=True) as conn:
-            q.insert_run(conn, run_id, flow_name, partition_key, started_at)
+            q.insert_run(
+                conn, run_id, flow_name, partition_key, started_at, policy and policy.to_json()
+            )
+
+    def record_plan(self, run_id: str, pages_total: int, reported_total: int | None) -> None:
+        """The plan fanned out pages ``0 .. pages_total - 1`` (extraction is done when each
+        has a row); ``reported_total``: the record count the source reported, if any."""
+        with self._tx(write=True) as conn:
+            if q.record_plan(conn, run_id, pages_total, reported_total, _now()) == 0:
+                raise _unknown_run(run_id)
+
+    def missing_pages(self, run_id: str) -> list[int] | None:
+        """Planned pages without a row in the ledger; None while no plan is recorded."""
+        with self._tx(write=False) as conn:
+            return q.missing_pages(conn, run_id)
+
+    def heartbeat(self, run_id: str) -> bool:
+        """A step of the run is alive (the finalizer's deadline counts from the last one)."""
+        with self._tx(write=True) as conn:
+            return q.heartbeat(conn, run_id, _now()) == 1
+
+    def note_source_down(self, run_id: str, message: str) -> bool:
+        """A step found the source down (retries spent): the run's other steps fail fast."""
+        with self._tx(write=True) as conn:
+            return q.note_source_down(conn, run_id, message) == 1
+
+    def source_down(self, run_id: str) -> str | None:
+        """The error a step of the run recorded when it found the source down, if any."""
+        with self._tx(write=False) as conn:
+            return q.source_down(conn, run_id)
 
     def record_pages(self, run_id: str, pages: Sequence[PageRecord]) -> None:
         """Record page outcomes, replacing any earlier attempt of the same pages.
@@ -218,10 +255,10 @@ class MetricsStore(ConfigurableResource):
                 f" {redact_text(str(exc.orig))}. Call start_run for the run first."
             ) from exc
 
-    def mark_extraction_done(self, run_id: str, pages_total: int) -> None:
-        """The source is exhausted: ``pages_total`` pages exist."""
+    def mark_extraction_done(self, run_id: str) -> None:
+        """Collect's hint that every step ran; the finalizer proves it from the page rows."""
         with self._tx(write=True) as conn:
-            if q.mark_extraction_done(conn, run_id, pages_total, _now()) == 0:
+            if q.mark_extraction_done(conn, run_id, _now()) == 0:
                 raise _unknown_run(run_id)
 
     def finalize(
@@ -234,10 +271,18 @@ class MetricsStore(ConfigurableResource):
         finished_at: datetime,
         failure_reason: str | None = None,
         counter_mismatch: str | None = None,
+        runtime_ms: int | None = None,
     ) -> bool:
         """Write the final state if the run is still ``running``; True only for the winner."""
         final = FinalState(
-            run_id, status, counts, pages_done, finished_at, failure_reason, counter_mismatch
+            run_id,
+            status,
+            counts,
+            pages_done,
+            finished_at,
+            failure_reason,
+            counter_mismatch,
+            runtime_ms,
         )
         return self.finalize_many([final]) == [run_id]
 
@@ -269,6 +314,18 @@ class MetricsStore(ConfigurableResource):
         finalizer classifies the re-execution's outcome. True if the row changed."""
         with self._tx(write=True) as conn:
             return q.reopen(conn, run_id, _now()) == 1
+
+    def awaiting_dagster_runs(self, limit: int) -> list[RunRow]:
+        """Runs finalized as stalled while their Dagster run was still in progress."""
+        with self._tx(write=False) as conn:
+            return q.awaiting_dagster_runs(conn, limit)
+
+    def stop_awaiting(self, run_ids: Sequence[str]) -> int:
+        """Their Dagster runs ended without success: the stalled verdicts stand."""
+        if not run_ids:
+            return 0
+        with self._tx(write=True) as conn:
+            return q.stop_awaiting(conn, run_ids)
 
     def mark_published(self, run_ids: Sequence[str], at: datetime) -> int:
         """Mark final runs as reported to Dagster; returns how many rows changed."""

@@ -50,6 +50,7 @@ NAMING_CONVENTION: dict[str, str] = {
 # prepared statement switches to a generic plan. Queries import these constants.
 RUNNING_PREDICATE = "flow_status = 'running'"
 UNPUBLISHED_PREDICATE = "published_at IS NULL AND flow_status <> 'running'"
+AWAITING_PREDICATE = "awaiting_dagster"
 
 VERSION_TABLE = "flow_metrics_alembic_version"
 """Alembic's version table; not ``alembic_version``, which Dagster's own storage uses."""
@@ -118,6 +119,12 @@ flow_metrics = Table(
     # Added by migration 0003, hence after updated_at in every database.
     Column("counter_mismatch", Text, nullable=True),
     Column("published_at", UTCDateTime, nullable=True),
+    # Added by migration 0006.
+    Column("run_policy", Text, nullable=True),  # the flow's policy as JSON (RunPolicy)
+    Column("awaiting_dagster", Boolean, nullable=False, server_default=false()),
+    Column("source_reported_total", BigInteger, nullable=True),
+    Column("source_down", Text, nullable=True),
+    Column("revision", Integer, nullable=False, server_default=text("0")),
     CheckConstraint(f"flow_status IN ({_in_list(FLOW_STATUSES)})", name="flow_status"),
     # The finalizer's hot queries touch only unfinished or unpublished rows: partial
     # indexes keep them as small as the live work, however long the history grows.
@@ -134,6 +141,13 @@ flow_metrics = Table(
         "run_id",
         sqlite_where=text(UNPUBLISHED_PREDICATE),
         postgresql_where=text(UNPUBLISHED_PREDICATE),
+    ),
+    # Runs decided while their Dagster run was still in progress (stalled): re-checked.
+    Index(
+        "ix_flow_metrics_awaiting_dagster",
+        "run_id",
+        sqlite_where=text(AWAITING_PREDICATE),
+        postgresql_where=text(AWAITING_PREDICATE),
     ),
     Index("ix_flow_metrics_flow_name_started_at", "flow_name", "started_at"),
     Index("ix_flow_metrics_started_at", "started_at"),
@@ -190,6 +204,16 @@ flow_job_failures = Table(
     Index("ix_flow_job_failures_run_id_page_index", "run_id", "page_index"),
 )
 
+flow_run_keys = Table(
+    "flow_run_keys",
+    metadata,
+    # Which page of a run owns each record key: claimed in the pre-write transaction, so
+    # a key reaches the handler at most once per run whatever Redis loses (0006).
+    _run_id_key(),
+    Column("record_key", Text, primary_key=True),
+    Column("page_index", Integer, nullable=False),
+)
+
 flow_dispatched_keys = Table(
     "flow_dispatched_keys",
     metadata,
@@ -217,6 +241,8 @@ flow_async_jobs = Table(
     Column("state", String(16), nullable=False, server_default=text("'pending'")),
     Column("error", Text, nullable=True),
     Column("updated_at", UTCDateTime, nullable=False),
+    # An outcome that arrived after the run was final: recorded, not counted (0006).
+    Column("late_at", UTCDateTime, nullable=True),
     CheckConstraint(f"state IN ({_in_list(JOB_STATES)})", name="state"),
     # Totals group outcomes by (run, page): an index-only scan on PostgreSQL.
     Index("ix_flow_async_jobs_run_id_page_index_state", "run_id", "page_index", "state"),

@@ -32,6 +32,7 @@ from resources import job_queries
 from resources.counts import Counts
 from resources.schema import (
     PAGE_COUNT_COLUMNS,
+    AWAITING_PREDICATE,
     RUNNING_PREDICATE,
     UNPUBLISHED_PREDICATE,
     flow_job_failures,
@@ -119,8 +120,10 @@ def insert_run(
     flow_name: str,
     partition_key: str | None,
     started_at: datetime,
+    run_policy: str | None,
 ) -> None:
-    """Insert the run's row as ``running``; an existing row is left as it is."""
+    """Insert the run's row as ``running``; an existing row keeps its values, but gets the
+    policy if it had none (a row written by an older release)."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(_fm).values(
         run_id=run_id,
@@ -129,8 +132,15 @@ def insert_run(
         flow_status="running",
         started_at=started_at,
         updated_at=started_at,
+        run_policy=run_policy,
     )
     conn.execute(stmt.on_conflict_do_nothing(index_elements=["run_id"]))
+    if run_policy is not None:
+        conn.execute(
+            update(_fm)
+            .where(_fm.c.run_id == run_id, _fm.c.run_policy.is_(None))
+            .values(run_policy=run_policy)
+        )
 
 
 def replace_pages(conn: Connection, run_id: str, pages: Sequence[PageRecord], now: datetime) -> int:
@@ -227,13 +237,70 @@ _FINISH_PAGE = (
 )
 
 
-def mark_extraction_done(conn: Connection, run_id: str, pages_total: int, now: datetime) -> int:
+def record_plan(
+    conn: Connection, run_id: str, pages_total: int, reported_total: int | None, now: datetime
+) -> int:
+    """The plan fanned out pages ``0 .. pages_total - 1``; the source said it holds
+    ``reported_total`` records (None: it did not say)."""
     stmt = (
         update(_fm)
         .where(_fm.c.run_id == run_id)
-        .values(extraction_done=True, pages_total=pages_total, updated_at=now)
+        .values(pages_total=pages_total, source_reported_total=reported_total, updated_at=now)
     )
     return conn.execute(stmt).rowcount
+
+
+def missing_pages(conn: Connection, run_id: str) -> list[int] | None:
+    """Planned pages of the run with no row in the ledger; None if no plan is recorded."""
+    pages_total = conn.execute(
+        select(_fm.c.pages_total).where(_fm.c.run_id == run_id)
+    ).scalar_one_or_none()
+    if pages_total is None:
+        return None
+    seen = set(conn.execute(select(_pages.c.page_index).where(_pages.c.run_id == run_id)).scalars())
+    return [index for index in range(pages_total) if index not in seen]
+
+
+def mark_extraction_done(conn: Connection, run_id: str, now: datetime) -> int:
+    """Collect's hint that every step ran (the finalizer proves it from the page rows)."""
+    stmt = update(_fm).where(_fm.c.run_id == run_id).values(extraction_done=True, updated_at=now)
+    return conn.execute(stmt).rowcount
+
+
+def heartbeat(conn: Connection, run_id: str, now: datetime) -> int:
+    """A step of the running run is alive: its progress clock moves (stalled = silent)."""
+    stmt = update(_fm).where(_fm.c.run_id == run_id, text(RUNNING_PREDICATE)).values(updated_at=now)
+    return conn.execute(stmt).rowcount
+
+
+def note_source_down(conn: Connection, run_id: str, message: str) -> int:
+    """Keep the first "source is down" error of a running run (its other steps fail fast)."""
+    stmt = (
+        update(_fm)
+        .where(_fm.c.run_id == run_id, text(RUNNING_PREDICATE), _fm.c.source_down.is_(None))
+        .values(source_down=message)
+    )
+    return conn.execute(stmt).rowcount
+
+
+def source_down(conn: Connection, run_id: str) -> str | None:
+    stmt = select(_fm.c.source_down).where(_fm.c.run_id == run_id)
+    return conn.execute(stmt).scalar_one_or_none()
+
+
+def awaiting_dagster_runs(conn: Connection, limit: int) -> list[RunRow]:
+    """Final runs decided while their Dagster run was still in progress (stalled)."""
+    stmt = select(_fm).where(text(AWAITING_PREDICATE)).order_by(_fm.c.run_id).limit(limit)
+    return _run_rows(conn, stmt)
+
+
+def stop_awaiting(conn: Connection, run_ids: Sequence[str]) -> int:
+    """Their Dagster runs ended without success: the stalled verdict stands."""
+    changed = 0
+    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+        stmt = update(_fm).where(_fm.c.run_id.in_(chunk)).values(awaiting_dagster=False)
+        changed += conn.execute(stmt).rowcount
+    return changed
 
 
 def _run_rows(conn: Connection, stmt: Any) -> list[RunRow]:
@@ -348,21 +415,25 @@ _FINALIZE = (
     .where(_fm.c.run_id == bindparam("b_run_id"), text(RUNNING_PREDICATE))
     .values(
         {
-            column: bindparam(f"b_{column}")
-            for column in (
-                "flow_status",
-                "source_record_count",
-                "dispatched_jobs",
-                "skipped_records",
-                "rejected_records",
-                "completed_jobs",
-                "failed_jobs",
-                "pages_done",
-                "finished_at",
-                "total_runtime_ms",
-                "failure_reason",
-                "counter_mismatch",
-            )
+            "revision": _fm.c.revision + 1,
+            **{
+                column: bindparam(f"b_{column}")
+                for column in (
+                    "flow_status",
+                    "source_record_count",
+                    "dispatched_jobs",
+                    "skipped_records",
+                    "rejected_records",
+                    "completed_jobs",
+                    "failed_jobs",
+                    "pages_done",
+                    "finished_at",
+                    "total_runtime_ms",
+                    "failure_reason",
+                    "counter_mismatch",
+                    "awaiting_dagster",
+                )
+            },
         }
     )
 )
@@ -370,7 +441,9 @@ _FINALIZE = (
 
 def _final_values(final: FinalState, started_at: datetime) -> dict[str, Any]:
     counts = final.counts
-    runtime_ms = max(0, round((final.finished_at - started_at).total_seconds() * 1000))
+    runtime_ms = final.runtime_ms
+    if runtime_ms is None:
+        runtime_ms = max(0, round((final.finished_at - started_at).total_seconds() * 1000))
     return {
         "b_run_id": final.run_id,
         "b_flow_status": final.status,
@@ -385,6 +458,7 @@ def _final_values(final: FinalState, started_at: datetime) -> dict[str, Any]:
         "b_total_runtime_ms": runtime_ms,
         "b_failure_reason": final.failure_reason,
         "b_counter_mismatch": final.counter_mismatch,
+        "b_awaiting_dagster": final.awaiting_dagster,
     }
 
 
@@ -399,7 +473,9 @@ def note_counter_mismatch(conn: Connection, run_id: str, note: str) -> int:
 
 
 def reopen(conn: Connection, run_id: str, now: datetime) -> int:
-    """Put a failed or cancelled run back to ``running`` (its Dagster run is re-executed)."""
+    """Put a failed or cancelled run back to ``running`` (its Dagster run is re-executed,
+    or succeeded after the run was declared stalled). Its notes are cleared: the next
+    finalization writes them anew."""
     stmt = (
         update(_fm)
         .where(_fm.c.run_id == run_id, _fm.c.flow_status.in_(("failed", "cancelled")))
@@ -408,7 +484,11 @@ def reopen(conn: Connection, run_id: str, now: datetime) -> int:
             finished_at=None,
             total_runtime_ms=None,
             failure_reason=None,
+            counter_mismatch=None,
             published_at=None,
+            awaiting_dagster=False,
+            extraction_done=False,
+            source_down=None,
             updated_at=now,
         )
     )

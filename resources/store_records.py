@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from resources.counts import Counts
+from resources.run_policy import RunPolicy
 from resources.schema import PAGE_STATUSES
 
 
@@ -101,6 +102,9 @@ class FinalState:
         finished_at: when it was finalized (timezone-aware).
         failure_reason: why it did not complete, for a human.
         counter_mismatch: how Redis disagreed with the ledger, if it did.
+        runtime_ms: the run's working time (None: from its start to ``finished_at``).
+        awaiting_dagster: decided while the Dagster run was still in progress (stalled);
+            reopened if that Dagster run succeeds after all.
     """
 
     run_id: str
@@ -110,6 +114,8 @@ class FinalState:
     finished_at: datetime
     failure_reason: str | None = None
     counter_mismatch: str | None = None
+    runtime_ms: int | None = None
+    awaiting_dagster: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,16 @@ class RunRow:
     updated_at: datetime
     counter_mismatch: str | None
     published_at: datetime | None
+    run_policy: str | None = None
+    awaiting_dagster: bool = False
+    source_reported_total: int | None = None
+    source_down: str | None = None
+    revision: int = 0
+
+    @property
+    def policy(self) -> RunPolicy | None:
+        """The run's own policy, recorded when it started (None for older rows)."""
+        return RunPolicy.from_json(self.run_policy) if self.run_policy else None
 
     @property
     def counts(self) -> Counts:

@@ -27,10 +27,12 @@ class PageRef:
     Args:
         index: the page's 0-based position in the source.
         params: JSON-serialisable request parameters the source needs to fetch it.
+        reported_total: the record count the source said it holds, if it said so.
     """
 
     index: int
     params: Mapping[str, Any] = field(default_factory=dict)
+    reported_total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,14 @@ class Page:
         index: the page's 0-based position in the source.
         records: the raw records; validation happens in the page step.
         label: where the page came from, for logs and errors (no credentials).
+        reported_total: the record count the source said it holds (a total in the body,
+            an ``X-Total-Count`` header), if it said so.
     """
 
     index: int
     records: list[Any]
     label: str = ""
+    reported_total: int | None = None
 
 
 @runtime_checkable

@@ -315,7 +315,7 @@ class AccountingMachine(RuleBasedStateMachine):
 
     def _finalize_and_check(self) -> None:
         """End the run as the collect op and finalizer ticks would, and check the row."""
-        self.store.mark_extraction_done(self.run_id, len(self.model.latest))
+        self.store.record_plan(self.run_id, len(self.model.latest), None)
         run = dg.DagsterRun(
             job_name=f"{FLOW}_job", run_id=self.run_id, status=dg.DagsterRunStatus.SUCCESS
         )
@@ -394,7 +394,7 @@ def test_redis_equals_ledger_after_a_crashed_attempt(services: Services) -> None
     with pytest.raises(HandlerError):
         process_page(flow, run_id, fresh_page(0), counters, store)
     live, ledger = counters.totals(FLOW, run_id), store.page_totals([run_id])[run_id].counts
-    store.mark_extraction_done(run_id, 1)
+    store.record_plan(run_id, 1, None)
     instance.add_run(
         dg.DagsterRun(job_name=f"{FLOW}_job", run_id=run_id, status=dg.DagsterRunStatus.FAILURE)
     )

@@ -368,15 +368,21 @@ def test_runs_newest_first_filtered_by_flow(store: MetricsStore) -> None:
     assert store.runs(run_id="nope") == []
 
 
-def test_mark_extraction_done(store: MetricsStore) -> None:
+def test_the_plan_is_recorded_and_missing_pages_are_named(store: MetricsStore) -> None:
     store.start_run("run-1", "orders", None, T0)
-    store.mark_extraction_done("run-1", pages_total=12)
+    assert store.missing_pages("run-1") is None  # no plan yet: nothing is proven
+
+    store.record_plan("run-1", pages_total=3, reported_total=250)
+    store.record_pages("run-1", [PageRecord(1, Counts(), "done", [])])
 
     [row] = store.runs(run_id="run-1")
-    assert (row.extraction_done, row.pages_total) == (True, 12)
+    assert (row.pages_total, row.source_reported_total, row.extraction_done) == (3, 250, False)
     assert row.updated_at > T0
+    assert store.missing_pages("run-1") == [0, 2]
+    store.mark_extraction_done("run-1")  # collect's hint, not a proof
+    assert store.runs(run_id="run-1")[0].extraction_done
     with pytest.raises(ValueError, match="start_run"):
-        store.mark_extraction_done("never-started", pages_total=1)
+        store.record_plan("never-started", pages_total=1, reported_total=None)
 
 
 def test_finalizer_queries_can_use_the_partial_indexes(store: MetricsStore) -> None:
