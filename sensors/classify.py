@@ -59,13 +59,19 @@ class RunSnapshot:
         counts: totals computed from the page ledger.
         extraction_done: every page of the source was planned and processed.
         run_state: the Dagster run's state.
-        last_progress_at: when the ledger last changed for this run.
+        last_progress_at: when the ledger last changed for this run (a page write or a
+            step's heartbeat).
+        extraction_gap: what is missing of the extraction and how to recover, when it is
+            not done.
+        reported_total: the record count the source said it holds, if it said so.
     """
 
     counts: Counts
     extraction_done: bool
     run_state: RunState
     last_progress_at: datetime
+    extraction_gap: str | None = None
+    reported_total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,10 +94,10 @@ def classify(
     Order: cancelled run -> cancelled; a run still in progress -> not final; a run that
     ended (failed, or succeeded without finishing extraction) with work that cannot finish,
     or that made no progress past the deadline (still running, or unknown to Dagster) ->
-    failed;
-    pending jobs ->
-    not final (failed, reason ``stalled``, past the deadline); failures over tolerance ->
-    failed; skipped, rejected or tolerated failures -> partial_success; else completed.
+    failed; pending jobs -> not final (failed, reason ``stalled``, past the deadline);
+    fewer or more records read than the source reported -> failed; failures over
+    tolerance -> failed; skipped, rejected or tolerated failures -> partial_success;
+    else completed.
     """
     counts = snapshot.counts
     if snapshot.run_state is RunState.CANCELLED:
@@ -122,6 +128,14 @@ def classify(
                 "failed", f"stalled: {counts.pending} jobs lost (none finished by the deadline)"
             )
         return Verdict(None, f"{counts.pending} jobs pending")
+    if snapshot.reported_total is not None and snapshot.reported_total != counts.source:
+        # Read more or fewer records than the source says it holds: a paginator that
+        # stopped early (or ran on) must not pass for a complete read.
+        return Verdict(
+            "failed",
+            f"the source reported {snapshot.reported_total} records but {counts.source} were"
+            " read; check the paginator (e.g. its first page's parameters)",
+        )
     if not tolerance.allows(counts.failed, counts.dispatched):
         return Verdict(
             "failed",
@@ -137,7 +151,8 @@ def classify(
 def _unfinished(cause: str, counts: Counts, snapshot: RunSnapshot) -> str:
     parts = [cause]
     if not snapshot.extraction_done:
-        parts.append("extraction incomplete")
+        gap = snapshot.extraction_gap
+        parts.append(f"extraction incomplete: {gap}" if gap else "extraction incomplete")
     if counts.pending:
         parts.append(f"{counts.pending} jobs lost")
     return "; ".join(parts)

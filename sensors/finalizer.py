@@ -17,8 +17,10 @@ import dagster as dg
 from resources.counts import Counts
 from resources.errors import CountersUnavailableError
 from resources.metrics_store import FinalState, MetricsStore, PageTotals, RunRow
+from resources.page_ranges import missing_pages_text
 from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
+from resources.run_policy import RunPolicy
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
 from sensors.publish import publish_final_runs
 
@@ -47,6 +49,10 @@ class FlowPolicy:
     tolerance: Tolerance = field(default_factory=Tolerance)
     deadline: timedelta = DEFAULT_DEADLINE
 
+    @classmethod
+    def of_run(cls, policy: RunPolicy) -> FlowPolicy:
+        return cls(Tolerance(policy.max_failed_jobs), policy.deadline)
+
 
 @dataclass
 class FinalizeReport:
@@ -55,6 +61,8 @@ class FinalizeReport:
     finalized: dict[str, str] = field(default_factory=dict)  # run_id -> status
     waiting: dict[str, str] = field(default_factory=dict)  # run_id -> why not final
     published: list[str] = field(default_factory=list)
+    reopened: list[str] = field(default_factory=list)  # stalled runs whose Dagster run succeeded
+    not_ours: list[str] = field(default_factory=list)  # runs with no policy this finalizer knows
     stray_keys_removed: int = 0
 
     def summary(self) -> str:
@@ -63,6 +71,13 @@ class FinalizeReport:
             by_status[status] = by_status.get(status, 0) + 1
         done = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none"
         text = f"finalized: {done}; waiting: {len(self.waiting)}; published: {len(self.published)}"
+        if self.reopened:
+            text += f"; reopened after a late success: {len(self.reopened)}"
+        if self.not_ours:
+            text += (
+                f"; left to their own code location: {len(self.not_ours)} runs of flows not"
+                " defined here that recorded no policy"
+            )
         if self.stray_keys_removed:
             text += f"; stray runs cleaned: {self.stray_keys_removed}"
         return text
@@ -90,28 +105,11 @@ def finalize_runs(
     now = now or datetime.now(timezone.utc)
     started = time.monotonic()
     report = FinalizeReport()
+    report.reopened = _reopen_late_successes(instance, store, batch_size)
     rows = store.running_runs(batch_size)
     if rows:
-        run_ids = [row.run_id for row in rows]
-        totals = store.page_totals(run_ids)
-        dagster_runs = latest_dagster_runs(instance, run_ids)
-        ready: list[tuple[RunRow, PageTotals, Verdict]] = []
-        for row in rows:
-            page_totals = totals[row.run_id]
-            policy = policies.get(row.flow_name, FlowPolicy())
-            snapshot = RunSnapshot(
-                counts=page_totals.counts,
-                extraction_done=row.extraction_done,
-                run_state=_run_state(dagster_runs.get(row.run_id)),
-                last_progress_at=row.updated_at,
-            )
-            verdict = classify(snapshot, policy.tolerance, now, policy.deadline)
-            if not verdict.is_final:
-                report.waiting[row.run_id] = verdict.reason or ""
-                continue
-            if snapshot.run_state is RunState.FAILED:
-                verdict = _with_cause(verdict, instance, dagster_runs[row.run_id])
-            ready.append((row, page_totals, verdict))
+        groups = dagster_run_groups(instance, [row.run_id for row in rows])
+        ready = _decide(instance, store, rows, groups, policies, now, report)
         finals = _final_states(counters, ready, now)
         statuses = {final.run_id: final.status for final in finals}
         for run_id in store.finalize_many(finals):
@@ -123,16 +121,161 @@ def finalize_runs(
     return report
 
 
+@dataclass(frozen=True)
+class _Decision:
+    row: RunRow
+    totals: PageTotals
+    verdict: Verdict
+    runtime_ms: int
+    awaiting_dagster: bool
+
+
+def _decide(
+    instance: dg.DagsterInstance,
+    store: MetricsStore,
+    rows: list[RunRow],
+    groups: Mapping[str, list[dg.RunRecord]],
+    policies: Mapping[str, FlowPolicy],
+    now: datetime,
+    report: FinalizeReport,
+) -> list[_Decision]:
+    """Classify each running row with its own policy; the final ones, ready to write."""
+    totals = store.page_totals([row.run_id for row in rows])
+    ready: list[_Decision] = []
+    for row in rows:
+        policy = run_policy(row, policies)
+        if policy is None:
+            report.not_ours.append(row.run_id)
+            report.waiting[row.run_id] = (
+                f"flow {row.flow_name!r} is not defined in this code location and the run"
+                " recorded no policy: its own code location's finalizer decides it"
+            )
+            continue
+        page_totals = totals[row.run_id]
+        records = groups.get(row.run_id, [])
+        latest = records[0].dagster_run if records else None
+        snapshot = RunSnapshot(
+            counts=page_totals.counts,
+            extraction_done=_extraction_done(row, page_totals),
+            run_state=_run_state(latest),
+            last_progress_at=row.updated_at,
+            extraction_gap=_extraction_gap(store, row, page_totals),
+            reported_total=row.source_reported_total,
+        )
+        verdict = classify(snapshot, policy.tolerance, now, policy.deadline)
+        if not verdict.is_final:
+            report.waiting[row.run_id] = verdict.reason or ""
+            continue
+        if snapshot.run_state is RunState.FAILED and latest is not None:
+            verdict = _with_cause(verdict, instance, latest)
+        awaiting = snapshot.run_state is RunState.IN_PROGRESS  # stalled while "running"
+        runtime_ms = working_time_ms(row, records)
+        ready.append(_Decision(row, page_totals, verdict, runtime_ms, awaiting))
+    return ready
+
+
+def run_policy(row: RunRow, policies: Mapping[str, FlowPolicy]) -> FlowPolicy | None:
+    """The policy a run is decided with: its own, recorded when it started; for a row of an
+    older release, its flow's policy in this code location; else None (not ours)."""
+    if row.policy is not None:
+        return FlowPolicy.of_run(row.policy)
+    return policies.get(row.flow_name)
+
+
+def _extraction_done(row: RunRow, totals: PageTotals) -> bool:
+    """Proven by the ledger: the plan is recorded and every planned page has its row."""
+    return row.pages_total is not None and totals.pages_seen >= row.pages_total
+
+
+def _extraction_gap(store: MetricsStore, row: RunRow, totals: PageTotals) -> str | None:
+    """What is missing of the extraction, and how to recover (None: nothing is)."""
+    if row.pages_total is None:
+        return "the plan step never finished (no page plan recorded); re-execute the run"
+    if totals.pages_seen >= row.pages_total:
+        return None
+    missing = store.missing_pages(row.run_id) or []
+    return (
+        f"{missing_pages_text(missing)} of {row.pages_total} never ran;"
+        " re-execute all steps of the run (a re-execution from failure cannot reach them)"
+    )
+
+
+def working_time_ms(row: RunRow, records: list[dg.RunRecord]) -> int:
+    """The run's working time: the durations of its Dagster runs (each from start to end),
+    summed over a re-execution group, plus the time RQ jobs kept working after the last
+    Dagster run ended. Idle time between attempts and the finalizer's wait are left out."""
+    spans = [
+        (record.start_time, record.end_time)
+        for record in records
+        if record.start_time is not None and record.end_time is not None
+    ]
+    if not spans:  # the Dagster runs are elsewhere: from the row's start to its last progress
+        return _ms((row.updated_at - row.started_at).total_seconds())
+    worked = sum(end - start for start, end in spans)
+    last_end = max(end for _, end in spans)
+    policy = row.policy
+    if policy is not None and policy.dispatch == "rq":
+        worked += max(0.0, row.updated_at.timestamp() - last_end)
+    return _ms(worked)
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _reopen_late_successes(
+    instance: dg.DagsterInstance, store: MetricsStore, limit: int
+) -> list[str]:
+    """Runs finalized as stalled while their Dagster run still worked: reopen those whose
+    Dagster run then succeeded (classified anew this tick); the others' verdict stands."""
+    rows = store.awaiting_dagster_runs(limit)
+    if not rows:
+        return []
+    groups = dagster_run_groups(instance, [row.run_id for row in rows])
+    reopened, settled = [], []
+    for row in rows:
+        records = groups.get(row.run_id, [])
+        state = _run_state(records[0].dagster_run if records else None)
+        if state is RunState.SUCCEEDED and store.reopen(row.run_id):
+            log.warning(
+                "flow %s run %s: succeeded after it was declared stalled; reopened",
+                row.flow_name,
+                row.run_id,
+            )
+            reopened.append(row.run_id)
+        elif state is not RunState.IN_PROGRESS:
+            settled.append(row.run_id)
+    store.stop_awaiting(settled)
+    return reopened
+
+
+def dagster_run_groups(
+    instance: dg.DagsterInstance, run_ids: list[str]
+) -> dict[str, list[dg.RunRecord]]:
+    """Flow run id -> the Dagster runs of its re-execution group, newest first."""
+    children = instance.get_run_records(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: run_ids}))
+    roots = instance.get_run_records(dg.RunsFilter(run_ids=run_ids))
+    groups: dict[str, list[dg.RunRecord]] = {}
+    seen: set[str] = set()
+    for record in [*children, *roots]:
+        run = record.dagster_run
+        if run.run_id in seen:
+            continue
+        seen.add(run.run_id)
+        groups.setdefault(run.root_run_id or run.run_id, []).append(record)
+    for records in groups.values():
+        records.sort(key=lambda record: record.create_timestamp, reverse=True)
+    return groups
+
+
 def latest_dagster_runs(
     instance: dg.DagsterInstance, run_ids: list[str]
 ) -> dict[str, dg.DagsterRun]:
     """Flow run id -> the newest Dagster run of its re-execution group (or the run itself)."""
-    children = instance.get_runs(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: run_ids}))
-    roots = instance.get_runs(dg.RunsFilter(run_ids=run_ids))
-    latest: dict[str, dg.DagsterRun] = {}
-    for run in [*children, *roots]:  # get_runs lists newest first
-        latest.setdefault(run.root_run_id or run.run_id, run)
-    return latest
+    return {
+        run_id: records[0].dagster_run
+        for run_id, records in dagster_run_groups(instance, run_ids).items()
+    }
 
 
 def _with_cause(verdict: Verdict, instance: dg.DagsterInstance, run: dg.DagsterRun) -> Verdict:
@@ -167,11 +310,12 @@ def _run_state(run: dg.DagsterRun | None) -> RunState:
 
 
 def _final_states(
-    counters: RedisCounters, ready: list[tuple[RunRow, PageTotals, Verdict]], now: datetime
+    counters: RedisCounters, ready: list[_Decision], now: datetime
 ) -> list[FinalState]:
-    mismatches = _counter_mismatches(counters, [(row, totals.counts) for row, totals, _ in ready])
+    mismatches = _counter_mismatches(counters, [(d.row, d.totals.counts) for d in ready])
     finals = []
-    for row, totals, verdict in ready:
+    for decision in ready:
+        row, totals, verdict = decision.row, decision.totals, decision.verdict
         mismatch = mismatches[row.run_id]
         if mismatch:
             log.warning("flow %s run %s: %s", row.flow_name, row.run_id, mismatch)
@@ -188,6 +332,8 @@ def _final_states(
                 finished_at=now,
                 failure_reason=verdict.reason,
                 counter_mismatch="; ".join(filter(None, [row.counter_mismatch, mismatch])) or None,
+                runtime_ms=decision.runtime_ms,
+                awaiting_dagster=decision.awaiting_dagster,
             )
         )
     return finals
@@ -204,12 +350,16 @@ def _counter_mismatches(
         note = "Redis was unreachable at finalization; totals computed from the SQL ledger"
         return {row.run_id: note for row, _ in ledgers}
     return {
-        row.run_id: _mismatch(live[(row.flow_name, row.run_id)], ledger) for row, ledger in ledgers
+        row.run_id: _mismatch(live[(row.flow_name, row.run_id)], ledger, row)
+        for row, ledger in ledgers
     }
 
 
-def _mismatch(live: Counts | None, ledger: Counts) -> str | None:
+def _mismatch(live: Counts | None, ledger: Counts, row: RunRow) -> str | None:
     if live is None:
+        if row.revision > 0:
+            # A reopened run: its keys were removed by its earlier finalization, not lost.
+            return None
         return "Redis had lost the run's counters; totals computed from the SQL ledger"
     if live != ledger:
         return f"Redis counters {live.as_tuple()} differed from the ledger {ledger.as_tuple()}"

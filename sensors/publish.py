@@ -26,6 +26,7 @@ from resources.redis_counters import RedisCounters
 log = logging.getLogger(__name__)
 STATUS_TAG = "flow/status"
 STATUS_CHECK = "flow_status"
+ROOT_RUN_ID_TAG = "dagster/root_run_id"  # Dagster's re-execution group tag
 PUBLISH_CHUNK = 250  # runs per event-log batch and per mark_published (about 1 s)
 _SEVERITY = {
     "partial_success": dg.AssetCheckSeverity.WARN,
@@ -75,12 +76,28 @@ def _publish_chunk(
         by_flow[row.flow_name].append(row)
     for flow_rows in by_flow.values():
         store_materializations(instance, [final_materialization(row) for row in flow_rows])
-    known_runs = set(instance.get_run_ids(dg.RunsFilter(run_ids=[row.run_id for row in rows])))
+    groups = _run_groups(instance, [row.run_id for row in rows])
     for row in rows:
         instance.report_runless_asset_event(final_check(row))
-        if row.run_id in known_runs:
-            instance.add_run_tags(row.run_id, {STATUS_TAG: row.flow_status})
+        # Every Dagster run of the group shows the flow run's current status: a
+        # re-execution inherits its parent's tags, a parent keeps an older verdict.
+        for run_id in groups.get(row.run_id, ()):
+            instance.add_run_tags(run_id, {STATUS_TAG: row.flow_status})
     _forget_run_keys(counters, rows)
+
+
+def _run_groups(instance: dg.DagsterInstance, run_ids: list[str]) -> dict[str, list[str]]:
+    """Flow run id -> the ids of the Dagster runs of its re-execution group in this instance."""
+    runs = [
+        *instance.get_runs(dg.RunsFilter(run_ids=run_ids)),
+        *instance.get_runs(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: run_ids})),
+    ]
+    groups: dict[str, list[str]] = {}
+    for run in runs:
+        members = groups.setdefault(run.root_run_id or run.run_id, [])
+        if run.run_id not in members:
+            members.append(run.run_id)
+    return groups
 
 
 def store_materializations(
@@ -141,13 +158,18 @@ def final_materialization(row: RunRow) -> dg.AssetMaterialization:
         "pages_done": row.pages_done,
         "total_runtime_ms": row.total_runtime_ms or 0,
         "dagster_run": dg.MetadataValue.dagster_run(row.run_id),
+        # A re-executed (or late-succeeding) run is finalized again: the same flow run,
+        # a new revision, so plots and history can tell it from a new run.
+        "flow_run_id": row.run_id,
+        "flow_run_revision": row.revision,
     }
     if row.failure_reason:
         metadata["failure_reason"] = row.failure_reason
+    revision = f" (revision {row.revision})" if row.revision > 1 else ""
     return dg.AssetMaterialization(
         asset_key=flow_asset_key(row.flow_name),
         partition=row.partition_key,
-        description=f"flow {row.flow_name} run {row.run_id}: {row.flow_status}",
+        description=f"flow {row.flow_name} run {row.run_id}{revision}: {row.flow_status}",
         metadata=metadata,
         tags={STATUS_TAG: row.flow_status},
     )

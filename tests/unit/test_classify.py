@@ -145,3 +145,26 @@ def test_classify_is_total_and_honest(
         assert result.reason
     if state is RunState.FAILED:
         assert result.status == "failed"
+
+
+def test_reading_fewer_records_than_the_source_reported_fails_with_both_numbers() -> None:
+    """Issue 10 item 7: a source that says it holds 2,500 records, of which 100 were read
+    (a paginator that stopped after the first page), never ends completed/partial_success."""
+    counts = Counts(100, 87, 13, 0, 87, 0)
+    short = RunSnapshot(counts, True, RunState.SUCCEEDED, FRESH, reported_total=2500)
+    result = verdict(short)
+    assert result.status == "failed"
+    assert "reported 2500 records but 100 were read" in (result.reason or "")
+    exact = RunSnapshot(counts, True, RunState.SUCCEEDED, FRESH, reported_total=100)
+    assert verdict(exact).status == "partial_success"
+
+
+def test_an_incomplete_extraction_names_the_gap_and_the_recovery() -> None:
+    """Issue 10 items 1 and 9d: the reason says which pages are missing, and only then."""
+    gap = "pages 16-19 of 20 never ran; re-execute all steps of the run"
+    missing = RunSnapshot(Counts(10, 10, 0, 0, 10, 0), False, RunState.SUCCEEDED, FRESH, gap)
+    result = verdict(missing)
+    assert result.status == "failed"
+    assert result.reason == f"run ended before extraction finished; extraction incomplete: {gap}"
+    failed = RunSnapshot(Counts(10, 10, 0, 0, 8, 0), True, RunState.FAILED, FRESH)
+    assert verdict(failed).reason == "Dagster run failed; 2 jobs lost"
