@@ -4,8 +4,14 @@ A step's pages share their ledger transactions and Redis round trips (``process_
 Idempotent by construction: the page's ledger row, rejects and failures are *replaced* on
 every attempt, and the Redis dedup claim is owned by the page index, so a retried page
 re-claims its own keys instead of seeing them as duplicates. With ``dedup="flow"`` the keys
-Redis gave the page are then claimed in the flow's durable key table, owned by (run, page)
-in the same way.
+Redis gave the page are then claimed in the flow's durable key table, against other runs.
+
+Redis is the fast path, the ledger decides: Redis may lose the run between a page's claim
+and its pre-write, and a rebuild from the ledger cannot know that claim, so a later page
+may get the same key. Once a run lost Redis, the pre-write claims the keys Redis gave each
+page in the run's key table (``flow_run_keys``), a key another page owns there is skipped,
+and only the keys the ledger gave a page reach its handler (or its RQ jobs): each key at
+most once per run.
 """
 
 from __future__ import annotations
@@ -91,8 +97,9 @@ def process_pages(
     # that a crash mid-step leaves its jobs visible as pending (counted as lost if the run
     # then fails) instead of invisible.
     pending = [PageRecord(p.index, p.counts, "dispatched", p.keys, p.rejects) for p in claimed]
-    store.record_pages(run_id, pending)
-    _mirror(flow, run_id, pending, counters, store)
+    recorded = store.record_pages(run_id, pending)
+    claimed = _owned_by_ledger(flow, run_id, claimed, recorded, counters, store)
+    _mirror(flow, run_id, recorded, counters, store)
 
     done: list[PageRecord] = []
     first_error: HandlerError | None = None
@@ -129,6 +136,39 @@ def _claim_page(
         rejected=len(rejects),
     )
     return _ClaimedPage(page.index, counts, keys, records, rejects)
+
+
+def _owned_by_ledger(
+    flow: Flow,
+    run_id: str,
+    claimed: list[_ClaimedPage],
+    recorded: Sequence[PageRecord],
+    counters: RedisCounters,
+    store: MetricsStore,
+) -> list[_ClaimedPage]:
+    """The claimed pages narrowed to the keys the ledger gave them (see ``record_pages``).
+
+    Keys Redis gave a page but the ledger gave another are skipped; Redis was wrong about
+    them (it lost the run meanwhile), so its claims are realigned with the ledger.
+    """
+    by_index = {page.page_index: page for page in recorded}
+    owned = [_narrow(page, by_index[page.index]) for page in claimed]
+    if any(mine is not page for mine, page in zip(owned, claimed, strict=True)):
+        _realign(flow, run_id, counters, store)
+    return owned
+
+
+def _narrow(page: _ClaimedPage, recorded: PageRecord) -> _ClaimedPage:
+    if len(recorded.claimed_keys) == len(page.keys):
+        return page  # the hot path: the ledger agreed with Redis
+    mine = set(recorded.claimed_keys)
+    kept = [pair for pair in zip(page.keys, page.records, strict=True) if pair[0] in mine]
+    return replace(
+        page,
+        counts=recorded.counts,
+        keys=[key for key, _ in kept],
+        records=[record for _, record in kept],
+    )
 
 
 def _run_handler(
@@ -203,7 +243,8 @@ def _dispatch_to_workers(
     job_ids = plan_jobs(flow.name, run_id, page.index, page.keys, flow.rq.batch_size)
     status = "dispatched" if page.keys else "done"
     record = PageRecord(page.index, page.counts, status, page.keys, page.rejects)
-    pending = store.record_async_page(run_id, record, job_ids)
+    recorded, pending = store.record_async_page(run_id, record, job_ids)
+    [page] = _owned_by_ledger(flow, run_id, [page], [recorded], counters, store)
     if not counters.record_dispatched_page(flow.name, run_id, page.index, page.counts):
         _rebuild(flow, run_id, counters, store)  # the ledger already holds this page
     enqueue_jobs(
@@ -215,7 +256,7 @@ def _dispatch_to_workers(
         run_id=run_id,
         page_index=page.index,
         records=dict(zip(page.keys, page.records, strict=True)),
-        job_ids=job_ids,
+        job_ids={key: job_ids[key] for key in page.keys},
         pending=pending,
         key_ttl_seconds=counters.key_ttl_seconds,
     )
@@ -250,18 +291,45 @@ def _claim_in_flow(
     owned: list[bool],
     store: MetricsStore,
 ) -> list[bool]:
-    """Narrow the run's claim to keys no other run (or page) of the flow dispatched."""
+    """Narrow the run's claim to keys no other run of the flow dispatched (between pages of
+    the run, the pre-write decides)."""
     candidates = [key for key, mine in zip(keys, owned, strict=True) if mine]
     flags = iter(store.claim_flow_keys(flow.name, run_id, page_index, candidates))
     return [mine and next(flags) for mine in owned]
 
 
+def _realign(flow: Flow, run_id: str, counters: RedisCounters, store: MetricsStore) -> None:
+    """Redis gave a page keys the ledger gave another: rewrite its claims from the ledger.
+
+    Forced, since Redis holds the run (rebuilt from an older snapshot of the ledger);
+    without it a retry of the ledger's owner would find the key taken in Redis. If
+    another step rewrites the run meanwhile, Redis keeps that rewrite, as the ledger
+    decides anyway.
+    """
+    log.warning(
+        "flow %s run %s: Redis gave pages keys the ledger gave other pages (it lost the run"
+        " mid-step); realigning its claims with the SQL ledger",
+        flow.name,
+        run_id,
+    )
+    store.note_counter_mismatch(run_id, LOST_MID_RUN)  # already noted by the loss
+    counters.rebuild(
+        flow.name, run_id, store.claimed_keys(run_id), store.page_counts(run_id), force=True
+    )
+
+
 def _rebuild(flow: Flow, run_id: str, counters: RedisCounters, store: MetricsStore) -> None:
-    """Redis lost the run's keys: restore dedup claims and live totals from the ledger."""
+    """Redis lost the run's keys: restore dedup claims and live totals from the ledger.
+
+    The loss is noted on the run *before* the ledger is read: from the note on, every page
+    pre-write claims its keys in the ledger (``MetricsStore.record_pages``), since this
+    rebuild cannot know the claims of pages not yet recorded; a pre-write that did not see
+    the note committed before it, so this read has its keys.
+    """
     log.warning(
         "flow %s run %s: Redis lost the run's state; rebuilding it from the SQL ledger",
         flow.name,
         run_id,
     )
-    counters.rebuild(flow.name, run_id, store.claimed_keys(run_id), store.page_counts(run_id))
     store.note_counter_mismatch(run_id, LOST_MID_RUN)
+    counters.rebuild(flow.name, run_id, store.claimed_keys(run_id), store.page_counts(run_id))

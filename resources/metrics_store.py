@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
+from typing import Any
 
 from dagster import ConfigurableResource
 from pydantic import Field
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from resources import db, flow_key_queries, job_queries, migrations
+from resources import db, flow_key_queries, job_queries, migrations, partition_queries
 from resources import store_queries as q
 from resources.counts import Counts
 from resources.redaction import redact_text
@@ -152,9 +153,8 @@ class MetricsStore(ConfigurableResource):
         plan op) changes nothing."""
         _aware(started_at, "started_at")
         with self._tx(write=True) as conn:
-            q.insert_run(
-                conn, run_id, flow_name, partition_key, started_at, policy and policy.to_json()
-            )
+            policy_json = policy.to_json() if policy is not None else None
+            q.insert_run(conn, run_id, flow_name, partition_key, started_at, policy_json)
 
     def record_plan(self, run_id: str, pages_total: int, reported_total: int | None) -> None:
         """The plan fanned out pages ``0 .. pages_total - 1`` (extraction is done when each
@@ -173,28 +173,36 @@ class MetricsStore(ConfigurableResource):
         with self._tx(write=True) as conn:
             return q.heartbeat(conn, run_id, _now()) == 1
 
-    def note_source_down(self, run_id: str, message: str) -> bool:
-        """A step found the source down (retries spent): the run's other steps fail fast."""
+    def note_source_down(self, run_id: str, attempt: str, message: str) -> bool:
+        """A step of Dagster run ``attempt`` found the source down (retries spent): the
+        attempt's other steps fail fast. A re-execution is a new attempt and tries again."""
         with self._tx(write=True) as conn:
-            return q.note_source_down(conn, run_id, message) == 1
+            return q.note_source_down(conn, run_id, attempt, message) == 1
 
-    def source_down(self, run_id: str) -> str | None:
-        """The error a step of the run recorded when it found the source down, if any."""
+    def source_down(self, run_id: str, attempt: str) -> str | None:
+        """The error with which a step of Dagster run ``attempt`` found the source down."""
         with self._tx(write=False) as conn:
-            return q.source_down(conn, run_id)
+            return q.source_down(conn, run_id, attempt)
 
-    def record_pages(self, run_id: str, pages: Sequence[PageRecord]) -> None:
-        """Record page outcomes, replacing any earlier attempt of the same pages.
+    def record_pages(self, run_id: str, pages: Sequence[PageRecord]) -> list[PageRecord]:
+        """Record page outcomes, replacing any earlier attempt of the same pages; the pages
+        as recorded, one per page index, in the order given.
 
         A page's row, rejects and failures are replaced, never added to, so a retried page
-        counts once. One transaction, batched statements, no per-record round trips.
+        counts once. Its ``claimed_keys`` are claimed for the run in the same transaction:
+        a key another page of the run already owns is taken out of the page and counted
+        skipped (Redis, the fast path, may have given it to both after losing the run), so
+        hand the handler only the returned pages' keys. One transaction, batched
+        statements, no per-record round trips.
         """
         if not pages:
-            return
+            return []
         try:
             with self._tx(write=True) as conn:
-                if q.replace_pages(conn, run_id, pages, _now()) == 0:
+                recorded = q.replace_pages(conn, run_id, pages, _now())
+                if recorded is None:
                     raise _unknown_run(run_id)
+                return recorded
         except IntegrityError as exc:
             raise ValueError(
                 f"cannot record pages of run {run_id!r}: {redact_text(str(exc.orig))}."
@@ -220,11 +228,12 @@ class MetricsStore(ConfigurableResource):
     def claim_flow_keys(
         self, flow_name: str, run_id: str, page_index: int, record_keys: Sequence[str]
     ) -> list[bool]:
-        """Claim a page's keys for ``dedup="flow"``: one flag per key, True where this page
-        of this run owns it (claimed now, or by an earlier attempt of the same page).
+        """Claim a page's keys for ``dedup="flow"``: one flag per key, True where this run
+        owns it (claimed now, or by any page of the run: ``record_pages`` then decides
+        between the run's pages).
 
-        A key another run (or another page) already owns is False: skip it. Exact under
-        concurrent runs of the flow; at most two statements, one transaction.
+        A key another run already owns is False: skip it. Exact under concurrent runs of
+        the flow; at most two statements, one transaction.
         """
         if not record_keys:
             return []
@@ -235,20 +244,28 @@ class MetricsStore(ConfigurableResource):
 
     def record_async_page(
         self, run_id: str, page: PageRecord, job_ids: Mapping[str, str]
-    ) -> set[str]:
+    ) -> tuple[PageRecord, set[str]]:
         """Record a page whose jobs go to workers, and its jobs as pending; one transaction.
 
-        The page row is replaced as in ``record_pages``; jobs already registered by an
-        earlier attempt keep their state. Returns the keys whose jobs are still pending
-        (the ones a retried page may have to enqueue again).
+        The page row is replaced and its keys claimed as in ``record_pages``; only the jobs
+        of keys the page owns are registered, and jobs already registered by an earlier
+        attempt keep their state. Returns the page as recorded (enqueue only its keys) and
+        the keys whose jobs are still pending (the ones a retried page may have to enqueue
+        again).
         """
         if page.counts.completed or page.counts.failed:
             raise ValueError(f"page {page.page_index}: outcomes of async jobs come from acks")
         try:
             with self._tx(write=True) as conn:
-                if q.replace_pages(conn, run_id, [page], _now()) == 0:
+                recorded = q.replace_pages(conn, run_id, [page], _now())
+                if recorded is None:
                     raise _unknown_run(run_id)
-                return job_queries.register_jobs(conn, run_id, page.page_index, job_ids, _now())
+                [mine] = recorded
+                if len(mine.claimed_keys) < len(page.claimed_keys):
+                    owned = set(mine.claimed_keys)
+                    job_ids = {key: job for key, job in job_ids.items() if key in owned}
+                pending = job_queries.register_jobs(conn, run_id, page.page_index, job_ids, _now())
+                return mine, pending
         except IntegrityError as exc:
             raise ValueError(
                 f"cannot record page {page.page_index} of run {run_id!r}:"
@@ -355,7 +372,8 @@ class MetricsStore(ConfigurableResource):
             return q.page_totals(conn, run_ids)
 
     def claimed_keys(self, run_id: str) -> dict[str, int]:
-        """Record key -> index of the page that owns it (to rebuild Redis)."""
+        """Record key -> index of the page that owns it, as the ledger decided (to rebuild
+        Redis)."""
         with self._tx(write=False) as conn:
             return q.claimed_keys(conn, run_id)
 
@@ -387,3 +405,43 @@ class MetricsStore(ConfigurableResource):
         """A run's failed jobs, by page and record key."""
         with self._tx(write=False) as conn:
             return q.job_failures(conn, run_id, limit)
+
+    def partition_runs(
+        self,
+        flow_name: str,
+        partition_key: str,
+        statuses: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[tuple[str, str]]:
+        """``(run_id, flow_status)`` of the flow's runs of one partition, newest first
+        (optionally only those in ``statuses``): the schedule's "run it again?" question."""
+        with self._tx(write=False) as conn:
+            return partition_queries.partition_runs(conn, flow_name, partition_key, statuses, limit)
+
+    # --- after a run is final: failed keys, late outcomes (issue 10) --------------------
+
+    def release_failed_keys(self, run_ids: Sequence[str]) -> int:
+        """``dedup="flow"``: release the keys of the failed (and lost) jobs of final runs,
+        so the next run dispatches them again; how many. Leaves runs that keep them
+        (``keep_failed_keys``), running runs and runs awaiting their Dagster run.
+        Idempotent (see ``flow_key_queries.release_failed_keys``)."""
+        if not run_ids:
+            return 0
+        with self._tx(write=True) as conn:
+            return flow_key_queries.release_failed_keys(conn, run_ids)
+
+    def late_jobs(self, run_ids: Sequence[str]) -> dict[str, int]:
+        """Run id -> jobs whose outcome arrived after the run was final (0 if none).
+
+        Recorded, never counted: the final row keeps equal to the ledger's totals. Shown on
+        the run (``flowctl status --run ID``)."""
+        if not run_ids:
+            return {}
+        with self._tx(write=False) as conn:
+            return job_queries.late_counts(conn, run_ids)
+
+    def late_outcomes(self, run_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """A run's late job outcomes by page and key: ``record_key``, ``page_index``,
+        ``outcome`` (``completed`` or ``failed``), ``error``, ``late_at``."""
+        with self._tx(write=False) as conn:
+            return job_queries.late_outcomes(conn, run_id, limit)

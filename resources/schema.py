@@ -207,8 +207,9 @@ flow_job_failures = Table(
 flow_run_keys = Table(
     "flow_run_keys",
     metadata,
-    # Which page of a run owns each record key: claimed in the pre-write transaction, so
-    # a key reaches the handler at most once per run whatever Redis loses (0006).
+    # Which page of a run owns each record key, claimed in the pre-write transaction once
+    # Redis lost the run (from the first page with dedup="flow"), so a key reaches the
+    # handler at most once per run whatever Redis loses (0006; run_key_queries).
     _run_id_key(),
     Column("record_key", Text, primary_key=True),
     Column("page_index", Integer, nullable=False),

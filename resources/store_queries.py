@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -28,11 +28,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from resources import job_queries
+from resources import flow_key_queries, job_queries, run_key_queries
 from resources.counts import Counts
+from resources.run_policy import RunPolicy
 from resources.schema import (
-    PAGE_COUNT_COLUMNS,
     AWAITING_PREDICATE,
+    PAGE_COUNT_COLUMNS,
     RUNNING_PREDICATE,
     UNPUBLISHED_PREDICATE,
     flow_job_failures,
@@ -143,25 +144,31 @@ def insert_run(
         )
 
 
-def replace_pages(conn: Connection, run_id: str, pages: Sequence[PageRecord], now: datetime) -> int:
-    """Upsert page rows and replace their rejects and failures; returns runs rows touched."""
+def replace_pages(
+    conn: Connection, run_id: str, pages: Sequence[PageRecord], now: datetime
+) -> list[PageRecord] | None:
+    """Upsert page rows and replace their rejects and failures; the pages as recorded, one
+    per index, in the order given (None: the run has no row).
+
+    Redis is the fast path: while it has held the run whole since the run started, no two
+    pages were given the same key, and a page is recorded as given. Once Redis lost the run
+    (``flow_metrics.counter_mismatch`` noted, before any rebuild reads the ledger), a rebuild
+    cannot know the claims of pages not yet recorded, so two pages may both have been given
+    a key: from then on every page's keys are claimed in ``flow_run_keys`` here, and a key
+    another page of the run owns is taken out of the page, counted skipped
+    (``PageRecord.without_keys``). A ``dedup="flow"`` run, which claims every key in the
+    ledger anyway, claims them there from its first page (its failed keys are released
+    from that table, ``flow_key_queries``).
+
+    The run row is updated last, as the fast path always did (its lock held the shortest
+    time); that update also reads the note. A note written concurrently waits for this
+    transaction, so this page is either recorded before the note (and the rebuild that
+    follows it reads it) or sees the note and claims its keys in the ledger.
+    """
     # Last attempt wins within a call too; sorted so concurrent writers lock in one order.
     latest = {page.page_index: page for page in pages}
     ordered = [latest[index] for index in sorted(latest)]
-    page_rows = [
-        {
-            "run_id": run_id,
-            "page_index": page.page_index,
-            "status": page.status,
-            **dict(zip(PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True)),
-            "claimed_keys": json.dumps(list(page.claimed_keys), separators=(",", ":")),
-            "updated_at": now,
-        }
-        for page in ordered
-    ]
-    updated = ("status", *PAGE_COUNT_COLUMNS, "claimed_keys", "updated_at")
-    stmt = _upsert(conn.dialect.name, _pages, ("run_id", "page_index"), updated)
-    conn.execute(stmt, page_rows)
+    _upsert_page_rows(conn, run_id, ordered, now)
 
     indexes = list(latest)
     for chunk in _chunks(indexes):
@@ -187,7 +194,54 @@ def replace_pages(conn: Connection, run_id: str, pages: Sequence[PageRecord], no
         conn.execute(_rejects.insert(), list(reject_rows.values()))
     _upsert_failures(conn, run_id, ordered, now)
     # Last, so the run row's lock is held for the shortest time.
-    return conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now)).rowcount
+    stmt = (
+        update(_fm)
+        .where(_fm.c.run_id == run_id)
+        .values(updated_at=now)
+        .returning(_fm.c.flow_status, _fm.c.counter_mismatch, _fm.c.run_policy)
+    )
+    run = conn.execute(stmt).first()
+    if run is None:
+        return None
+    # A step still writing to a run already final (declared stalled) works on Redis state
+    # its finalization removed, and a loss is noted on running runs only: the ledger decides.
+    if (
+        run.counter_mismatch is not None
+        or run.flow_status != "running"
+        or _dedup_of(run.run_policy) == "flow"
+    ):
+        claims = {index: page.claimed_keys for index, page in latest.items()}
+        lost = run_key_queries.claim_run_keys(conn, run_id, claims)
+        for index, owners in lost.items():
+            latest[index] = latest[index].without_keys(owners)
+        _upsert_page_rows(conn, run_id, [latest[index] for index in sorted(lost)], now)
+    return list(latest.values())
+
+
+@lru_cache(maxsize=64)
+def _dedup_of(policy: str | None) -> str | None:
+    return RunPolicy.from_json(policy).dedup if policy else None
+
+
+def _upsert_page_rows(
+    conn: Connection, run_id: str, pages: Sequence[PageRecord], now: datetime
+) -> None:
+    if not pages:
+        return
+    page_rows = [
+        {
+            "run_id": run_id,
+            "page_index": page.page_index,
+            "status": page.status,
+            **dict(zip(PAGE_COUNT_COLUMNS, page.counts.as_tuple(), strict=True)),
+            "claimed_keys": json.dumps(list(page.claimed_keys), separators=(",", ":")),
+            "updated_at": now,
+        }
+        for page in pages
+    ]
+    updated = ("status", *PAGE_COUNT_COLUMNS, "claimed_keys", "updated_at")
+    stmt = _upsert(conn.dialect.name, _pages, ("run_id", "page_index"), updated)
+    conn.execute(stmt, page_rows)
 
 
 def finish_pages(
@@ -273,19 +327,26 @@ def heartbeat(conn: Connection, run_id: str, now: datetime) -> int:
     return conn.execute(stmt).rowcount
 
 
-def note_source_down(conn: Connection, run_id: str, message: str) -> int:
-    """Keep the first "source is down" error of a running run (its other steps fail fast)."""
+def note_source_down(conn: Connection, run_id: str, attempt: str, message: str) -> int:
+    """Record that Dagster run ``attempt`` of the running run found its source down (the
+    first note of that attempt is kept; a later attempt, a re-execution, starts afresh)."""
+    if source_down(conn, run_id, attempt) is not None:
+        return 0
+    note = json.dumps({"attempt": attempt, "error": message})
     stmt = (
-        update(_fm)
-        .where(_fm.c.run_id == run_id, text(RUNNING_PREDICATE), _fm.c.source_down.is_(None))
-        .values(source_down=message)
+        update(_fm).where(_fm.c.run_id == run_id, text(RUNNING_PREDICATE)).values(source_down=note)
     )
     return conn.execute(stmt).rowcount
 
 
-def source_down(conn: Connection, run_id: str) -> str | None:
+def source_down(conn: Connection, run_id: str, attempt: str) -> str | None:
+    """The error with which Dagster run ``attempt`` found the source down, if it did."""
     stmt = select(_fm.c.source_down).where(_fm.c.run_id == run_id)
-    return conn.execute(stmt).scalar_one_or_none()
+    note = conn.execute(stmt).scalar_one_or_none()
+    if note is None:
+        return None
+    found = json.loads(note)
+    return str(found["error"]) if found.get("attempt") == attempt else None
 
 
 def awaiting_dagster_runs(conn: Connection, limit: int) -> list[RunRow]:
@@ -300,6 +361,8 @@ def stop_awaiting(conn: Connection, run_ids: Sequence[str]) -> int:
     for chunk in _chunks(list(dict.fromkeys(run_ids))):
         stmt = update(_fm).where(_fm.c.run_id.in_(chunk)).values(awaiting_dagster=False)
         changed += conn.execute(stmt).rowcount
+    # Its steps can no longer finish pages: the failed jobs' keys go back (dedup="flow").
+    flow_key_queries.release_failed_keys(conn, run_ids)
     return changed
 
 
@@ -373,7 +436,11 @@ def page_counts(conn: Connection, run_id: str) -> dict[int, Counts]:
 
 
 def claimed_keys(conn: Connection, run_id: str) -> dict[str, int]:
-    """Record key -> owning page; a key claimed by two pages belongs to the lower index."""
+    """Record key -> owning page; a key claimed by two pages belongs to the lower index.
+
+    Every page row lists the keys it owns, as the ledger decided (``replace_pages``), so
+    no key is on two pages unless written by an older release.
+    """
     stmt = (
         select(_pages.c.page_index, _pages.c.claimed_keys)
         .where(_pages.c.run_id == run_id)
@@ -393,21 +460,39 @@ def finalize_many(conn: Connection, finals: Sequence[FinalState]) -> list[str]:
     exclusive already), so a concurrent finalizer waits and then finds them final: each
     run gets exactly one final state. Runs are locked in run id order, so two finalizers
     never wait on each other's locks (no deadlock). The writes go out as one executemany.
+
+    A final state decided from ``ledger_counts`` is written only if the ledger still holds
+    those counts under the lock: an RQ ack or a page write that committed between the
+    finalizer's read and its lock means progress, so that run is left for the next tick
+    (and acks after the lock wait for it, then find the run final: late). In the same
+    transaction the keys of failed jobs of ``dedup="flow"`` runs are released.
     """
     by_run = {final.run_id: final for final in finals}
     won: list[str] = []
     for chunk in _chunks(sorted(by_run)):
-        locked = conn.execute(
+        rows = conn.execute(
             select(_fm.c.run_id, _fm.c.started_at)
             .where(_fm.c.run_id.in_(chunk), text(RUNNING_PREDICATE))
             .with_for_update()
         ).all()
+        moved = _moved_since_decided(conn, [by_run[run_id] for run_id, _ in rows])
+        locked = [(run_id, start) for run_id, start in rows if run_id not in moved]
         if locked:
             conn.execute(
                 _FINALIZE, [_final_values(by_run[run_id], start) for run_id, start in locked]
             )
             won.extend(run_id for run_id, _ in locked)
+    flow_key_queries.release_failed_keys(conn, won)
     return won
+
+
+def _moved_since_decided(conn: Connection, finals: Sequence[FinalState]) -> set[str]:
+    """Runs whose ledger totals differ from the ones their final state was decided on."""
+    decided = {f.run_id: f.ledger_counts for f in finals if f.ledger_counts is not None}
+    if not decided:
+        return set()
+    now = page_totals(conn, list(decided))
+    return {run_id for run_id, counts in decided.items() if now[run_id].counts != counts}
 
 
 _FINALIZE = (

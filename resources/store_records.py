@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -80,6 +80,33 @@ class PageRecord:
         if problems:
             raise ValueError(f"page {self.page_index} cannot be recorded: {'; '.join(problems)}")
 
+    def without_keys(self, owners: Mapping[str, int]) -> PageRecord:
+        """This page without the keys other pages own (key -> owner): they count as skipped.
+
+        The ledger took them from the page before its jobs ran, so the page must have no
+        outcome yet; a page left with no job is done.
+
+        Examples:
+            >>> page = PageRecord(2, Counts(source=2, dispatched=2), "dispatched", ["a", "b"])
+            >>> page.without_keys({"b": 0}).counts
+            Counts(source=2, dispatched=1, skipped=1, rejected=0, completed=0, failed=0)
+        """
+        if self.counts.completed or self.counts.failed:
+            taken = ", ".join(f"{key!r} (page {page})" for key, page in sorted(owners.items()))
+            raise ValueError(
+                f"page {self.page_index} reports outcomes of keys other pages own: {taken};"
+                " record a page before its jobs run (status 'dispatched'), then finish it"
+            )
+        keys = [key for key in self.claimed_keys if key not in owners]
+        lost = len(self.claimed_keys) - len(keys)
+        counts = replace(
+            self.counts,
+            dispatched=self.counts.dispatched - lost,
+            skipped=self.counts.skipped + lost,
+        )
+        status = "done" if counts.dispatched == 0 else self.status
+        return replace(self, counts=counts, status=status, claimed_keys=keys)
+
 
 @dataclass(frozen=True)
 class PageTotals:
@@ -105,6 +132,8 @@ class FinalState:
         runtime_ms: the run's working time (None: from its start to ``finished_at``).
         awaiting_dagster: decided while the Dagster run was still in progress (stalled);
             reopened if that Dagster run succeeds after all.
+        ledger_counts: the ledger's totals the state was decided on, when work may still
+            land meanwhile (RQ jobs, a step still running): written only if unchanged.
     """
 
     run_id: str
@@ -116,6 +145,7 @@ class FinalState:
     counter_mismatch: str | None = None
     runtime_ms: int | None = None
     awaiting_dagster: bool = False
+    ledger_counts: Counts | None = None
 
 
 @dataclass(frozen=True)

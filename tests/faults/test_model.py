@@ -1,18 +1,25 @@
 """Model-based test of the accounting: random interleavings of page attempts, retries, job
-outcomes, double acks, crashes, Redis loss and SCRIPT FLUSH drive the real process_page on a
+outcomes, double acks, crashes, Redis loss and SCRIPT FLUSH drive the real process_pages on a
 real Redis and a real SQLite ledger, and the real finalizer on an ephemeral Dagster instance,
 against a small in-memory model. Nothing is faked; the handler (scripted by hypothesis) and
-the fixed pages are the test's own."""
+the fixed pages are the test's own.
+
+Two steps of a run also interleave: each runs ``process_pages`` in its own thread, and
+wrappers around ``RedisCounters.claim_page`` and ``MetricsStore.record_pages`` (``Hooked*``)
+hold it before each page claim and before its pre-write until a drawn schedule gives it the
+turn, with Redis lost (or not) just before each of those points. Only one thread runs at a
+time, so the order is the schedule's and the run is deterministic."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import dagster as dg
 import pytest
@@ -30,11 +37,11 @@ from hypothesis.stateful import (
 from flow_assets.dispatch import JobBatch
 from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
-from flow_assets.page_step import process_page
+from flow_assets.page_step import process_page, process_pages
 from flow_assets.sources.base import Page, PageRef
 from resources.counts import Counts
 from resources.keys import run_key, run_keys
-from resources.metrics_store import MetricsStore, PageTotals
+from resources.metrics_store import MetricsStore, PageRecord, PageTotals
 from resources.redis_counters import RedisCounters
 from sensors.classify import RunSnapshot, RunState, Tolerance, classify
 from sensors.finalizer import FlowPolicy, finalize_runs
@@ -56,6 +63,7 @@ PAGES: tuple[tuple[tuple[Any, str | None], ...], ...] = (
     (({"id": 7}, "7"), ({"id": "7"}, "7"), ({"id": True}, None), ({"id": "e"}, "e")),
 )
 
+LOSSES = ("flushall", "delete_run_keys", "evict_meta")
 # What a handler may report for one job, in order: nothing, one ack, or a double ack.
 OUTCOMES = ((), (COMPLETE,), (FAIL,), (COMPLETE, COMPLETE), (FAIL, FAIL), (FAIL, COMPLETE),
             (COMPLETE, FAIL))  # fmt: skip
@@ -88,8 +96,9 @@ plans = st.builds(
 
 
 def fresh_page(index: int) -> Page:
-    """Page ``index`` as a source would return it again: same content, new objects."""
-    records = [dict(r) if isinstance(r, dict) else r for r, _ in PAGES[index]]
+    """Page ``index`` as a source would return it again: same content, new objects (each
+    object also says which page it came from, for the handler's record of deliveries)."""
+    records = [{**r, "page": index} if isinstance(r, dict) else r for r, _ in PAGES[index]]
     return Page(index=index, records=records, label=f"model page {index}")
 
 
@@ -106,49 +115,79 @@ class FixedPages:
         return (fresh_page(index) for index in range(len(PAGES)))
 
 
+def valid_keys(index: int) -> list[str]:
+    return [key for _, key in PAGES[index] if key is not None]
+
+
 @dataclass
 class Model:
-    """The accounting, from the rules alone: who owns a key, what a page's latest attempt
-    counted, and whether Redis currently holds the run."""
+    """The accounting, from the rules alone: which page Redis and the ledger each give a key,
+    what a page's latest attempt counted, and whether Redis currently holds the run."""
 
-    owner: dict[str, int] = field(default_factory=dict)  # key -> first page to claim it
+    owner: dict[str, int] = field(default_factory=dict)  # the ledger: first page pre-written
+    seen: dict[str, int] = field(default_factory=dict)  # Redis: first page claimed since rebuilt
     latest: dict[int, Counts] = field(default_factory=dict)  # page -> latest attempt
     failed_keys: dict[int, set[str]] = field(default_factory=dict)  # page -> failed jobs
-    crashed: set[int] = field(default_factory=set)  # pages whose latest attempt crashed
+    crashed: set[int] = field(default_factory=set)  # pages whose latest row is not done
     redis_lost: bool = False
     mismatch_noted: bool = False
 
-    def attempt(self, index: int, plan: Plan) -> tuple[Counts, bool]:
-        """Apply one attempt of page ``index``; its expected counts, and whether it crashes."""
-        if self.redis_lost:  # the attempt finds the run lost, rebuilds it and says so
-            self.redis_lost, self.mismatch_noted = False, True
-        keys = [key for _, key in PAGES[index] if key is not None]
+    def _restore(self) -> None:
+        """Redis rebuilt (or realigned) from the ledger, and the loss noted on the run."""
+        self.seen, self.redis_lost, self.mismatch_noted = dict(self.owner), False, True
+
+    def claim(self, index: int) -> list[str]:
+        """Page ``index``'s Redis claim: the keys Redis gives it, in page order."""
+        if self.redis_lost:  # the claim finds the run lost, rebuilds it and says so
+            self._restore()
         mine: list[str] = []
-        for key in keys:
-            self.owner.setdefault(key, index)
-            if self.owner[key] == index and key not in mine:
+        for key in valid_keys(index):
+            if self.seen.setdefault(key, index) == index and key not in mine:
                 mine.append(key)
-        crashes = plan.crash_at is not None and bool(mine)  # no jobs: no handler call
-        # A crash on the last attempt fails the jobs not yet reported, and the page is done.
-        left_pending = crashes and not plan.final
-        reached = plan.crash_at if crashes and plan.crash_at is not None else len(mine)
-        failed = set()
-        if not left_pending:
+        return mine
+
+    def prewrite(self, claims: Sequence[tuple[int, list[str]]]) -> dict[int, list[str]]:
+        """A step's pre-write: each page keeps the keys the ledger gives it (first given,
+        first served), its row pending; a page the ledger left with no job is done."""
+        owned: dict[int, list[str]] = {}
+        narrowed = False
+        for index, keys in claims:
+            owned[index] = [key for key in keys if self.owner.setdefault(key, index) == index]
+            narrowed = narrowed or len(owned[index]) < len(keys)
+            self.latest[index] = Counts(
+                source=len(PAGES[index]),
+                dispatched=len(owned[index]),
+                skipped=len(valid_keys(index)) - len(owned[index]),
+                rejected=len(PAGES[index]) - len(valid_keys(index)),
+            )
+            self.failed_keys[index] = set()
+            emptied = len(owned[index]) < len(keys) and not owned[index]
+            (self.crashed.discard if emptied else self.crashed.add)(index)
+        if narrowed or self.redis_lost:  # realigned with the ledger, or rebuilt by the mirror
+            self._restore()
+        return owned
+
+    def handle(self, owned: dict[int, list[str]], plan: Plan) -> Counts | None:
+        """The handler on each pre-written page, in order; the step's counts (None: raises)."""
+        total, raised = Counts(), False
+        for index, mine in owned.items():
+            crashes = plan.crash_at is not None and bool(mine)  # no jobs: no handler call
+            if crashes and not plan.final:
+                return None  # this page and the later ones stay pending; Dagster retries
+            # A crash on the last attempt fails the jobs not yet reported; the page is done.
+            reached = plan.crash_at if crashes and plan.crash_at is not None else len(mine)
+            failed = set()
             for position, key in enumerate(mine):
                 verbs = plan.verbs(position) if position < reached else ()
                 if COMPLETE not in verbs and (FAIL in verbs or crashes):
                     failed.add(key)
-        counts = Counts(
-            source=len(PAGES[index]),
-            dispatched=len(mine),
-            skipped=len(keys) - len(mine),
-            rejected=len(PAGES[index]) - len(keys),
-            completed=0 if left_pending else len(mine) - len(failed),
-            failed=len(failed),
-        )
-        self.latest[index], self.failed_keys[index] = counts, failed
-        (self.crashed.add if left_pending else self.crashed.discard)(index)
-        return counts, crashes
+            counts = replace(
+                self.latest[index], completed=len(mine) - len(failed), failed=len(failed)
+            )
+            self.latest[index], self.failed_keys[index] = counts, failed
+            self.crashed.discard(index)
+            total, raised = total + counts, raised or crashes
+        return None if raised else total
 
     def totals(self) -> Counts:
         return sum(self.latest.values(), Counts())
@@ -164,6 +203,90 @@ class Model:
         if counts.skipped or counts.rejected or counts.failed:
             return "partial_success"
         return "completed"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One page step: its pages, in order, and what its handler does on them."""
+
+    name: str
+    pages: tuple[int, ...]
+    plan: Plan
+
+    def points(self) -> list[tuple[str, str]]:
+        """Where the step waits for its turn: before each page claim and the pre-write."""
+        return [(self.name, f"claim {index}") for index in self.pages] + [(self.name, "prewrite")]
+
+
+class Turns:
+    """Hands the steps' threads their turns in ``order`` (one running at a time); before
+    each turn, Redis loses the run if ``losses`` says so for that position."""
+
+    def __init__(
+        self,
+        order: Sequence[tuple[str, str]],
+        losses: Sequence[str | None],
+        lose: Callable[[str], None],
+    ) -> None:
+        self.order, self.losses, self.lose = list(order), list(losses), lose
+        self.position, self.holder = 0, ""
+        self.finished: set[str] = set()
+        self.cond = threading.Condition()
+
+    def take(self, step: str, point: str) -> None:
+        with self.cond:
+            self._release(step)
+            if not self.cond.wait_for(lambda: self._next() == (step, point), timeout=60):
+                raise RuntimeError(f"{step} never got its turn at {point}: {self.order}")
+            self.holder, loss = step, self.losses[self.position]
+        if loss is not None:
+            self.lose(loss)
+
+    def done(self, step: str) -> None:
+        with self.cond:
+            self._release(step)
+            self.finished.add(step)
+            self.cond.notify_all()
+
+    def _release(self, step: str) -> None:
+        if self.holder == step:
+            self.holder, self.position = "", self.position + 1
+            self.cond.notify_all()
+
+    def _next(self) -> tuple[str, str] | None:
+        while self.position < len(self.order) and self.order[self.position][0] in self.finished:
+            self.position += 1
+        return self.order[self.position] if self.position < len(self.order) else None
+
+
+class Hooked:
+    """A resource as ``process_pages`` uses it, for one step: what it does not override
+    goes straight through."""
+
+    def __init__(self, inner: Any, turns: Turns, step: str) -> None:
+        self._inner, self._turns, self._step = inner, turns, step
+        self._claimed: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class HookedCounters(Hooked):
+    """``RedisCounters`` waiting for the step's turn before each page's first claim."""
+
+    def claim_page(self, flow: str, run_id: str, page_index: int, keys: Sequence[str]) -> Any:
+        if page_index not in self._claimed:  # not the claim repeated after a rebuild
+            self._claimed.add(page_index)
+            self._turns.take(self._step, f"claim {page_index}")
+        return self._inner.claim_page(flow, run_id, page_index, keys)
+
+
+class HookedStore(Hooked):
+    """``MetricsStore`` waiting for the step's turn before the pre-write."""
+
+    def record_pages(self, run_id: str, pages: Sequence[PageRecord]) -> Any:
+        self._turns.take(self._step, "prewrite")
+        return self._inner.record_pages(run_id, pages)
 
 
 class Services(NamedTuple):
@@ -185,23 +308,27 @@ class AccountingMachine(RuleBasedStateMachine):
         self.run_id = str(uuid.uuid4())
         self.model = Model()
         self.tolerance: int | float = 0
-        self.plan = Plan((), None, False)
+        self.plans = threading.local()  # each step's thread runs the handler with its plan
+        self.delivered: dict[str, set[int]] = {}  # key -> pages whose handler got it
         self.flow = Flow(name=FLOW, source=FixedPages(), key="id", handler=self._handle)
         # What the flow job's plan op does when a run starts.
         self.store.start_run(self.run_id, FLOW, None, datetime.now(timezone.utc))
         self.counters.start_run(FLOW, self.run_id)
 
     def _handle(self, batch: JobBatch) -> None:
+        plan: Plan = self.plans.current
+        for key, record in batch.items():
+            self.delivered.setdefault(key, set()).add(record["page"])
         for position, (key, record) in enumerate(batch.items()):
-            if position == self.plan.crash_at:
+            if position == plan.crash_at:
                 raise HandlerCrash(f"handler died before job {position} of the page")
-            for verb in self.plan.verbs(position):
-                job = key if self.plan.by_key else record
+            for verb in plan.verbs(position):
+                job = key if plan.by_key else record
                 if verb == COMPLETE:
                     batch.complete(job)
                 else:
                     batch.fail(job, ValueError(f"job {key} failed"))
-        if self.plan.crash_at is not None:
+        if plan.crash_at is not None:
             raise HandlerCrash("handler died after reporting every job of the page")
 
     @initialize(
@@ -227,8 +354,41 @@ class AccountingMachine(RuleBasedStateMachine):
     def retry_page(self, data: st.DataObject, plan: Plan) -> None:
         self._attempt(data.draw(st.sampled_from(sorted(self.model.latest)), "page"), plan)
 
-    @rule(how=st.sampled_from(["flushall", "delete_run_keys", "evict_meta"]))
+    @rule(data=st.data())
+    def interleave_steps(self, data: st.DataObject) -> None:
+        """One or two steps of 1-2 pages each (no page in both), their claims and pre-writes
+        interleaved in a drawn order, Redis lost or not just before each of those points."""
+        order = data.draw(st.permutations(range(len(PAGES))), "page order")
+        sizes = data.draw(st.lists(st.integers(1, 2), min_size=1, max_size=2), "step sizes")
+        steps, start = [], 0
+        for name, size in zip("AB", sizes, strict=False):
+            steps.append(Step(name, tuple(order[start : start + size]), data.draw(plans, name)))
+            start += size
+        turns = [name for step in steps for name, _ in step.points()]
+        turns = data.draw(st.permutations(turns), "turns")
+        points = {step.name: iter(step.points()) for step in steps}
+        schedule = [next(points[name]) for name in turns]
+        losses = data.draw(
+            st.lists(
+                st.sampled_from((None, None, None, *LOSSES)),
+                min_size=len(schedule),
+                max_size=len(schedule),
+            ),
+            "losses",
+        )
+        self._run_steps(steps, schedule, losses)
+
+    @rule(how=st.sampled_from(LOSSES))
     def lose_redis_state(self, how: str) -> None:
+        self._drop(how)
+        self.model.redis_lost = True
+
+    @rule()
+    def script_flush(self) -> None:
+        self.counters.client().script_flush()
+
+    def _drop(self, how: str) -> None:
+        """Redis loses the run (the model is told by the caller)."""
         client = self.counters.client()
         if how == "flushall":
             client.flushall()
@@ -236,17 +396,14 @@ class AccountingMachine(RuleBasedStateMachine):
             client.delete(*run_keys(FLOW, self.run_id))
         else:  # the sentinel alone evicted: the run counts as lost and is rebuilt whole
             client.delete(run_key(FLOW, self.run_id, "meta"))
-        self.model.redis_lost = True
-
-    @rule()
-    def script_flush(self) -> None:
-        self.counters.client().script_flush()
 
     def _attempt(self, index: int, plan: Plan) -> None:
-        self.plan = plan
-        expected, crashes = self.model.attempt(index, plan)
+        """One page as its own step, nothing in between (the model alone, no threads)."""
+        self.plans.current = plan
+        step = Step("A", (index,), plan)
+        expected = self._expect([step], step.points(), [None, None])
         page = fresh_page(index)
-        if crashes:
+        if expected["A"] is None:
             with pytest.raises(HandlerError, match="HandlerCrash: handler died"):
                 process_page(
                     self.flow,
@@ -260,7 +417,70 @@ class AccountingMachine(RuleBasedStateMachine):
             got = process_page(
                 self.flow, self.run_id, page, self.counters, self.store, final_attempt=plan.final
             )
-            assert got == expected, f"page {index}: process_page returned {got}, model {expected}"
+            assert got == expected["A"], f"page {index}: returned {got}, model {expected['A']}"
+
+    def _expect(
+        self,
+        steps: Sequence[Step],
+        schedule: Sequence[tuple[str, str]],
+        losses: Sequence[str | None],
+    ) -> dict[str, Counts | None]:
+        """Walk the schedule through the model: each step's counts (None: it raises)."""
+        by_name = {step.name: step for step in steps}
+        claims: dict[str, list[tuple[int, list[str]]]] = {step.name: [] for step in steps}
+        expected: dict[str, Counts | None] = {}
+        pending = {step.name: iter(step.pages) for step in steps}
+        for (name, point), loss in zip(schedule, losses, strict=True):
+            self.model.redis_lost = self.model.redis_lost or loss is not None
+            if point == "prewrite":
+                owned = self.model.prewrite(claims[name])
+                expected[name] = self.model.handle(owned, by_name[name].plan)
+            else:
+                index = next(pending[name])
+                claims[name].append((index, self.model.claim(index)))
+        return expected
+
+    def _run_steps(
+        self,
+        steps: Sequence[Step],
+        schedule: Sequence[tuple[str, str]],
+        losses: Sequence[str | None],
+    ) -> None:
+        """Run each step's ``process_pages`` in its own thread, taking turns as scheduled;
+        compare what each returned or raised with the model."""
+        expected = self._expect(steps, schedule, losses)
+        turns = Turns(schedule, losses, self._drop)  # the model applied them in _expect
+        outcomes: dict[str, Counts | BaseException] = {}
+
+        def run(step: Step) -> None:
+            self.plans.current = step.plan
+            counters = cast(RedisCounters, HookedCounters(self.counters, turns, step.name))
+            store = cast(MetricsStore, HookedStore(self.store, turns, step.name))
+            pages = [fresh_page(index) for index in step.pages]
+            try:
+                outcomes[step.name] = process_pages(
+                    self.flow, self.run_id, pages, counters, store, final_attempt=step.plan.final
+                )
+            except BaseException as exc:  # compared with the model below
+                outcomes[step.name] = exc
+            finally:
+                turns.done(step.name)
+
+        threads = [threading.Thread(target=run, args=(step,)) for step in steps]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)  # a hang guard, not a timing assertion
+        assert not any(thread.is_alive() for thread in threads), "a step never finished"
+        for step in steps:
+            got, want = outcomes[step.name], expected[step.name]
+            if want is None:
+                assert isinstance(got, HandlerError), f"step {step}: {got!r}, model: it raises"
+                assert "HandlerCrash: handler died" in str(got)
+            elif isinstance(got, BaseException):
+                raise AssertionError(f"step {step} raised, model: {want}") from got
+            else:
+                assert got == want, f"step {step}: returned {got}, model {want}"
 
     # --- invariants ----------------------------------------------------------------------
 
@@ -283,6 +503,8 @@ class AccountingMachine(RuleBasedStateMachine):
             len(model.latest) - len(model.crashed),
         ), totals
         assert self.store.claimed_keys(self.run_id) == model.owner
+        # At most once per key: only the page that owns it ever got it (its retries too).
+        assert {key: {model.owner[key]} for key in self.delivered} == self.delivered
         failures = {f.record_key for f in self.store.job_failures(self.run_id)}
         assert failures == set().union(*model.failed_keys.values())
         assert len(self.store.rejected_records(self.run_id)) == counts.rejected
@@ -295,7 +517,7 @@ class AccountingMachine(RuleBasedStateMachine):
         if live is None:
             return
         seen = self.counters.client().hgetall(run_key(FLOW, self.run_id, "seen"))
-        assert seen == {key: str(page) for key, page in self.model.owner.items()}
+        assert seen == {key: str(page) for key, page in self.model.seen.items()}
         assert live == ledger, f"Redis {live} != ledger {ledger}"  # crashed attempts too
 
     def _check_status(self, ledger: Counts) -> None:

@@ -34,13 +34,14 @@ def owners(store: MetricsStore, flow: str = FLOW) -> dict[str, tuple[str, int]]:
         return {key: (run_id, page) for key, run_id, page in conn.execute(stmt)}
 
 
-def test_new_keys_are_claimed_and_stay_their_pages(store: MetricsStore) -> None:
+def test_new_keys_are_claimed_and_stay_their_runs(store: MetricsStore) -> None:
     assert store.claim_flow_keys(FLOW, "run-a", 0, ["a", "b", "c"]) == [True, True, True]
 
     # The same page again (a retry) owns them still; a new key joins.
     assert store.claim_flow_keys(FLOW, "run-a", 0, ["c", "a", "d"]) == [True, True, True]
-    # Another page of the same run, another run, and another flow.
-    assert store.claim_flow_keys(FLOW, "run-a", 1, ["a", "e"]) == [False, True]
+    # Another page of the same run (the run's own key table decides between its pages,
+    # at the pre-write), another run, and another flow.
+    assert store.claim_flow_keys(FLOW, "run-a", 1, ["a", "e"]) == [True, True]
     assert store.claim_flow_keys(FLOW, "run-b", 0, ["b", "e", "f"]) == [False, False, True]
     assert store.claim_flow_keys("other_flow", "run-b", 0, ["a"]) == [True]
 

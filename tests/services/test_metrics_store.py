@@ -177,6 +177,69 @@ def test_claimed_keys_and_page_counts_are_enough_to_rebuild_a_run(store: Metrics
     assert store.claimed_keys("unknown-run") == {}
 
 
+def test_the_ledger_gives_a_key_to_the_first_page_that_records_it(store: MetricsStore) -> None:
+    """Redis lost the run (noted), so it gave key b to pages 0 and 1: page 0, recorded
+    first, owns it; page 1 is recorded without it (skipped), now and on every retry."""
+    store.start_run("run-1", "orders", None, T0)
+    assert store.note_counter_mismatch("run-1", "Redis lost the run")
+    first = _page(0, Counts(source=2, dispatched=2), "dispatched", keys=["a", "b"])
+    second = _page(1, Counts(source=3, dispatched=2, skipped=1), "dispatched", keys=["b", "c"])
+    assert store.record_pages("run-1", [first]) == [first]
+
+    [narrowed] = store.record_pages("run-1", [second])
+
+    assert narrowed == _page(1, Counts(source=3, dispatched=1, skipped=2), "dispatched", keys=["c"])
+    assert store.record_pages("run-1", [second, first]) == [narrowed, first]  # retries
+    assert store.claimed_keys("run-1") == {"a": 0, "b": 0, "c": 1}
+    assert store.page_counts("run-1") == {0: first.counts, 1: narrowed.counts}
+    # Within one call the first page given keeps a key; a page left with no job is done.
+    late = [
+        _page(3, Counts(source=1, dispatched=1), "dispatched", keys=["d"]),
+        _page(2, Counts(source=2, dispatched=2), "dispatched", keys=["d", "a"]),
+    ]
+    assert store.record_pages("run-1", late) == [
+        late[0],
+        _page(2, Counts(source=2, skipped=2), "done", keys=[]),
+    ]
+    # A page reporting outcomes of keys another page owns is refused, and nothing written.
+    with pytest.raises(ValueError, match=r"page 4 reports outcomes of keys other pages own"):
+        store.record_pages(
+            "run-1",
+            [
+                _page(5, Counts(source=1, dispatched=1), "dispatched", keys=["e"]),
+                _page(4, Counts(source=1, dispatched=1, completed=1), keys=["c"]),
+            ],
+        )
+    assert "e" not in store.claimed_keys("run-1")
+    # dispatch="rq": only the jobs of keys the page owns are registered.
+    async_page = _page(6, Counts(source=2, dispatched=2), "dispatched", keys=["c", "f"])
+    recorded, pending = store.record_async_page("run-1", async_page, {"c": "j0", "f": "j0"})
+    assert (recorded.claimed_keys, recorded.counts.skipped, pending) == (["f"], 1, {"f"})
+
+
+def test_while_redis_held_the_run_pages_are_recorded_as_given(store: MetricsStore) -> None:
+    """Before any loss Redis alone decides (no two pages get a key): no key table rows."""
+    store.start_run("run-1", "orders", None, T0)
+    pages = [_page(n, Counts(source=1, dispatched=1), "dispatched", keys=["k"]) for n in (0, 1)]
+    assert store.record_pages("run-1", pages) == pages
+    with store.engine().connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM flow_run_keys")).scalar_one() == 0
+
+
+def test_a_steps_claims_go_in_one_statement_beyond_the_bound_parameter_limit(
+    store: MetricsStore,
+) -> None:
+    store.start_run("run-1", "orders", None, T0)
+    store.note_counter_mismatch("run-1", "Redis lost the run")
+    pages = [
+        _page(n, Counts(source=5000, dispatched=5000), "dispatched", keys=[f"k{i}" for i in keys])
+        for n, keys in enumerate((range(5000), range(4000, 9000), range(9000, 14000)))
+    ]
+    recorded = store.record_pages("run-1", pages)
+    assert [page.counts.dispatched for page in recorded] == [5000, 4000, 5000]
+    assert len(store.claimed_keys("run-1")) == 14000
+
+
 def test_record_pages_rejects_inconsistent_pages_and_unknown_runs(store: MetricsStore) -> None:
     with pytest.raises(ValueError, match="source=3 != dispatched=1"):
         _page(0, Counts(source=3, dispatched=1))
