@@ -5,6 +5,7 @@ named after the flow, with deterministic job ids (``<flow>-<run>-p<page>-j<n>``)
 the page and its pending jobs are in the ledger. ``rq worker`` processes run
 ``flow_assets.rq_worker.run_jobs``, which imports the flow's handler by its module path,
 and acknowledge each outcome through the same ledger (see ``flow_assets.rq_worker``).
+When the run is final its jobs still queued are cancelled (``cancel_run_jobs``).
 """
 
 from __future__ import annotations
@@ -106,12 +107,74 @@ def handler_path(handler: Callable[..., Any]) -> str:
     return path
 
 
+def run_job_prefix(flow: str, run_id: str) -> str:
+    """What every RQ job id of the run starts with (flow names have no ``-``)."""
+    return f"{flow}-{run_id}-p"
+
+
 def plan_jobs(
     flow: str, run_id: str, page_index: int, keys: Sequence[str], batch_size: int
 ) -> dict[str, str]:
     """Record key -> deterministic RQ job id (a page's keys are deterministic)."""
-    prefix = f"{flow}-{run_id}-p{page_index}-j"
+    prefix = f"{run_job_prefix(flow, run_id)}{page_index}-j"
     return {key: f"{prefix}{position // batch_size}" for position, key in enumerate(keys)}
+
+
+# Removes from a queue (an RQ list of job ids) the ids starting with a prefix, in one pass
+# and atomically: a worker pops either a job this removes or one it keeps, never both.
+# O(queue length); the kept ids go back in their order.
+_REMOVE_QUEUED = """
+-- KEYS[1] = the RQ queue (list of job ids); ARGV[1] = job id prefix
+-- returns the removed ids, in queue order
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local prefix, n = ARGV[1], string.len(ARGV[1])
+local keep, removed = {}, {}
+for _, id in ipairs(ids) do
+    if string.sub(id, 1, n) == prefix then
+        removed[#removed + 1] = id
+    else
+        keep[#keep + 1] = id
+    end
+end
+if #removed == 0 then
+    return removed
+end
+redis.call('DEL', KEYS[1])
+for start = 1, #keep, 5000 do
+    redis.call('RPUSH', KEYS[1], unpack(keep, start, math.min(start + 4999, #keep)))
+end
+return removed
+"""
+
+
+def cancel_run_jobs(
+    connection: redis.Redis, queue: str, flow: str, run_id: str, ttl_seconds: int
+) -> int:
+    """Cancel the run's jobs still waiting in ``queue``; how many. For a run that is final.
+
+    They leave the queue in one atomic pass (by their deterministic ids), so no worker can
+    start them; each is marked ``canceled`` (RQ's status) and expires after
+    ``ttl_seconds`` (queued RQ jobs have no TTL of their own). Jobs already running or
+    finished are left alone: a worker skips a job of a final run anyway, and an outcome
+    acknowledged after finalization is recorded as late. Idempotent.
+    """
+    from rq import Queue  # imported here: a Flow import stays light
+    from rq.job import Job, JobStatus
+
+    script = connection.register_script(_REMOVE_QUEUED)
+    removed = [
+        value.decode() if isinstance(value, bytes) else str(value)
+        for value in script(
+            keys=[Queue(queue, connection=connection).key], args=[run_job_prefix(flow, run_id)]
+        )
+    ]
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in removed:
+            key = Job.key_for(job_id)
+            pipe.hset(key, "status", JobStatus.CANCELED.value)
+            pipe.expire(key, ttl_seconds)
+        pipe.execute()
+    return len(removed)
 
 
 def enqueue_jobs(

@@ -14,11 +14,16 @@ scale out. A job whose worker died is failed or retried by RQ's maintenance in a
 worker (``--maintenance-interval``); see ``RqDispatch.job_timeout``.
 
 ``run_jobs`` is the job: it imports the flow's handler by name and calls it with a
-``JobBatch``. The job's RQ callbacks acknowledge its outcome: ``ack_success`` (the
-outcomes the handler reported) and ``ack_failure`` (the job raised, timed out, or its
-worker died; only once RQ will not retry it). An ack is a guarded transition in SQL (the
-source of truth) then in the run's Redis counters, so a repeated or duplicated callback
-changes nothing. This module does not import Dagster.
+``JobBatch``, heartbeating the run while the handler works (a long job keeps its run
+alive). A job of a run that is already final (finalized as stalled, failed or cancelled
+while the job waited in the queue) is skipped: the handler is not called. The job's RQ
+callbacks acknowledge its outcome: ``ack_success`` (the outcomes the handler reported) and
+``ack_failure`` (the job raised, timed out, or its worker died; only once RQ will not
+retry it). An ack is a guarded transition in SQL (the source of truth) then in the run's
+Redis counters, so a repeated or duplicated callback changes nothing; an ack that arrives
+after the run was final is recorded as late in the ledger and counted nowhere
+(``Ack.LATE``). Dagster is imported only through the heartbeat's ``MetricsStore``, once
+per worker (``rq_settings`` preloads this module).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
+from functools import cache
 from typing import Any
 
 import redis
@@ -34,8 +40,11 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
 from flow_assets.dispatch import JobBatch, error_text
-from resources import db, job_lua, job_queries, migrations, store_queries
+from flow_assets.heartbeat import heartbeat, heartbeat_interval
+from resources import db, flow_key_queries, job_lua, job_queries, migrations, store_queries
 from resources.job_lua import Ack
+from resources.metrics_store import MetricsStore
+from resources.run_policy import RunPolicy
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +61,22 @@ def run_jobs(
     keys: Sequence[str],
     records: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """The RQ job: call the handler on the records; their outcomes, for ``ack_success``."""
+    """The RQ job: call the handler on the records; their outcomes, for ``ack_success``.
+
+    A job of a run that is final in the ledger (or unknown to it) is skipped without
+    calling the handler: its jobs were counted failed (lost) when the run was finalized.
+    The result then says why under ``skipped``, with no outcome to acknowledge.
+    """
+    with _ledger(write=False) as conn:
+        gate = job_queries.run_gate(conn, run_id)
+    if gate is None or not gate.running:
+        why = f"run {run_id} is {gate.status} in the ledger" if gate else f"run {run_id} is unknown"
+        log.warning("flow %s page %d: %s; job skipped, handler not called", flow, page_index, why)
+        return {"completed": [], "failed": {}, "skipped": f"not run: {why}"}
     batch = JobBatch(keys, records)
-    _handler(handler_path)(batch)
+    deadline = (gate.policy or RunPolicy()).deadline
+    with heartbeat(_store(), run_id, heartbeat_interval(deadline)):
+        _handler(handler_path)(batch)
     batch.finish()
     failures = batch.failures
     return {"completed": [key for key in keys if key not in failures], "failed": failures}
@@ -62,6 +84,8 @@ def run_jobs(
 
 def ack_success(job: Job, connection: redis.Redis, result: Any, *args: Any, **kwargs: Any) -> Ack:
     """RQ success callback: acknowledge the outcomes ``run_jobs`` returned."""
+    if result.get("skipped"):
+        return Ack.NOOP  # the run was final: nothing ran, nothing to acknowledge
     completed, failed = result["completed"], result["failed"]
     return acknowledge(connection, job, completed=completed, failed=failed)
 
@@ -90,13 +114,32 @@ def acknowledge(
 ) -> Ack:
     """Apply a job's outcomes to the ledger, then to the live counters; what Redis did.
 
-    Returns ``NOOP`` when every transition had happened before (a repeated callback).
+    Returns ``NOOP`` when every transition had happened before (a repeated callback), and
+    ``LATE`` when the run was final: the outcomes are recorded as late in the ledger, not
+    counted (the final row was computed without them), and the live counters are left
+    alone. A late success of a ``dedup="flow"`` run claims its key again, in the same
+    transaction, if the finalizer had released it: the record was handled after all.
     """
     flow, run_id, ttl = job.meta["flow"], job.meta["run_id"], int(job.meta["ttl"])
+    now = _now()
     with _ledger() as conn:
-        deltas = job_queries.ack_jobs(conn, run_id, completed, failed, _now())
+        result = job_queries.ack_jobs(conn, run_id, completed, failed, now)
+        policy = result.gate.policy if result.gate else None
+        if result.completed_late and policy is not None and policy.dedup == "flow":
+            flow_key_queries.reclaim_flow_keys(conn, flow, run_id, result.completed_late, now)
+    if result.run_final:
+        if not result.late:
+            return Ack.NOOP
+        log.warning(
+            "flow %s run %s is final: %d outcomes of job %s arrived late; recorded, not counted",
+            flow,
+            run_id,
+            result.late,
+            job.id,
+        )
+        return Ack.LATE
     outcome = Ack.NOOP
-    for page_index, delta in sorted(deltas.items()):
+    for page_index, delta in sorted(result.deltas.items()):
         if not delta:
             continue
         outcome = job_lua.ack_jobs(
@@ -118,10 +161,20 @@ def acknowledge(
     return outcome
 
 
-def _ledger() -> Any:
+def _ledger(*, write: bool = True) -> Any:
     url = db.resolve_url(None)
     migrations.ensure_schema(url, auto_migrate=False, retry_seconds=CONNECT_RETRY_SECONDS)
-    return db.transaction(db.get_engine(url), write=True, retry_seconds=CONNECT_RETRY_SECONDS)
+    return db.transaction(db.get_engine(url), write=write, retry_seconds=CONNECT_RETRY_SECONDS)
+
+
+@cache
+def _store_for(url: str) -> MetricsStore:
+    return MetricsStore(url=url, auto_migrate=False, connect_retry_seconds=CONNECT_RETRY_SECONDS)
+
+
+def _store() -> MetricsStore:
+    """The ledger as the heartbeat writes to it (engines are per process, never forked)."""
+    return _store_for(db.resolve_url(None))
 
 
 def _handler(path: str) -> Callable[[JobBatch], None]:

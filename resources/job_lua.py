@@ -87,6 +87,9 @@ class Ack(enum.Enum):
     NOOP = "NOOP"  # nothing to apply, or refused by the guard
     DECREMENTED = "DECREMENTED"  # applied; jobs of the run are still pending
     ZERO = "ZERO"  # applied; no job of the run is pending
+    # Not a script's answer: the run was final when the ack came. Its outcome is recorded
+    # as late in the ledger (job_queries.record_late), never counted; Redis is not touched.
+    LATE = "LATE"
 
 
 def _script(client: redis.Redis, source: str) -> Script:

@@ -4,12 +4,18 @@ A job's state moves pending -> completed | failed and failed -> completed, never
 ack repeating a transition (a redelivered or duplicated callback) matches no row and
 changes nothing. Every function is given an open transaction. No Dagster import: RQ
 workers use this module directly.
+
+An ack that arrives once the run is final (its jobs were counted failed, "lost", by the
+finalizer) changes no state: the final row must keep equal to the ledger's totals. It is
+recorded as *late* instead: ``late_at`` is set and the late outcome can be read back
+(``late_outcomes``): a late failure keeps its error in ``error`` (the row stays pending),
+a late success is a late row that is failed, or pending without an error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,12 +26,15 @@ from sqlalchemy import (
     and_,
     case,
     func,
+    not_,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from resources.run_policy import RunPolicy
 from resources.schema import (
     PAGE_COUNT_COLUMNS,
     RUNNING_PREDICATE,
@@ -53,6 +62,36 @@ class JobDeltas:
 
     def __bool__(self) -> bool:
         return bool(self.completed or self.failed or self.recovered)
+
+
+@dataclass
+class AckResult:
+    """What one ack did in the ledger.
+
+    ``deltas``: the transitions applied, by page (the run was running). ``run_final``: the
+    run was final (or unknown) when the ack arrived, so nothing was counted; ``late`` of
+    its outcomes were recorded as late now (0: all of them had been before, or were no
+    transition at all), ``completed_late`` (key -> page) the successes among them.
+    """
+
+    deltas: dict[int, JobDeltas] = field(default_factory=dict)
+    run_final: bool = False
+    gate: RunGate | None = None
+    late: int = 0
+    completed_late: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunGate:
+    """What a worker checks before running a job of a run: its status and policy."""
+
+    flow_name: str
+    status: str
+    policy: RunPolicy | None
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -96,41 +135,89 @@ def register_jobs(
     return pending
 
 
+def run_gate(conn: Connection, run_id: str, *, lock: bool = False) -> RunGate | None:
+    """The run's status and policy; None for an unknown run.
+
+    ``lock``: hold a KEY SHARE lock on the run's row until the transaction ends
+    (PostgreSQL; SQLite's write transaction is exclusive already). The finalizer's
+    ``FOR UPDATE`` conflicts with it, so an ack either commits before a run is finalized
+    or sees it final; acks do not block each other, nor their progress updates.
+    """
+    stmt = select(_fm.c.flow_name, _fm.c.flow_status, _fm.c.run_policy).where(
+        _fm.c.run_id == run_id
+    )
+    if lock:
+        stmt = stmt.with_for_update(read=True, key_share=True)
+    row = conn.execute(stmt).one_or_none()
+    if row is None:
+        return None
+    flow_name, status, policy = row
+    return RunGate(flow_name, status, RunPolicy.from_json(policy) if policy else None)
+
+
 def ack_jobs(
     conn: Connection,
     run_id: str,
     completed: Sequence[str],
     failed: Mapping[str, str],
     now: datetime,
-) -> dict[int, JobDeltas]:
+) -> AckResult:
     """Apply job outcomes as guarded transitions; what changed, by page index.
 
     ``completed`` keys move from pending or failed; ``failed`` keys (key -> error text)
     move from pending only, so a late failure never undoes a success. Keys that are not
-    jobs of the run are ignored.
+    jobs of the run are ignored. Once the run is final nothing moves: the outcomes are
+    recorded as late (``record_late``).
     """
+    gate = run_gate(conn, run_id, lock=True)
+    if gate is None:
+        return AckResult(run_final=True)
+    if not gate.running:
+        result = record_late(conn, run_id, completed, failed, now)
+        result.gate = gate
+        return result
     deltas: dict[int, JobDeltas] = {}
-    # A failed job keeps its error when it completes later, so a returned error tells a
-    # recovery (failed -> completed) from a first outcome.
     for chunk in _chunks(sorted(set(completed))):
+        # The state before, not the error, tells a first outcome from a recovery.
+        for source, kind in (("pending", "completed"), ("failed", "recovered")):
+            values: dict[str, Any] = {"state": "completed", "late_at": None, "updated_at": now}
+            if source == "pending":
+                values["error"] = None  # a late failure's error, if a reopened run had one
+            stmt = (
+                update(_jobs)
+                .where(
+                    _jobs.c.run_id == run_id,
+                    _jobs.c.record_key.in_(chunk),
+                    _jobs.c.state == source,
+                )
+                .values(values)
+                .returning(_jobs.c.page_index)
+            )
+            for page_index in conn.execute(stmt).scalars():
+                delta = deltas.setdefault(page_index, JobDeltas())
+                setattr(delta, kind, getattr(delta, kind) + 1)
+    for error, chunk in _failed_by_error(completed, failed):
         stmt = (
             update(_jobs)
             .where(
                 _jobs.c.run_id == run_id,
                 _jobs.c.record_key.in_(chunk),
-                _jobs.c.state != "completed",
+                _jobs.c.state == "pending",
             )
-            .values(state="completed", updated_at=now)
-            # The column, not `error IS NOT NULL`: SQLite 3.40 evaluates that expression
-            # wrongly in a RETURNING clause.
-            .returning(_jobs.c.page_index, _jobs.c.error)
+            .values(state="failed", error=error, late_at=None, updated_at=now)
+            .returning(_jobs.c.page_index)
         )
-        for page_index, error in conn.execute(stmt):
-            delta = deltas.setdefault(page_index, JobDeltas())
-            if error is not None:
-                delta.recovered += 1
-            else:
-                delta.completed += 1
+        for page_index in conn.execute(stmt).scalars():
+            deltas.setdefault(page_index, JobDeltas()).failed += 1
+    if any(deltas.values()):
+        _note_progress(conn, run_id, now)
+    return AckResult(deltas)
+
+
+def _failed_by_error(
+    completed: Sequence[str], failed: Mapping[str, str]
+) -> Iterator[tuple[str, Sequence[str]]]:
+    """Failed keys not also completed, grouped by error text, in chunks."""
     by_error: dict[str, list[str]] = {}
     succeeded = set(completed)
     for key, error in failed.items():
@@ -138,21 +225,50 @@ def ack_jobs(
             by_error.setdefault(error or DEFAULT_ERROR, []).append(key)
     for error, keys in by_error.items():
         for chunk in _chunks(sorted(keys)):
-            stmt = (
-                update(_jobs)
-                .where(
-                    _jobs.c.run_id == run_id,
-                    _jobs.c.record_key.in_(chunk),
-                    _jobs.c.state == "pending",
-                )
-                .values(state="failed", error=error, updated_at=now)
-                .returning(_jobs.c.page_index)
+            yield error, chunk
+
+
+def record_late(
+    conn: Connection,
+    run_id: str,
+    completed: Sequence[str],
+    failed: Mapping[str, str],
+    now: datetime,
+) -> AckResult:
+    """Outcomes that arrived after the run was final: set ``late_at``, change no state
+    (the final row was computed from the states).
+
+    Only what would have been a transition is recorded (a success of a job not completed,
+    a failure of a pending one), once per job: the first late outcome stays.
+    """
+    result = AckResult(run_final=True)
+    for chunk in _chunks(sorted(set(completed))):
+        stmt = (
+            update(_jobs)
+            .where(
+                _jobs.c.run_id == run_id,
+                _jobs.c.record_key.in_(chunk),
+                _jobs.c.state != "completed",
+                _jobs.c.late_at.is_(None),
             )
-            for page_index in conn.execute(stmt).scalars():
-                deltas.setdefault(page_index, JobDeltas()).failed += 1
-    if any(deltas.values()):
-        _note_progress(conn, run_id, now)
-    return deltas
+            .values(late_at=now)
+            .returning(_jobs.c.record_key, _jobs.c.page_index)
+        )
+        result.completed_late.update({key: page for key, page in conn.execute(stmt)})
+    result.late = len(result.completed_late)
+    for error, chunk in _failed_by_error(completed, failed):
+        late_failure = (
+            update(_jobs)
+            .where(
+                _jobs.c.run_id == run_id,
+                _jobs.c.record_key.in_(chunk),
+                _jobs.c.state == "pending",
+                _jobs.c.late_at.is_(None),
+            )
+            .values(late_at=now, error=error)
+        )
+        result.late += conn.execute(late_failure).rowcount
+    return result
 
 
 def _note_progress(conn: Connection, run_id: str, now: datetime) -> None:
@@ -221,3 +337,51 @@ def failed_jobs(conn: Connection, run_id: str, limit: int) -> list[dict[str, Any
         .limit(limit)
     )
     return [dict(row._mapping) for row in conn.execute(stmt)]
+
+
+# A late row's outcome: a failed row can only have completed late; a pending one failed
+# late if the late ack left its error, else it completed late.
+_LATE_COMPLETED = or_(_jobs.c.state == "failed", _jobs.c.error.is_(None))
+
+
+def late_counts(conn: Connection, run_ids: Sequence[str]) -> dict[str, int]:
+    """Jobs of each run whose outcome arrived after the run was final (0 if none)."""
+    counts = dict.fromkeys(run_ids, 0)
+    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+        stmt = (
+            select(_jobs.c.run_id, func.count())
+            .where(_jobs.c.run_id.in_(chunk), _jobs.c.late_at.is_not(None))
+            .group_by(_jobs.c.run_id)
+        )
+        counts.update({run_id: int(n) for run_id, n in conn.execute(stmt)})
+    return counts
+
+
+def late_outcomes(conn: Connection, run_id: str, limit: int) -> list[dict[str, Any]]:
+    """A run's late outcomes by page and key: ``record_key``, ``page_index``, ``outcome``
+    (``completed`` or ``failed``), ``error`` (a late failure's, or the failure a late
+    success came after), ``late_at``."""
+    outcome = case((_LATE_COMPLETED, "completed"), else_="failed")
+    stmt = (
+        select(
+            _jobs.c.record_key,
+            _jobs.c.page_index,
+            outcome.label("outcome"),
+            _jobs.c.error,
+            _jobs.c.late_at,
+        )
+        .where(_jobs.c.run_id == run_id, _jobs.c.late_at.is_not(None))
+        .order_by(_jobs.c.page_index, _jobs.c.record_key)
+        .limit(limit)
+    )
+    return [dict(row._mapping) for row in conn.execute(stmt)]
+
+
+def unfinished_keys(conn: Connection, run_id: str) -> list[str]:
+    """Keys of the run's async jobs counted failed when it was finalized (failed, or still
+    pending: lost) whose job did not complete late after all."""
+    completed_late = and_(_jobs.c.late_at.is_not(None), _LATE_COMPLETED)
+    stmt = select(_jobs.c.record_key).where(
+        _jobs.c.run_id == run_id, _jobs.c.state != "completed", not_(completed_late)
+    )
+    return list(conn.execute(stmt).scalars())

@@ -23,6 +23,7 @@ from resources.redis_counters import RedisCounters
 from resources.run_policy import RunPolicy
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
 from sensors.publish import publish_final_runs
+from sensors.settle import settle_final_runs
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ def finalize_runs(
         statuses = {final.run_id: final.status for final in finals}
         for run_id in store.finalize_many(finals):
             report.finalized[run_id] = statuses[run_id]
+        settle_final_runs(
+            store, counters, [d.row for d in ready if d.row.run_id in report.finalized]
+        )
     publish_until = None if time_budget_seconds is None else started + time_budget_seconds
     report.published = publish_final_runs(
         instance, store, counters, now, batch_size, until=publish_until
@@ -268,16 +272,6 @@ def dagster_run_groups(
     return groups
 
 
-def latest_dagster_runs(
-    instance: dg.DagsterInstance, run_ids: list[str]
-) -> dict[str, dg.DagsterRun]:
-    """Flow run id -> the newest Dagster run of its re-execution group (or the run itself)."""
-    return {
-        run_id: records[0].dagster_run
-        for run_id, records in dagster_run_groups(instance, run_ids).items()
-    }
-
-
 def _with_cause(verdict: Verdict, instance: dg.DagsterInstance, run: dg.DagsterRun) -> Verdict:
     """Add the first step failure's error (redacted, one line) to a failed run's reason."""
     failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
@@ -334,9 +328,17 @@ def _final_states(
                 counter_mismatch="; ".join(filter(None, [row.counter_mismatch, mismatch])) or None,
                 runtime_ms=decision.runtime_ms,
                 awaiting_dagster=decision.awaiting_dagster,
+                # Work may still land while this tick decides: write only if none did.
+                ledger_counts=counts if _may_still_move(row, decision) else None,
             )
         )
     return finals
+
+
+def _may_still_move(row: RunRow, decision: _Decision) -> bool:
+    """RQ workers ack after the Dagster run ended; a stalled run's steps may still write."""
+    policy = row.policy
+    return decision.awaiting_dagster or (policy is not None and policy.dispatch == "rq")
 
 
 def _counter_mismatches(
