@@ -21,7 +21,8 @@ import dagster as dg
 from flow_assets.flow import Flow
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from flow_assets.page_step import process_pages
-from flow_assets.sources.base import Page, PageRef
+from flow_assets.sources.base import Page, PageRef, SourceDownError
+from resources.errors import StoreUnavailableError
 from resources.metrics_store import MetricsStore
 from resources.page_ranges import missing_pages_text
 from resources.redis_counters import RedisCounters
@@ -32,6 +33,15 @@ T = TypeVar("T")
 # Dagster's tags for re-execution groups (dagster._core.storage.tags, not public API).
 ROOT_RUN_ID_TAG = "dagster/root_run_id"
 PARENT_RUN_ID_TAG = "dagster/parent_run_id"
+PARTITION_TAG = "dagster/partition"
+# A partition's Dagster run in one of these is in progress: its schedule does not launch it.
+ACTIVE_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+SUCCESSFUL = ("completed", "partial_success")
+STATUS_TAG = "flow/status"
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,9 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
         name=f"{flow.name}_plan",
         out=dg.DynamicOut(PageChunk),
         required_resource_keys={COUNTERS_KEY, STORE_KEY},
+        # A sequential source is read here in full: an outage longer than its HTTP retries
+        # re-reads it from the first page rather than throwing the run away.
+        retry_policy=flow.retry_policy,
         description=f"Plan the pages of {flow.source} and fan them out in chunks.",
         tags=tags,
     )
@@ -65,18 +78,18 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
         partition_key = context.partition_key if context.has_partition_key else None
         store: MetricsStore = getattr(context.resources, STORE_KEY)
         counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
-        run_id = flow_run_id(context)
+        run_id = flow_run_id(context, flow)
         policy = flow.run_policy(_code_location(context.run))
         store.start_run(run_id, flow.name, partition_key, datetime.now(timezone.utc), policy)
         counters.start_run(flow.name, run_id)
-        pages_total, reported_total = 0, None
+        pages_total, reported_totals = 0, []
         for chunk in _chunks(flow, partition_key):
             pages_total += len(chunk)
-            reported_total = _reported_total(chunk) or reported_total
+            reported_totals += _reported_totals(chunk)
             yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
         # Dagster starts the mapped steps once this op has returned: the plan is in the
         # ledger before any page is, and extraction is done when each page has its row.
-        store.record_plan(run_id, pages_total, reported_total)
+        store.record_plan(run_id, pages_total, max(reported_totals, default=None))
 
     @dg.op(
         name=f"{flow.name}_pages",
@@ -88,23 +101,31 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
     def process(context: dg.OpExecutionContext, chunk: PageChunk) -> int:
         store: MetricsStore = getattr(context.resources, STORE_KEY)
         counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
-        run_id = flow_run_id(context)
+        run_id = flow_run_id(context, flow)
+        attempt = context.run_id  # a re-execution is a new attempt: it tries the source again
+        if chunk.refs and (down := _known_source_down(store, run_id, attempt)):
+            raise _source_down(flow, down)  # found by another step of this attempt
         # Dagster will not retry this attempt: a handler error then fails the page's jobs.
         final_attempt = context.retry_number >= flow.retry_policy.max_retries
         with heartbeat(store, run_id, heartbeat_interval(flow.deadline)):
-            pages = chunk.pages or [flow.source.fetch(ref) for ref in chunk.refs]
+            try:
+                pages = chunk.pages or [flow.source.fetch(ref) for ref in chunk.refs]
+            except SourceDownError as exc:
+                # Every step would wait out its retries on it again: record it, fail fast.
+                store.note_source_down(run_id, attempt, str(exc))
+                raise _source_down(flow, store.source_down(run_id, attempt) or str(exc)) from exc
             process_pages(flow, run_id, pages, counters, store, final_attempt=final_attempt)
         return len(chunk)
 
     @dg.op(
         name=f"{flow.name}_collect",
-        required_resource_keys={STORE_KEY},
+        required_resource_keys={COUNTERS_KEY, STORE_KEY},
         description="Check that every planned page has its row in the ledger.",
         tags=tags,
     )
     def collect(context: dg.OpExecutionContext, pages_per_chunk: list[int]) -> None:
         store: MetricsStore = getattr(context.resources, STORE_KEY)
-        run_id = flow_run_id(context)
+        run_id = flow_run_id(context, flow)
         missing = store.missing_pages(run_id)
         if missing:
             # A re-execution from failure re-runs failed steps only: steps that never
@@ -128,12 +149,15 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
     )
 
 
-def flow_run_id(context: dg.OpExecutionContext) -> str:
+def flow_run_id(context: dg.OpExecutionContext, flow: Flow) -> str:
     """The flow run an op works for: the root of a re-execution group, else this run.
 
     A re-execution (from failure, or of chosen steps) continues the same flow run: its
     pages replace the earlier attempt's in the ledger, and a flow run already finalized as
-    failed or cancelled is reopened so the finalizer classifies the new outcome.
+    failed or cancelled is reopened so the finalizer classifies the new outcome. Writes:
+    tags a re-execution launched from Python with its group, reopens the ledger row, tags
+    the group's Dagster runs ``flow/status=running`` again and restores the run's Redis
+    state, which its earlier finalization removed (not a loss: no counter-mismatch note).
     """
     run = context.run
     if run.parent_run_id is None:
@@ -145,7 +169,17 @@ def flow_run_id(context: dg.OpExecutionContext) -> str:
         context.instance.add_run_tags(
             run.run_id, {ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: run.parent_run_id}
         )
-    getattr(context.resources, STORE_KEY).reopen(root)
+    store: MetricsStore = getattr(context.resources, STORE_KEY)
+    counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
+    reopened = store.reopen(root)
+    if reopened:
+        group = context.instance.get_run_ids(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: root}))
+        for run_id in {root, *group}:
+            context.instance.add_run_tags(run_id, {STATUS_TAG: "running"})
+    if counters.totals(flow.name, root) is None and (
+        reopened or any(row.revision for row in store.runs(run_id=root))
+    ):
+        counters.rebuild(flow.name, root, store.claimed_keys(root), store.page_counts(root))
     return root
 
 
@@ -155,9 +189,10 @@ def _code_location(run: dg.DagsterRun) -> str | None:
     return origin.location_name if origin is not None else None
 
 
-def _reported_total(chunk: PageChunk) -> int | None:
-    totals = [p.reported_total for p in (*chunk.refs, *chunk.pages) if p.reported_total]
-    return max(totals) if totals else None
+def _reported_totals(chunk: PageChunk) -> list[int]:
+    """The record counts the source reported on the chunk's pages (or their refs)."""
+    totals = [ref.reported_total for ref in chunk.refs if ref.reported_total is not None]
+    return totals + [page.reported_total for page in chunk.pages if page.reported_total is not None]
 
 
 def _chunks(flow: Flow, partition_key: str | None) -> Iterator[PageChunk]:
@@ -192,8 +227,12 @@ def build_flow_asset(flow: Flow) -> dg.AssetSpec:
 def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinition | None:
     """The flow's schedule: its cron; a time-partitioned flow runs its newest partition.
 
-    Each partition's run has ``run_key`` = the partition key, so a tick repeated for the
-    same partition launches nothing new.
+    A tick launches the newest complete partition only when that partition has no run in
+    progress (a Dagster run of the job queued, starting or started, or a ``running`` row in
+    the ledger) and no successful run (``completed`` or ``partial_success``; unless
+    ``flow.rerun_partitions``); otherwise it skips, saying which run is in the way. (Dagster
+    deduplicates ``run_key`` within one tick time only, so a frequent cron alone would launch
+    the same partition on every tick.) An unpartitioned flow runs on every tick.
     """
     if flow.schedule is None:
         return None
@@ -205,11 +244,51 @@ def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinit
 
     @dg.schedule(name=f"{flow.name}_schedule", job=job, cron_schedule=flow.schedule)
     def latest_partition(
-        context: dg.ScheduleEvaluationContext,
+        context: dg.ScheduleEvaluationContext, metrics_store: MetricsStore
     ) -> dg.RunRequest | dg.SkipReason:
         keys = partitions.get_partition_keys(current_time=context.scheduled_execution_time)
         if not keys:
             return dg.SkipReason(f"no complete partition of {flow.name} yet")
-        return dg.RunRequest(run_key=keys[-1], partition_key=keys[-1])
+        key = keys[-1]
+        partition = f"flow {flow.name}: partition {key}"
+        active = context.instance.get_runs(
+            dg.RunsFilter(job_name=job.name, tags={PARTITION_TAG: key}, statuses=ACTIVE_STATUSES),
+            limit=1,
+        )
+        if active:
+            status = active[0].status.value.lower()
+            return dg.SkipReason(
+                f"{partition} has a run in progress: Dagster run {active[0].run_id} ({status})"
+            )
+        ledger = metrics_store.partition_runs(flow.name, key, ("running", *SUCCESSFUL), limit=10)
+        running = [(run_id, status) for run_id, status in ledger if status == "running"]
+        if running:
+            run_id, status = running[0]
+            return dg.SkipReason(f"{partition} has a run in progress: {run_id} ({status})")
+        if ledger and not flow.rerun_partitions:
+            run_id, status = ledger[0]
+            return dg.SkipReason(
+                f"{partition} already has a successful run: {run_id} ({status}); set"
+                " rerun_partitions=True on the flow to launch it again on every tick"
+            )
+        return dg.RunRequest(run_key=key, partition_key=key)
 
     return latest_partition
+
+
+def _known_source_down(store: MetricsStore, run_id: str, attempt: str) -> str | None:
+    """The source-down note of this attempt; None also when the ledger cannot be read now:
+    failing fast is a shortcut, and the step's own writes say whether the ledger is down."""
+    try:
+        return store.source_down(run_id, attempt)
+    except StoreUnavailableError:
+        return None
+
+
+def _source_down(flow: Flow, error: str) -> dg.Failure:
+    """The step failure (not retried) of a run whose source was found down."""
+    return dg.Failure(
+        f"flow {flow.name}: the source is down; the run's page steps fail without retrying."
+        f" {error} Re-execute the run from failure once the source is back.",
+        allow_retries=False,
+    )

@@ -12,7 +12,7 @@ Examples:
 from __future__ import annotations
 
 from flow_assets.sources.auth import BasicAuth, BearerAuth, HeaderAuth
-from flow_assets.sources.base import Page, PageRef, Source
+from flow_assets.sources.base import Page, PageRef, Source, SourceDownError
 from flow_assets.sources.files import FileSource
 from flow_assets.sources.http import HttpJsonSource
 from flow_assets.sources.paginators import (
@@ -40,5 +40,6 @@ __all__ = [
     "PageNumberPaginator",
     "PageRef",
     "Source",
+    "SourceDownError",
     "SqlSource",
 ]

@@ -20,6 +20,12 @@ from typing import Any, Protocol, runtime_checkable
 from flow_assets.errors import SourceError
 
 
+class SourceDownError(SourceError):
+    """The source cannot be reached (connection refused, host unreachable) and the
+    request's retries are spent: every page of the run would meet the same error, so the
+    run's other steps fail at once instead of waiting on it too."""
+
+
 @dataclass(frozen=True)
 class PageRef:
     """Where to fetch one page of a random-access source.

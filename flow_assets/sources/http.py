@@ -15,13 +15,13 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
-from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
 from flow_assets.errors import FlowDefinitionError, SourceError
 from flow_assets.sources.auth import BearerAuth
-from flow_assets.sources.base import Page, PageRef
+from flow_assets.sources.base import Page, PageRef, SourceDownError
 from flow_assets.sources.paginators import (
     MISSING,
     BasePaginator,
@@ -36,6 +36,7 @@ from resources.redaction import redact_text, redact_url
 __all__ = ["BearerAuth", "HttpJsonSource"]
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+DEFAULT_TOTAL_HEADER = "X-Total-Count"
 EXCERPT_CHARS = 200
 _HINTS = {
     400: "check the query parameters (params=, partition_param=, the paginator's)",
@@ -87,7 +88,18 @@ class HttpJsonSource:
         backoff_factor: exponential backoff base in seconds (jitter of the same size added).
         retry_after_max: longest ``Retry-After`` wait honoured, in seconds.
         partition_param: query parameter that receives the partition key.
+        total_header: response header holding the number of records the API has for the
+            request (default ``X-Total-Count``, read when it holds a count; a header named
+            here must hold one); None: no header is read.
+        total_path: dotted path of the number of records in the body, for paginators that
+            do not read one themselves (cursors, next links, ``total_pages_path``).
         name: name used in errors and logs (default: host and path).
+
+    Pages (read in order) and page refs (planned) carry the total the API reports in
+    ``reported_total``: the paginator's total of records (``total_records_path``,
+    ``total_path``, ``total_header``) if it reads one, else ``total_path``, else
+    ``total_header``. The finalizer fails a run that read a different number of records.
+    A paginator stopped by ``max_pages`` reads less on purpose: its pages report no total.
 
     Examples:
         >>> from flow_assets.sources import PageNumberPaginator
@@ -115,6 +127,8 @@ class HttpJsonSource:
         backoff_factor: float = 0.5,
         retry_after_max: int = 60,
         partition_param: str | None = None,
+        total_header: str | None = DEFAULT_TOTAL_HEADER,
+        total_path: str | None = None,
         name: str | None = None,
     ) -> None:
         parts = urlsplit(url) if isinstance(url, str) else None
@@ -129,6 +143,10 @@ class HttpJsonSource:
             require_path(records_path, "records_path")
         if partition_param is not None:
             require_name(partition_param, "partition_param")
+        if total_header is not None:
+            require_name(total_header, "total_header")
+        if total_path is not None:
+            require_path(total_path, "total_path")
         require_int(max_retries, "max_retries", 0)
         require_int(retry_after_max, "retry_after_max", 0)
         if not isinstance(backoff_factor, (int, float)) or backoff_factor < 0:
@@ -144,6 +162,8 @@ class HttpJsonSource:
         self.backoff_factor = float(backoff_factor)
         self.retry_after_max = retry_after_max
         self.partition_param = partition_param
+        self.total_header = total_header
+        self.total_path = total_path
         self.name = name or f"{parts.hostname}{parts.path}"
         self._session: requests.Session | None = None
 
@@ -169,19 +189,26 @@ class HttpJsonSource:
         if page_params is None:
             return None
         base = self._base_params(partition_key)
-        return [PageRef(i, {**base, **params}) for i, params in enumerate(page_params)]
+        total = None if paginator.cut_short else self._reported_total(response, paginator, 0)
+        return [
+            PageRef(i, {**base, **params}, reported_total=total)
+            for i, params in enumerate(page_params)
+        ]
 
     def fetch(self, ref: PageRef) -> Page:
         """Fetch one planned page."""
         request = requests.Request("GET", self.url, params=dict(ref.params))
         response = self._send(request, ref.index)
-        return Page(ref.index, self._records(response, ref.index), self._label(response))
+        records = self._records(response, ref.index)
+        return Page(ref.index, records, self._label(response), ref.reported_total)
 
     def pages(self, partition_key: str | None) -> Iterator[Page]:
         """Walk the pages in order. An empty page that ends the walk is not yielded: it only
         says there is nothing more (so an empty source yields no page)."""
         paginator = copy.deepcopy(self.paginator)
         request = self._first_request(partition_key, paginator)
+        # max_pages may stop the walk before the end on purpose: then report no total.
+        report = paginator.max_pages is None
         index = 0
         while True:
             response = self._send(request, index)
@@ -192,7 +219,8 @@ class HttpJsonSource:
                 raise self._error(index, response.url, str(exc)) from exc
             last = not paginator.has_next_page
             if records or not last:
-                yield Page(index, records, self._label(response))
+                total = self._reported_total(response, paginator, index) if report else None
+                yield Page(index, records, self._label(response), total)
                 index += 1
             if last:
                 return
@@ -269,9 +297,14 @@ class HttpJsonSource:
             else:
                 problem = f"request failed: {type(reason).__name__}: {_excerpt(str(reason))}"
                 fix = "check that the server is up and reachable from here"
-            raise self._error(
-                index, url, f"{problem}, after {self.max_retries} retries", fix
-            ) from exc
+            error = self._error(index, url, f"{problem}, after {self.max_retries} retries", fix)
+            # No connection after every retry: the source is down, not this one page. (A
+            # read timeout is the server being slow on a page: that page may fare better.)
+            if isinstance(exc, requests.ConnectionError) and not isinstance(
+                reason, ReadTimeoutError
+            ):
+                raise SourceDownError(str(error)) from exc
+            raise error from exc
         if response.status_code >= 400:
             retried = response.status_code in RETRY_STATUSES
             raise self._error(
@@ -320,6 +353,48 @@ class HttpJsonSource:
                 "set records_path to the field holding the list of records",
             )
         return records
+
+    def _reported_total(
+        self, response: requests.Response, paginator: BasePaginator, index: int
+    ) -> int | None:
+        """The record count the response reports (see the class docstring), if any, less
+        the records before the paginator's first page (a starting offset)."""
+        total = self._told_total(response, paginator, index)
+        return None if total is None else max(0, total - paginator.skipped_records)
+
+    def _told_total(
+        self, response: requests.Response, paginator: BasePaginator, index: int
+    ) -> int | None:
+        try:
+            total = paginator.total_records(response)
+        except SourceError as exc:
+            raise self._error(index, response.url, str(exc)) from exc
+        if total is not None:
+            return total
+        if self.total_path is not None:
+            raw = json_lookup(response_json(response), self.total_path)
+            if raw is not MISSING and raw is not None:
+                return self._count(raw, f"total_path {self.total_path!r}", index, response)
+        if self.total_header is not None:
+            raw = response.headers.get(self.total_header)
+            if raw is not None:
+                if self.total_header.lower() == DEFAULT_TOTAL_HEADER.lower():
+                    # Only the default: an API may send it with another meaning.
+                    return int(raw) if raw.strip().isdigit() else None
+                return self._count(raw, f"total header {self.total_header!r}", index, response)
+        return None
+
+    def _count(self, raw: Any, where: str, index: int, response: requests.Response) -> int:
+        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+            return raw
+        if isinstance(raw, str) and raw.strip().isdigit():
+            return int(raw)
+        raise self._error(
+            index,
+            response.url,
+            f"{where} holds {_excerpt(repr(raw))}, not a non-negative integer",
+            "point it at the record count the API sends, or set it to None",
+        )
 
     def _label(self, response: requests.Response) -> str:
         return f"GET {redact_url(response.url)}"

@@ -116,6 +116,10 @@ class BasePaginator(ABC):
     Args:
         max_pages: stop after this many pages even if the API has more (None: no limit).
         stop_after_empty_page: stop when a page has no records.
+
+    Attributes:
+        cut_short: ``page_params`` left pages out because of ``max_pages`` (the read is
+            short on purpose: the API's total is not what it reads).
     """
 
     def __init__(self, *, max_pages: int | None, stop_after_empty_page: bool) -> None:
@@ -127,6 +131,7 @@ class BasePaginator(ABC):
         self.stop_after_empty_page = stop_after_empty_page
         self._has_next_page = True
         self._pages_seen = 0
+        self.cut_short = False
 
     @property
     def has_next_page(self) -> bool:
@@ -162,6 +167,16 @@ class BasePaginator(ABC):
         """Query parameters of every page (first included), learnt from the first page's
         response; None when this paginator cannot know them in advance."""
         return None
+
+    def total_records(self, response: Response) -> int | None:
+        """The record count ``response`` reports where this paginator reads a total of
+        records; None when it reads none."""
+        return None
+
+    @property
+    def skipped_records(self) -> int:
+        """Records before the first page this paginator reads (a starting offset)."""
+        return 0
 
     @abstractmethod
     def _start(self, request: Request) -> None: ...
@@ -225,6 +240,8 @@ class _RangePaginator(BasePaginator):
             return None
         count = self._page_count(response)
         if self.max_pages is not None:
+            # The plan leaves pages out on purpose: the source's total is not to be read.
+            self.cut_short = count > self.max_pages
             count = min(count, self.max_pages)
         return [self._params(self.first + i * self.step) for i in range(count)]
 
@@ -328,6 +345,11 @@ class PageNumberPaginator(_RangePaginator):
         records = self._read_total(response, self.total_records_path, None)
         return math.ceil(records / cast(int, self.page_size))
 
+    def total_records(self, response: Response) -> int | None:
+        if self.total_records_path is None:
+            return None
+        return self._read_total(response, self.total_records_path, None)
+
     def _params(self, value: int) -> dict[str, Any]:
         params: dict[str, Any] = {self.page_param: value}
         if self.page_size_param is not None:
@@ -405,6 +427,15 @@ class OffsetPaginator(_RangePaginator):
     def _page_count(self, response: Response) -> int:
         total = self._read_total(response, self.total_path, self.total_header)
         return math.ceil(max(0, total - self.first) / self.step)
+
+    def total_records(self, response: Response) -> int | None:
+        if not self.random_access:
+            return None
+        return self._read_total(response, self.total_path, self.total_header)
+
+    @property
+    def skipped_records(self) -> int:
+        return self.first
 
     def _params(self, value: int) -> dict[str, Any]:
         params: dict[str, Any] = {self.offset_param: value}

@@ -70,6 +70,7 @@ def test_daily_partitioned_flow_runs_each_partition_with_its_own_row(
         instance=instance,
         scheduled_execution_time=tick_time,
         repository_def=defs.get_repository_def(),
+        resources=defs.resources,  # the schedule reads the ledger (issue 10 item 8)
     ) as ctx:
         (request,) = schedule.evaluate_tick(ctx).run_requests or []
     assert (request.partition_key, request.run_key) == ("2026-11-02", "2026-11-02")
