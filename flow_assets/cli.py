@@ -2,17 +2,30 @@
 
 Start-up stays light: Dagster (~1.5 s to import) is imported only by commands that run it.
 Errors are one clear line on stderr and a non-zero exit code; ``--debug`` shows tracebacks.
+
+Exit codes (``flowctl run`` and ``flowctl rerun`` report the flow run's final status):
+
+- 0: the command succeeded; the run ended ``completed`` or ``partial_success``;
+- 1: the run ended ``failed`` or ``cancelled``, or is not final after ``--wait``; or the
+  command failed otherwise (a server unreachable, ...);
+- 2: a usage or configuration error (bad option, unknown flow or run, invalid setting);
+- 3: with ``--strict``, the run ended ``partial_success``;
+- 130: interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flow_assets import cli_render
+from flow_assets.cli_render import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+
+if TYPE_CHECKING:
+    from resources.store_records import RunRow
 
 app = typer.Typer(
     help="Run flows, see their metrics, manage the ledger's schema.",
@@ -45,32 +58,111 @@ def demo() -> None:
     cli_render.print_runs(rows)
 
 
+WaitOption = Annotated[
+    float,
+    typer.Option(
+        help='Seconds to wait for the jobs of a dispatch="rq" flow to be done by workers.',
+        min=0,
+    ),
+]
+StrictOption = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help=f"Exit {EXIT_PARTIAL} (not 0) when the run ends partial_success.",
+    ),
+]
+
+
+def exit_code(flow_status: str, *, strict: bool = False) -> int:
+    """The exit code of ``flowctl run``/``rerun`` for a run's ``flow_status``."""
+    if flow_status == "completed":
+        return EXIT_OK
+    if flow_status == "partial_success":
+        return EXIT_PARTIAL if strict else EXIT_OK
+    return EXIT_FAILED  # failed, cancelled, or still running after --wait
+
+
 @app.command()
 def run(
     flow: Annotated[str, typer.Argument(help="Flow name, e.g. demo_orders.")],
     partition: Annotated[str | None, typer.Option(help="Partition key to run.")] = None,
     module: ModuleOption = DEFAULT_MODULE,
-    wait: Annotated[
-        float,
-        typer.Option(
-            help='Seconds to wait for the jobs of a dispatch="rq" flow to be done by workers.',
-            min=0,
-        ),
-    ] = 600,
+    wait: WaitOption = 600,
+    strict: StrictOption = False,
 ) -> None:
-    """Materialize one flow in-process, finalize it, and print its row."""
+    """Materialize one flow in-process, finalize it, and print its row.
+
+    Exit code: 0 completed or partial_success (3 with --strict), 1 failed, cancelled or
+    not final after --wait, 2 usage or configuration error. With DAGSTER_HOME set the run
+    is kept there with its step outputs, so `flowctl rerun` can recover it if it fails.
+    """
     from flow_assets.runner import load_definitions, run_flow
 
     defs = load_definitions(module)
     row = run_flow(
-        defs, flow, partition_key=partition, progress=cli_render.progress, wait_seconds=wait
+        defs,
+        flow,
+        partition_key=partition,
+        progress=cli_render.progress,
+        wait_seconds=wait,
+        module=module,
     )
+    _report(row, strict=strict, command="run")
+
+
+@app.command()
+def rerun(
+    run_id: Annotated[str, typer.Argument(help="The failed run's id, as `flowctl run` printed.")],
+    all_steps: Annotated[
+        bool,
+        typer.Option(
+            "--all-steps",
+            help="Re-execute every step, not only the failed ones and those after them.",
+        ),
+    ] = False,
+    module: Annotated[
+        str | None,
+        typer.Option(
+            "--module",
+            "-m",
+            envvar="FLOWCTL_MODULE",
+            help="Python module whose `defs` holds the flow (default: the run's own).",
+        ),
+    ] = None,
+    wait: WaitOption = 600,
+    strict: StrictOption = False,
+) -> None:
+    """Re-execute a failed flow run from failure (needs DAGSTER_HOME), finalize it, and
+    print its row.
+
+    The re-execution continues the same flow run (same run id and ledger row); exit codes
+    as for `flowctl run`.
+    """
+    from flow_assets.runner import rerun_flow
+
+    row = rerun_flow(
+        run_id,
+        module=module,
+        all_steps=all_steps,
+        progress=cli_render.progress,
+        wait_seconds=wait,
+    )
+    _report(row, strict=strict, command="rerun")
+
+
+def _report(row: RunRow, *, strict: bool, command: str) -> None:
+    """Print the run's row; exit with the code of its status."""
     cli_render.print_runs([row])
     if row.flow_status == "running":
         cli_render.console.print(
             f"run {row.run_id} still has jobs pending on RQ workers; the finalize_flow_runs"
-            " sensor (or `flowctl run` with a longer --wait) finalizes it when they are done"
+            f" sensor (or `flowctl {command}` with a longer --wait) finalizes it when they"
+            " are done"
         )
+    code = exit_code(row.flow_status, strict=strict)
+    if code != EXIT_OK:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -91,16 +183,19 @@ def status(
         )
     rejects = store.rejected_records(run_id) if run_id else []
     failures = store.job_failures(run_id) if run_id else []
+    late = store.late_outcomes(run_id) if run_id else []
     if as_json:
         payload = {"runs": [row.as_dict() for row in rows]}
         if run_id:
             payload["rejected_records"] = [cli_render.as_plain(r) for r in rejects]
             payload["job_failures"] = [cli_render.as_plain(f) for f in failures]
+            payload["late_outcomes"] = [cli_render.as_plain(outcome) for outcome in late]
         typer.echo(json.dumps(payload, indent=2))
         return
     cli_render.print_runs(rows)
     if run_id:
         cli_render.print_rejects(rejects, failures)
+        cli_render.print_late(late)
 
 
 @app.command()
@@ -168,15 +263,18 @@ def redis_stop() -> None:
 
 
 def main() -> None:
-    """Console entry point: one clear error line and exit 1 instead of a traceback."""
+    """Console entry point: one clear error line instead of a traceback, and the documented
+    exit codes (see the module docstring)."""
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
     try:
-        app(standalone_mode=False)
+        # Not standalone: a `typer.Exit(code)` comes back as the return value.
+        code = app(standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # the last line of defence: a user sees one line, not a trace
         if debug:
             raise
         sys.exit(cli_render.fail(exc))
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

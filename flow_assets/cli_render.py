@@ -9,11 +9,16 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
+import typer
 from rich.console import Console
 from rich.table import Table
 
-from resources.errors import FlowError
+from flow_assets.errors import FlowDefinitionError
+from resources.errors import ConfigurationError, FlowError
 from resources.redaction import redact_text
+
+# flowctl's exit codes (documented in flow_assets/cli.py and the README).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # Piped output (CI logs, `| less`) gets room for the whole table instead of 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=180)
@@ -86,6 +91,21 @@ def print_rejects(rejects: Sequence[Any], failures: Sequence[Any]) -> None:
         console.print("no rejected records and no failed jobs")
 
 
+def print_late(outcomes: Sequence[dict[str, Any]]) -> None:
+    """RQ job outcomes that arrived after the run was final: recorded, not counted."""
+    if not outcomes:
+        return
+    table = Table(title=f"{len(outcomes)} outcomes arrived after the run was final (not counted)")
+    for column in ("record key", "page", "outcome", "error", "at"):
+        table.add_column(column, overflow="fold")
+    for o in outcomes:
+        error = (o["error"] or "")[:300]
+        table.add_row(
+            o["record_key"], str(o["page_index"]), o["outcome"], error, _cell(o["late_at"])
+        )
+    console.print(table)
+
+
 def print_strays(strays: Sequence[Any], *, dry_run: bool) -> None:
     if not strays:
         console.print("no stray Redis keys")
@@ -103,22 +123,34 @@ def print_strays(strays: Sequence[Any], *, dry_run: bool) -> None:
 
 
 def as_plain(item: Any) -> dict[str, Any]:
-    """A dataclass as a JSON-friendly dict."""
-    return {k: _jsonable(v) for k, v in dataclasses.asdict(item).items()}
+    """A dataclass (or a dict) as a JSON-friendly dict."""
+    values = item if isinstance(item, dict) else dataclasses.asdict(item)
+    return {k: _jsonable(v) for k, v in values.items()}
 
 
 def fail(exc: BaseException) -> int:
-    """Print one redacted error line; return the exit code."""
-    if isinstance(exc, click.exceptions.Exit):
+    """Print one redacted error line; return the exit code: 2 for a usage or configuration
+    error, else 1."""
+    if isinstance(exc, (click.exceptions.Exit, typer.Exit)):
         return exc.exit_code
-    if isinstance(exc, click.ClickException):
-        exc.show()
+    # Typer vendors its own click: its usage errors are TyperExceptions, not click's.
+    if isinstance(exc, (click.ClickException, typer.TyperException)):
+        _print_error(redact_text(exc.format_message()) or type(exc).__name__)
         return exc.exit_code
     exc = _our_error(exc)
     message = redact_text(str(exc)) or type(exc).__name__
-    first_line = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    _print_error(message)
+    return EXIT_USAGE if _is_configuration_error(exc) else EXIT_FAILED
+
+
+def _print_error(message: str) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else message
     err_console.print(f"[red]error:[/red] {first_line}", highlight=False, soft_wrap=True)
-    return 1
+
+
+def _is_configuration_error(exc: BaseException) -> bool:
+    """A setting or a flow definition is wrong: what the user gave, not what happened."""
+    return isinstance(exc, (ConfigurationError, FlowDefinitionError))
 
 
 def _our_error(exc: BaseException) -> BaseException:

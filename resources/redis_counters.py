@@ -23,13 +23,12 @@ from redis.retry import Retry
 
 from resources import job_lua, lua
 from resources.counts import COUNT_FIELDS, Counts
-from resources.embedded_redis import ensure_embedded_redis
-from resources.errors import ConfigurationError, CountersUnavailableError
+from resources.embedded_redis import configured_redis_url, ensure_embedded_redis
+from resources.errors import CountersUnavailableError
 from resources.home import flow_home
 from resources.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_key, run_keys
 from resources.redaction import redact_url
 
-_SCHEMES = ("redis://", "rediss://", "unix://")
 _T = TypeVar("_T")
 _EMBEDDED = "embedded:"
 _CHUNK = 1000  # fields per HSET when rebuilding, runs per pipeline: bounded, few round trips
@@ -291,17 +290,15 @@ class RedisCounters(ConfigurableResource):
         return self._run(op)
 
     def _target(self) -> str:
-        """The configured URL, validated, or ``embedded:<FLOW_HOME>``."""
-        url = self.url or os.environ.get("FLOW_REDIS_URL") or None
+        """The configured URL, validated, or ``embedded:<FLOW_HOME>``.
+
+        Raises:
+            ConfigurationError: the URL is not a usable Redis URL (never quoting a password).
+        """
+        url = configured_redis_url(self.url)
         if url is None:
             home = flow_home()
             return f"{_EMBEDDED}{home}"
-        if not url.startswith(_SCHEMES):
-            raise ConfigurationError(
-                f"FLOW_REDIS_URL / RedisCounters.url {redact_url(url)!r} is not a Redis URL:"
-                f" use one of {', '.join(_SCHEMES)} (for example redis://localhost:6379/0),"
-                " or leave it unset to use the embedded Redis server under FLOW_HOME."
-            )
         return url
 
     def _connection(self, target: str) -> _Connection:

@@ -173,7 +173,7 @@ def test_a_bad_database_url_is_one_line_naming_the_variable_without_the_password
 ) -> None:
     url = f"mysql://app:{PASSWORD}@db.internal:3306/flows"
     result = flowctl(["status"], FLOW_HOME=str(tmp_path), FLOW_DATABASE_URL=url)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a configuration error
     [line] = error_lines(result)
     assert line.startswith("error: FLOW_DATABASE_URL='mysql://app:***@db.internal:3306/flows'")
     assert "only PostgreSQL and SQLite are supported" in line
@@ -190,7 +190,7 @@ def test_run_with_a_bad_redis_url_ends_with_a_line_naming_the_variable(
         FLOW_DATABASE_URL=sqlite_url,
         FLOW_REDIS_URL=url,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2  # a configuration error
     assert PASSWORD not in result.stdout + result.stderr
     last = error_lines(result)[-1]
     assert last.startswith("error: ") and "FLOW_REDIS_URL" in last, last

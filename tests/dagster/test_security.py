@@ -199,7 +199,7 @@ def test_passwords_in_database_and_redis_urls_never_reach_any_output(
     assert json.loads(shown.stdout)["runs"][0]["run_id"] == run_id
     outputs["flowctl status --run --json"] = shown.stdout + shown.stderr
     shown = flowctl(["status", "--run", "no-such-run"], **env)  # an error naming the database
-    assert shown.returncode == 1
+    assert shown.returncode == 2  # a usage error
     assert "postgresql+psycopg://postgres:***@" in shown.stderr
     outputs["flowctl error"] = shown.stdout + shown.stderr
     captured = capfd.readouterr()
@@ -293,7 +293,7 @@ def test_unreachable_servers_are_reported_without_the_password(
         shown = flowctl(
             ["db", "current"], FLOW_DATABASE_URL=database_url.replace("+psycopg", "+asyncpg")
         )
-        assert shown.returncode == 1 and "FLOW_DATABASE_URL" in shown.stderr
+        assert shown.returncode == 2 and "FLOW_DATABASE_URL" in shown.stderr
         outputs["flowctl db current (bad driver)"] = shown.stdout + shown.stderr
     captured = capfd.readouterr()
     outputs.update(stdout=captured.out, stderr=captured.err, logging=caplog.text)
