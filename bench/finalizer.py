@@ -48,7 +48,10 @@ BATCH = DEFAULT_BATCH_SIZE  # the sensor's default
 TICK_PHASES: dict[str, tuple[str, str]] = {
     "ledger: running_runs": ("resources/metrics_store.py", "running_runs"),
     "ledger: page_totals": ("resources/metrics_store.py", "page_totals"),
-    "Dagster: latest_dagster_runs (2 get_runs)": ("sensors/finalizer.py", "latest_dagster_runs"),
+    "Dagster: dagster_run_groups (2 get_run_records)": (
+        "sensors/finalizer.py",
+        "dagster_run_groups",
+    ),
     "Redis: totals_many (pipelined)": ("resources/redis_counters.py", "totals_many"),
     "ledger: finalize_many (one transaction)": ("resources/metrics_store.py", "finalize_many"),
     "Dagster: materializations, one event-log batch per flow": (
