@@ -90,9 +90,10 @@ def release_failed_keys(conn: Connection, run_ids: Sequence[str]) -> int:
     finalized: on a worker, or on a page whose step never finished). Their keys leave
     ``flow_dispatched_keys``, so the next run of the flow dispatches those records again.
     Left alone: runs still running; runs finalized while their Dagster run was still in
-    progress (``awaiting_dagster``: its steps may yet finish pages; release them once that
-    ends, see ``store_queries.stop_awaiting``); runs whose policy is ``dedup="run"`` or
-    ``keep_failed_keys=True``, or that recorded no policy; keys another run owns now.
+    progress (``awaiting_dagster``: its steps may yet finish pages; once that ends the
+    finalizer reopens the run and decides it again); runs whose policy is
+    ``dedup="run"`` or ``keep_failed_keys=True``, or that recorded no policy; keys another
+    run owns now.
 
     Idempotent, safe to repeat after a crash. Locks the runs' rows (run id order, as
     ``store_queries.finalize_many``), so a late ack of the same run (``job_queries``) is

@@ -337,13 +337,6 @@ class MetricsStore(ConfigurableResource):
         with self._tx(write=False) as conn:
             return q.awaiting_dagster_runs(conn, limit)
 
-    def stop_awaiting(self, run_ids: Sequence[str]) -> int:
-        """Their Dagster runs ended without success: the stalled verdicts stand."""
-        if not run_ids:
-            return 0
-        with self._tx(write=True) as conn:
-            return q.stop_awaiting(conn, run_ids)
-
     def mark_published(self, run_ids: Sequence[str], at: datetime) -> int:
         """Mark final runs as reported to Dagster; returns how many rows changed."""
         _aware(at, "at")

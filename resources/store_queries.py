@@ -355,17 +355,6 @@ def awaiting_dagster_runs(conn: Connection, limit: int) -> list[RunRow]:
     return _run_rows(conn, stmt)
 
 
-def stop_awaiting(conn: Connection, run_ids: Sequence[str]) -> int:
-    """Their Dagster runs ended without success: the stalled verdict stands."""
-    changed = 0
-    for chunk in _chunks(list(dict.fromkeys(run_ids))):
-        stmt = update(_fm).where(_fm.c.run_id.in_(chunk)).values(awaiting_dagster=False)
-        changed += conn.execute(stmt).rowcount
-    # Its steps can no longer finish pages: the failed jobs' keys go back (dedup="flow").
-    flow_key_queries.release_failed_keys(conn, run_ids)
-    return changed
-
-
 def _run_rows(conn: Connection, stmt: Any) -> list[RunRow]:
     return [RunRow(**row._mapping) for row in conn.execute(stmt)]
 
@@ -461,9 +450,10 @@ def finalize_many(conn: Connection, finals: Sequence[FinalState]) -> list[str]:
     run gets exactly one final state. Runs are locked in run id order, so two finalizers
     never wait on each other's locks (no deadlock). The writes go out as one executemany.
 
-    A final state decided from ``ledger_counts`` is written only if the ledger still holds
-    those counts under the lock: an RQ ack or a page write that committed between the
-    finalizer's read and its lock means progress, so that run is left for the next tick
+    A final state is written only if the run made no progress since it was decided: its
+    ``last_progress_at`` (a page write, a heartbeat, an ack) and, where given, its
+    ``ledger_counts`` must still hold under the lock. A run that moved between the
+    finalizer's read and its lock is left for the next tick
     (and acks after the lock wait for it, then find the run final: late). In the same
     transaction the keys of failed jobs of ``dedup="flow"`` runs are released.
     """
@@ -471,12 +461,17 @@ def finalize_many(conn: Connection, finals: Sequence[FinalState]) -> list[str]:
     won: list[str] = []
     for chunk in _chunks(sorted(by_run)):
         rows = conn.execute(
-            select(_fm.c.run_id, _fm.c.started_at)
+            select(_fm.c.run_id, _fm.c.started_at, _fm.c.updated_at)
             .where(_fm.c.run_id.in_(chunk), text(RUNNING_PREDICATE))
             .with_for_update()
         ).all()
-        moved = _moved_since_decided(conn, [by_run[run_id] for run_id, _ in rows])
-        locked = [(run_id, start) for run_id, start in rows if run_id not in moved]
+        moved = _moved_since_decided(conn, [by_run[run_id] for run_id, _, _ in rows])
+        moved |= {
+            run_id
+            for run_id, _, updated_at in rows
+            if by_run[run_id].last_progress_at not in (None, updated_at)
+        }
+        locked = [(run_id, start) for run_id, start, _ in rows if run_id not in moved]
         if locked:
             conn.execute(
                 _FINALIZE, [_final_values(by_run[run_id], start) for run_id, start in locked]
@@ -559,8 +554,8 @@ def note_counter_mismatch(conn: Connection, run_id: str, note: str) -> int:
 
 def reopen(conn: Connection, run_id: str, now: datetime) -> int:
     """Put a failed or cancelled run back to ``running`` (its Dagster run is re-executed,
-    or succeeded after the run was declared stalled). Its notes are cleared: the next
-    finalization writes them anew."""
+    or ended after the run was declared stalled). Its reason is cleared (the next
+    finalization writes it anew); a counter-mismatch note stays: that loss happened."""
     stmt = (
         update(_fm)
         .where(_fm.c.run_id == run_id, _fm.c.flow_status.in_(("failed", "cancelled")))
@@ -569,7 +564,6 @@ def reopen(conn: Connection, run_id: str, now: datetime) -> int:
             finished_at=None,
             total_runtime_ms=None,
             failure_reason=None,
-            counter_mismatch=None,
             published_at=None,
             awaiting_dagster=False,
             extraction_done=False,

@@ -134,6 +134,8 @@ class FinalState:
             reopened if that Dagster run succeeds after all.
         ledger_counts: the ledger's totals the state was decided on, when work may still
             land meanwhile (RQ jobs, a step still running): written only if unchanged.
+        last_progress_at: the run row's ``updated_at`` the state was decided on: written
+            only if unchanged (no page write, heartbeat or ack came in between).
     """
 
     run_id: str
@@ -146,6 +148,7 @@ class FinalState:
     runtime_ms: int | None = None
     awaiting_dagster: bool = False
     ledger_counts: Counts | None = None
+    last_progress_at: datetime | None = None
 
 
 @dataclass(frozen=True)

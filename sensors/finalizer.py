@@ -62,7 +62,7 @@ class FinalizeReport:
     finalized: dict[str, str] = field(default_factory=dict)  # run_id -> status
     waiting: dict[str, str] = field(default_factory=dict)  # run_id -> why not final
     published: list[str] = field(default_factory=list)
-    reopened: list[str] = field(default_factory=list)  # stalled runs whose Dagster run succeeded
+    reopened: list[str] = field(default_factory=list)  # stalled runs whose Dagster run ended
     not_ours: list[str] = field(default_factory=list)  # runs with no policy this finalizer knows
     stray_keys_removed: int = 0
 
@@ -73,7 +73,7 @@ class FinalizeReport:
         done = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none"
         text = f"finalized: {done}; waiting: {len(self.waiting)}; published: {len(self.published)}"
         if self.reopened:
-            text += f"; reopened after a late success: {len(self.reopened)}"
+            text += f"; stalled runs reopened after their Dagster run ended: {len(self.reopened)}"
         if self.not_ours:
             text += (
                 f"; left to their own code location: {len(self.not_ours)} runs of flows not"
@@ -230,26 +230,28 @@ def _ms(seconds: float) -> int:
 def _reopen_late_successes(
     instance: dg.DagsterInstance, store: MetricsStore, limit: int
 ) -> list[str]:
-    """Runs finalized as stalled while their Dagster run still worked: reopen those whose
-    Dagster run then succeeded (classified anew this tick); the others' verdict stands."""
+    """Runs finalized as stalled while their Dagster run still worked are decided again once
+    that Dagster run has ended, whatever its outcome (its steps may have finished pages
+    meanwhile): reopened here, classified anew this tick from the settled ledger. A run
+    this instance cannot see (another Dagster instance) stays as it is."""
     rows = store.awaiting_dagster_runs(limit)
     if not rows:
         return []
     groups = dagster_run_groups(instance, [row.run_id for row in rows])
-    reopened, settled = [], []
+    ended = (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+    reopened = []
     for row in rows:
         records = groups.get(row.run_id, [])
         state = _run_state(records[0].dagster_run if records else None)
-        if state is RunState.SUCCEEDED and store.reopen(row.run_id):
+        if state in ended and store.reopen(row.run_id):
             log.warning(
-                "flow %s run %s: succeeded after it was declared stalled; reopened",
+                "flow %s run %s: its Dagster run ended (%s) after the run was declared"
+                " stalled; reopened to decide it again",
                 row.flow_name,
                 row.run_id,
+                state.value,
             )
             reopened.append(row.run_id)
-        elif state is not RunState.IN_PROGRESS:
-            settled.append(row.run_id)
-    store.stop_awaiting(settled)
     return reopened
 
 
@@ -330,6 +332,7 @@ def _final_states(
                 awaiting_dagster=decision.awaiting_dagster,
                 # Work may still land while this tick decides: write only if none did.
                 ledger_counts=counts if _may_still_move(row, decision) else None,
+                last_progress_at=row.updated_at,
             )
         )
     return finals

@@ -197,11 +197,13 @@ def test_a_stalled_run_whose_dagster_run_still_works_keeps_its_keys_until_it_end
     store: MetricsStore,
 ) -> None:
     """Decided while its steps may still finish pages (awaiting Dagster): nothing is
-    released yet; once its Dagster run ended without success the verdict stands."""
+    released yet; once its Dagster run ended the run is decided again, and released then."""
     keys = _ledger_run(store, "run-w")
     everything = sorted(keys["completed"] + keys["failed"])
     _finalize(store, "run-w", awaiting=True)
     assert store.release_failed_keys(["run-w"]) == 0
     assert _claimable(store, everything) == []  # nothing released while steps may write
-    assert store.stop_awaiting(["run-w"]) == 1  # the verdict stands: released with it
+    # Its Dagster run ended: the finalizer reopens the run and decides it again.
+    assert store.reopen("run-w")
+    _finalize(store, "run-w")
     assert len(_claimable(store, everything)) == 5

@@ -263,18 +263,22 @@ def test_a_handler_working_past_the_deadline_keeps_its_run_alive(
     assert (row.flow_status, row.counts) == ("completed", ALL)
 
 
-def test_a_run_declared_stalled_whose_dagster_run_then_succeeds_is_reopened(
-    redis_url: str, postgres_url: str, instance: dg.DagsterInstance, tmp_path: Path
+@pytest.mark.parametrize("outcome", ["succeeds", "fails"])
+def test_a_run_declared_stalled_is_decided_again_when_its_dagster_run_ends(
+    outcome: str, redis_url: str, postgres_url: str, instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
     """Issue 10 item 4: a finalizer whose clock says the deadline passed declares the
-    working run ``failed`` (stalled); when the Dagster run then succeeds, the next tick
-    reopens the row and finalizes it ``completed``, a second revision of the same run."""
+    working run ``failed`` (stalled). When the Dagster run then ends, the next tick reopens
+    the row and decides it from the settled ledger, a second revision of the same run:
+    ``completed`` when it succeeded; ``failed`` for the Dagster failure, not a stall."""
     release = threading.Event()
     working = threading.Event()
 
     def held(batch: JobBatch) -> None:
         working.set()
         assert release.wait(60), "the test never released the handler"
+        if outcome == "fails":
+            raise dg.Failure("downstream refused the page", allow_retries=False)
 
     flow = Flow(
         name="held",
@@ -300,14 +304,20 @@ def test_a_run_declared_stalled_whose_dagster_run_then_succeeds_is_reopened(
     finally:
         release.set()
         runner.join()
-    assert results[0].success
+    assert results[0].success is (outcome == "succeeds")
 
     report = finalize_runs(instance, store, counters, {})
-    assert report.reopened == [run_id] and report.finalized == {run_id: "completed"}
+    expected = "completed" if outcome == "succeeds" else "failed"
+    assert report.reopened == [run_id] and report.finalized == {run_id: expected}
     row = row_of(postgres_url, run_id)
-    assert (row.flow_status, row.counts, row.revision) == ("completed", ALL, 2)
-    assert not row.awaiting_dagster and row.failure_reason is None
-    assert status_tag(instance, run_id) == "completed"
+    assert (row.flow_status, row.revision, row.awaiting_dagster) == (expected, 2, False)
+    assert_conserved(row)
+    if outcome == "succeeds":
+        assert row.counts == ALL and row.failure_reason is None
+    else:
+        reason = row.failure_reason or ""
+        assert reason.startswith("Dagster run failed") and "downstream refused" in reason
+    assert status_tag(instance, run_id) == expected
 
 
 def test_total_runtime_is_working_time_not_the_finalizers_wait(
