@@ -17,3 +17,14 @@ class StoreUnavailableError(FlowError):
 
 class CountersUnavailableError(FlowError):
     """The Redis server could not be reached after retries (URL redacted)."""
+
+
+class RunFinalError(FlowError):
+    """A step wrote to a flow run that is already final (its Dagster run was failed or
+    cancelled while the step still worked): nothing is recorded after the final write."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(
+            f"flow run {run_id} is already final ({status}): this step's pages are not"
+            " recorded; re-execute the run to continue it"
+        )

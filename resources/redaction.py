@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 
+# A query parameter whose name ends in a secret word: client_secret, private_token,
+# refresh_token, x-api-key, access_key... (``\b`` would not split ``client_secret``).
 _SECRET_PARAM = re.compile(
-    r"(?i)\b(password|passwd|pwd|token|access_token|secret|api_?key|key|signature|sig)=[^&]*"
+    r"(?i)(?<![A-Za-z0-9_.\-])"
+    r"([A-Za-z0-9_.\-]*(?:password|passwd|pwd|token|secret|api_?key|key|signature|sig))"
+    r"=[^&#\s]*"
 )
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 # A URL inside free text runs to the next whitespace: a password may hold quotes or brackets.
@@ -48,8 +52,9 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``."""
-    return _URL_IN_TEXT.sub(lambda m: m["scheme"] + _mask_userinfo(m["rest"]), text)
+    """``text`` with the password and the query secrets of every URL in it replaced by
+    ``***``."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m[0]), text)
 
 
 def userinfo_problem(url: str) -> str | None:

@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from resources import flow_key_queries, job_queries, run_key_queries
 from resources.counts import Counts
+from resources.errors import RunFinalError
 from resources.run_policy import RunPolicy
 from resources.schema import (
     AWAITING_PREDICATE,
@@ -198,11 +199,14 @@ def replace_pages(
         update(_fm)
         .where(_fm.c.run_id == run_id)
         .values(updated_at=now)
-        .returning(_fm.c.flow_status, _fm.c.counter_mismatch, _fm.c.run_policy)
+        .returning(
+            _fm.c.flow_status, _fm.c.awaiting_dagster, _fm.c.counter_mismatch, _fm.c.run_policy
+        )
     )
     run = conn.execute(stmt).first()
     if run is None:
         return None
+    _check_still_recording(run_id, run.flow_status, run.awaiting_dagster)
     # A step still writing to a run already final (declared stalled) works on Redis state
     # its finalization removed, and a loss is noted on running runs only: the ledger decides.
     if (
@@ -276,8 +280,23 @@ def finish_pages(
     ]
     conn.execute(_FINISH_PAGE, rows)
     _upsert_failures(conn, run_id, list(latest.values()), now)
-    conn.execute(update(_fm).where(_fm.c.run_id == run_id).values(updated_at=now))
+    touch = (
+        update(_fm)
+        .where(_fm.c.run_id == run_id)
+        .values(updated_at=now)
+        .returning(_fm.c.flow_status, _fm.c.awaiting_dagster)
+    )
+    if (run := conn.execute(touch).first()) is not None:
+        _check_still_recording(run_id, run.flow_status, run.awaiting_dagster)
     return []
+
+
+def _check_still_recording(run_id: str, flow_status: str, awaiting_dagster: bool) -> None:
+    """Pages are recorded while the run is running, or final but decided while its Dagster
+    run still worked (stalled: decided again once it ends). Otherwise the final row stands
+    and agrees with the ledger: raising rolls the step's write back."""
+    if flow_status != "running" and not awaiting_dagster:
+        raise RunFinalError(run_id, flow_status)
 
 
 _FINISH_PAGE = (

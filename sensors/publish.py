@@ -60,12 +60,19 @@ def publish_final_runs(
     for start in range(0, len(rows), PUBLISH_CHUNK):
         if start and until is not None and time.monotonic() >= until:
             break  # the first chunk always goes: every call makes progress
-        chunk = rows[start : start + PUBLISH_CHUNK]
+        chunk = _still_final(store, rows[start : start + PUBLISH_CHUNK])
         _publish_chunk(instance, counters, chunk)
         run_ids = [row.run_id for row in chunk]
         store.mark_published(run_ids, now)
         published.extend(run_ids)
     return published
+
+
+def _still_final(store: MetricsStore, rows: Sequence[RunRow]) -> list[RunRow]:
+    """The rows whose run is still as read: one reopened meanwhile (a re-execution) is
+    neither tagged with its old status nor stripped of the Redis keys its steps now use."""
+    current = store.statuses([row.run_id for row in rows])
+    return [row for row in rows if current.get(row.run_id) == row.flow_status]
 
 
 def _publish_chunk(

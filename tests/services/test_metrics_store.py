@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from resources import db, store_queries
 from resources.counts import Counts
-from resources.errors import ConfigurationError, StoreUnavailableError
+from resources.errors import ConfigurationError, RunFinalError, StoreUnavailableError
 from resources.metrics_store import (
     FinalState,
     JobFailure,
@@ -565,3 +565,42 @@ def test_a_connection_refused_while_the_server_restarts_is_retried(
     assert handler.retries >= 1
     [row] = store.runs(run_id="run-1")
     assert row.flow_status == "completed"
+
+
+def test_a_final_write_is_skipped_for_a_run_that_moved_since_it_was_decided(
+    store: MetricsStore,
+) -> None:
+    """A heartbeat, page write or ack between the finalizer's read and its lock means the
+    run is alive: the final state decided on the older row is not written (next tick)."""
+    store.start_run("run-1", "orders", None, T0)
+    [decided_on] = store.runs(run_id="run-1")
+    final = FinalState(
+        "run-1", "failed", Counts(), 0, T0 + timedelta(hours=2), "stalled",
+        last_progress_at=decided_on.updated_at,
+    )  # fmt: skip
+    assert store.heartbeat("run-1")  # the step is alive after all
+    assert store.finalize_many([final]) == []
+    assert store.runs(run_id="run-1")[0].flow_status == "running"
+
+    [now] = store.runs(run_id="run-1")
+    again = FinalState(
+        "run-1", "completed", Counts(), 0, T0 + timedelta(hours=3), last_progress_at=now.updated_at
+    )
+    assert store.finalize_many([again]) == ["run-1"]
+    assert store.runs(run_id="run-1")[0].flow_status == "completed"
+
+
+def test_pages_of_a_final_run_are_refused_unless_it_awaits_its_dagster_run(
+    store: MetricsStore,
+) -> None:
+    """Nothing is recorded after the final write (a step that outlived its run); a run
+    decided while its Dagster run still worked (stalled) still takes its steps' pages."""
+    page = PageRecord(0, Counts(1, 1), "dispatched", ["k"])
+    for run_id, awaiting in (("gone", False), ("stalled", True)):
+        store.start_run(run_id, "orders", None, T0)
+        final = FinalState(run_id, "failed", Counts(), 0, T0, awaiting_dagster=awaiting)
+        assert store.finalize_many([final]) == [run_id]
+    with pytest.raises(RunFinalError, match="already final"):
+        store.record_pages("gone", [page])
+    assert store.page_totals(["gone"])["gone"].counts == Counts()
+    assert [p.page_index for p in store.record_pages("stalled", [page])] == [0]

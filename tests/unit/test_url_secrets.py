@@ -235,3 +235,19 @@ def test_postgres_scheme_names_the_variable_and_the_scheme_to_use() -> None:
     assert "use postgresql+psycopg://" in message
     assert "Can't load plugin" not in message
     assert_clean(message, "qzxjkv")
+
+
+SECRET_PARAMS = ("client_secret", "private_token", "refresh_token", "auth_token", "x-api-key")
+
+
+@given(
+    name=st.sampled_from(SECRET_PARAMS),
+    value=st.text(st.sampled_from("abcXYZ019-_.~%"), min_size=4, max_size=20),
+)
+def test_query_secrets_are_masked_in_urls_and_in_text(name: str, value: str) -> None:
+    """A query parameter whose name ends in a secret word is masked wherever a URL is shown
+    (``\\b`` once let ``client_secret`` and friends through)."""
+    url = f"https://api.example.com/v1/items?page=2&{name}={value}&per_page=100"
+    expected = f"https://api.example.com/v1/items?page=2&{name}=***&per_page=100"
+    assert redact_url(url) == expected
+    assert redact_text(f"GET {url} returned 500") == f"GET {expected} returned 500"
