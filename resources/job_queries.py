@@ -344,6 +344,21 @@ def failed_jobs(conn: Connection, run_id: str, limit: int) -> list[dict[str, Any
 _LATE_COMPLETED = or_(_jobs.c.state == "failed", _jobs.c.error.is_(None))
 
 
+def count_late_outcomes(conn: Connection, run_id: str, now: datetime) -> int:
+    """A reopened run: its late outcomes become its jobs' states (a late success completed,
+    a late failure failed), so the next finalization counts them. Returns how many."""
+    stmt = (
+        update(_jobs)
+        .where(_jobs.c.run_id == run_id, _jobs.c.late_at.is_not(None))
+        .values(
+            state=case((_LATE_COMPLETED, "completed"), else_="failed"),
+            late_at=None,
+            updated_at=now,
+        )
+    )
+    return conn.execute(stmt).rowcount
+
+
 def late_counts(conn: Connection, run_ids: Sequence[str]) -> dict[str, int]:
     """Jobs of each run whose outcome arrived after the run was final (0 if none)."""
     counts = dict.fromkeys(run_ids, 0)

@@ -574,7 +574,8 @@ def note_counter_mismatch(conn: Connection, run_id: str, note: str) -> int:
 def reopen(conn: Connection, run_id: str, now: datetime) -> int:
     """Put a failed or cancelled run back to ``running`` (its Dagster run is re-executed,
     or ended after the run was declared stalled). Its reason is cleared (the next
-    finalization writes it anew); a counter-mismatch note stays: that loss happened."""
+    finalization writes it anew); a counter-mismatch note stays: that loss happened. RQ
+    outcomes that came in late while it was final now count (the run is running again)."""
     stmt = (
         update(_fm)
         .where(_fm.c.run_id == run_id, _fm.c.flow_status.in_(("failed", "cancelled")))
@@ -590,7 +591,10 @@ def reopen(conn: Connection, run_id: str, now: datetime) -> int:
             updated_at=now,
         )
     )
-    return conn.execute(stmt).rowcount
+    reopened = conn.execute(stmt).rowcount
+    if reopened:
+        job_queries.count_late_outcomes(conn, run_id, now)
+    return reopened
 
 
 def statuses(conn: Connection, run_ids: Sequence[str]) -> dict[str, str]:

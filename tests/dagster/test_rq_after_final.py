@@ -364,3 +364,21 @@ def test_an_ack_racing_the_final_write_waits_for_it_and_is_late(
     assert outcome == [Ack.LATE]
     agrees_with_ledger(store, store.runs(run_id=run_id)[0])
     assert store.late_jobs([run_id]) == {run_id: 2}
+
+
+def test_a_reopened_run_counts_the_outcomes_that_came_in_late(
+    dispatched: tuple[str, RedisCounters, MetricsStore, list[Job]],
+) -> None:
+    """A run decided too early (stalled) is reopened when its Dagster run ends: the job
+    outcomes acknowledged while it was final now count, so they are not counted lost."""
+    run_id, counters, store, (ab, cd, _) = dispatched
+    finalize_by_hand(store, run_id)
+    conn = counters.rq_connection()
+    assert ack_success(ab, conn, {"completed": ["a", "b"], "failed": {}}) is Ack.LATE
+    assert ack_success(cd, conn, {"completed": [], "failed": {"c": "no", "d": "no"}}) is Ack.LATE
+    assert store.late_jobs([run_id]) == {run_id: 4}
+
+    assert store.reopen(run_id)
+    assert store.late_jobs([run_id]) == {run_id: 0}
+    counts = store.page_totals([run_id])[run_id].counts
+    assert (counts.completed, counts.failed, counts.pending) == (2, 2, 2)
