@@ -23,6 +23,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Subquery,
+    Update,
     and_,
     case,
     func,
@@ -184,12 +185,7 @@ def ack_jobs(
             if source == "pending":
                 values["error"] = None  # a late failure's error, if a reopened run had one
             stmt = (
-                update(_jobs)
-                .where(
-                    _jobs.c.run_id == run_id,
-                    _jobs.c.record_key.in_(chunk),
-                    _jobs.c.state == source,
-                )
+                _update_jobs(run_id, chunk, _jobs.c.state == source)
                 .values(values)
                 .returning(_jobs.c.page_index)
             )
@@ -198,12 +194,7 @@ def ack_jobs(
                 setattr(delta, kind, getattr(delta, kind) + 1)
     for error, chunk in _failed_by_error(completed, failed):
         stmt = (
-            update(_jobs)
-            .where(
-                _jobs.c.run_id == run_id,
-                _jobs.c.record_key.in_(chunk),
-                _jobs.c.state == "pending",
-            )
+            _update_jobs(run_id, chunk, _jobs.c.state == "pending")
             .values(state="failed", error=error, late_at=None, updated_at=now)
             .returning(_jobs.c.page_index)
         )
@@ -244,31 +235,23 @@ def record_late(
     result = AckResult(run_final=True)
     for chunk in _chunks(sorted(set(completed))):
         stmt = (
-            update(_jobs)
-            .where(
-                _jobs.c.run_id == run_id,
-                _jobs.c.record_key.in_(chunk),
-                _jobs.c.state != "completed",
-                _jobs.c.late_at.is_(None),
-            )
+            _update_jobs(run_id, chunk, _jobs.c.state != "completed", _jobs.c.late_at.is_(None))
             .values(late_at=now)
             .returning(_jobs.c.record_key, _jobs.c.page_index)
         )
         result.completed_late.update({key: page for key, page in conn.execute(stmt)})
     result.late = len(result.completed_late)
     for error, chunk in _failed_by_error(completed, failed):
-        late_failure = (
-            update(_jobs)
-            .where(
-                _jobs.c.run_id == run_id,
-                _jobs.c.record_key.in_(chunk),
-                _jobs.c.state == "pending",
-                _jobs.c.late_at.is_(None),
-            )
-            .values(late_at=now, error=error)
-        )
+        late_failure = _update_jobs(
+            run_id, chunk, _jobs.c.state == "pending", _jobs.c.late_at.is_(None)
+        ).values(late_at=now, error=error)
         result.late += conn.execute(late_failure).rowcount
     return result
+
+
+def _update_jobs(run_id: str, keys: Sequence[str], *conditions: Any) -> Update:
+    """An UPDATE of the run's job rows for ``keys`` that also meet ``conditions``."""
+    return update(_jobs).where(_jobs.c.run_id == run_id, _jobs.c.record_key.in_(keys), *conditions)
 
 
 def _note_progress(conn: Connection, run_id: str, now: datetime) -> None:

@@ -23,7 +23,7 @@ from resources.redis_counters import RedisCounters
 from resources.run_policy import RunPolicy
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
 from sensors.publish import publish_final_runs
-from sensors.settle import settle_final_runs
+from sensors.settle import cancel_queued_jobs
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,7 @@ def finalize_runs(
         statuses = {final.run_id: final.status for final in finals}
         for run_id in store.finalize_many(finals):
             report.finalized[run_id] = statuses[run_id]
-        settle_final_runs(
-            store, counters, [d.row for d in ready if d.row.run_id in report.finalized]
-        )
+        cancel_queued_jobs(counters, [d.row for d in ready if d.row.run_id in report.finalized])
     publish_until = None if time_budget_seconds is None else started + time_budget_seconds
     report.published = publish_final_runs(
         instance, store, counters, now, batch_size, until=publish_until

@@ -331,14 +331,14 @@ def test_a_late_success_after_the_release_claims_its_key_again(
     assert [key for key, mine in zip("abcdef", claimed, strict=True) if mine] == list("cdef")
 
 
+# PostgreSQL only: SQLite serializes writers at BEGIN IMMEDIATE, so no such interleaving.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_an_ack_racing_the_final_write_waits_for_it_and_is_late(
     dispatched: tuple[str, RedisCounters, MetricsStore, list[Job]], database_url: str
 ) -> None:
     """An ack arriving while the finalizer's transaction holds the run's row: it waits for
     that transaction, then sees the run final and records its outcome as late (never an
     outcome counted after the final row was computed)."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite serializes writers at BEGIN IMMEDIATE: no such interleaving")
     run_id, counters, store, (ab, _, _) = dispatched
     totals = store.page_totals([run_id])[run_id]
     final = FinalState(

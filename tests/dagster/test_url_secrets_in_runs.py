@@ -98,6 +98,30 @@ def assert_no_fragment(outputs: dict[str, str], *secrets: str) -> None:
             raise AssertionError(f"{where}: {exc}") from None
 
 
+def run_with_secret_url(
+    url: str, variable: str, resources: dict[str, Any]
+) -> tuple[str, dict[str, str]]:
+    """Run the secret flow with ``url`` in ``SECRET_VAR`` (``variable`` unset), then tick the
+    finalizer, which must fail to load the same resource: the run's failure text and every
+    output channel of the run and the tick."""
+    with tempfile.TemporaryDirectory() as home, pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SECRET_VAR, url)
+        patch.delenv(variable, raising=False)
+        flow = secret_flow(Path(home) / "orders.jsonl")
+        defs = build_definitions([flow], resources=resources)
+        with dg.instance_for_test(temp_dir=home) as instance:
+            result = defs.resolve_job_def("secret_orders_job").execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+            assert not result.success
+            with pytest.raises(Exception) as tick_error:  # the resource cannot load: any error
+                tick(defs, instance)
+            failure = failure_text(instance, result.run_id)
+            outputs = run_outputs(instance, result.run_id)
+    outputs["tick error"] = "".join(traceback.format_exception(tick_error.value))
+    return failure, outputs
+
+
 @RUN_SETTINGS
 @given(user=USER, password=passwords())
 @example(user="", password="qzxj/kvw")  # the issue's report: '/' in a Redis password
@@ -113,32 +137,14 @@ def test_a_run_with_a_malformed_redis_url_fails_naming_the_fix_and_leaks_no_frag
     caplog.clear()
     caplog.set_level(logging.DEBUG)
     url = f"redis://{user}:{password}@127.0.0.1:{free_port()}/0"
-    tick_error: BaseException | None = None
-    with tempfile.TemporaryDirectory() as home, pytest.MonkeyPatch.context() as patch:
-        patch.setenv(SECRET_VAR, url)
-        patch.delenv("FLOW_REDIS_URL", raising=False)
-        flow = secret_flow(Path(home) / "orders.jsonl")
-        resources = {
-            STORE_KEY: MetricsStore(url=sqlite_url),
-            COUNTERS_KEY: RedisCounters(url=dg.EnvVar(SECRET_VAR)),
-        }
-        defs = build_definitions([flow], resources=resources)
-        with dg.instance_for_test(temp_dir=home) as instance:
-            result = defs.resolve_job_def("secret_orders_job").execute_in_process(
-                instance=instance, raise_on_error=False
-            )
-            try:
-                tick(defs, instance)  # the finalizer's counters resource fails to load too
-            except Exception as exc:
-                tick_error = exc
-            failure = failure_text(instance, result.run_id)
-            outputs = run_outputs(instance, result.run_id)
+    resources = {
+        STORE_KEY: MetricsStore(url=sqlite_url),
+        COUNTERS_KEY: RedisCounters(url=dg.EnvVar(SECRET_VAR)),
+    }
+    failure, outputs = run_with_secret_url(url, "FLOW_REDIS_URL", resources)
 
-    assert not result.success
     assert "FLOW_REDIS_URL / RedisCounters.url is not a valid Redis URL" in failure, failure
     assert "percent-encode reserved characters" in failure and "/ is %2F" in failure
-    assert tick_error is not None
-    outputs["tick error"] = "".join(traceback.format_exception(tick_error))
     outputs["ledger"] = str(MetricsStore(url=sqlite_url).runs())
     captured = capfd.readouterr()
     outputs.update(stdout=captured.out, stderr=captured.err, logging=caplog.text)
@@ -158,30 +164,12 @@ def test_a_run_with_a_malformed_database_url_fails_naming_the_fix_and_leaks_no_f
     caplog.clear()
     caplog.set_level(logging.DEBUG)
     url = f"postgresql+psycopg://{user}:{password}@127.0.0.1:{free_port()}/flows"
-    tick_error: BaseException | None = None
-    with tempfile.TemporaryDirectory() as home, pytest.MonkeyPatch.context() as patch:
-        patch.setenv(SECRET_VAR, url)
-        patch.delenv("FLOW_DATABASE_URL", raising=False)
-        flow = secret_flow(Path(home) / "orders.jsonl")
-        store = MetricsStore(url=dg.EnvVar(SECRET_VAR), connect_retry_seconds=0.2)
-        resources = {STORE_KEY: store, COUNTERS_KEY: RedisCounters(url=redis_url)}
-        defs = build_definitions([flow], resources=resources)
-        with dg.instance_for_test(temp_dir=home) as instance:
-            result = defs.resolve_job_def("secret_orders_job").execute_in_process(
-                instance=instance, raise_on_error=False
-            )
-            try:
-                tick(defs, instance)  # the finalizer cannot read this ledger either
-            except Exception as exc:
-                tick_error = exc
-            failure = failure_text(instance, result.run_id)
-            outputs = run_outputs(instance, result.run_id)
+    store = MetricsStore(url=dg.EnvVar(SECRET_VAR), connect_retry_seconds=0.2)
+    resources = {STORE_KEY: store, COUNTERS_KEY: RedisCounters(url=redis_url)}
+    failure, outputs = run_with_secret_url(url, "FLOW_DATABASE_URL", resources)
 
-    assert not result.success
     assert "MetricsStore `url` is not a valid database URL" in failure, failure
     assert "percent-encode reserved characters" in failure
-    assert tick_error is not None
-    outputs["tick error"] = "".join(traceback.format_exception(tick_error))
     captured = capfd.readouterr()
     outputs.update(stdout=captured.out, stderr=captured.err, logging=caplog.text)
     assert_no_fragment(outputs, user, password)
