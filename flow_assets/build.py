@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 
 from flow_assets.checks import build_status_check
+from flow_assets.chunk_io import CHUNKS_IO_MANAGER_KEY, PageChunkIOManager, retention_days
 from flow_assets.errors import ConfigurationError
 from flow_assets.flow import Flow, unique_flows
 from flow_assets.jobs import (
@@ -70,15 +71,18 @@ def build_definitions(
 
 def default_resources() -> dict[str, Any]:
     """The resources configured from the environment; unset means the embedded default.
+    Also the IO manager of the plan steps' page chunks (see ``flow_assets.chunk_io``).
 
     URLs are passed as ``EnvVar``s, so the Dagster UI shows the variable, not the secret.
     """
     # Fail at load, naming the variable, rather than in the first run's first step.
     MetricsStore().resolved_url()
     RedisCounters().redacted_url()
+    retention_days()
     return {
         STORE_KEY: MetricsStore(url=_env_var("FLOW_DATABASE_URL")),
         COUNTERS_KEY: RedisCounters(url=_env_var("FLOW_REDIS_URL")),
+        CHUNKS_IO_MANAGER_KEY: PageChunkIOManager(),
     }
 
 

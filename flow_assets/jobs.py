@@ -7,7 +7,8 @@ Shape of the job ``<flow>_job``::
 
 A chunk holds ``pages_per_step`` page refs (random-access sources: each step fetches its
 pages) or pages already read (sequential sources: the plan op reads them in order), so
-Dagster's per-step cost is paid once per chunk, not once per page.
+Dagster's per-step cost is paid once per chunk, not once per page. Chunks go through
+``flow_assets.chunk_io``, which the finalizer empties once a run is final and successful.
 """
 
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ from typing import TypeVar
 
 import dagster as dg
 
+from flow_assets.chunk_io import CHUNKS_IO_MANAGER_KEY
 from flow_assets.flow import Flow
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from flow_assets.page_step import process_pages
@@ -66,7 +68,8 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
 
     @dg.op(
         name=f"{flow.name}_plan",
-        out=dg.DynamicOut(PageChunk),
+        # Chunks of sequential sources hold records: kept where the finalizer removes them.
+        out=dg.DynamicOut(PageChunk, io_manager_key=CHUNKS_IO_MANAGER_KEY),
         required_resource_keys={COUNTERS_KEY, STORE_KEY},
         # A sequential source is read here in full: an outage longer than its HTTP retries
         # re-reads it from the first page rather than throwing the run away.

@@ -9,13 +9,15 @@ from collections.abc import Mapping
 
 import dagster as dg
 
+from flow_assets.chunk_io import remove_run_chunks, sweep_old_chunks
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from sensors.cleanup import remove_stray_keys
-from sensors.finalizer import DEFAULT_BATCH_SIZE, FlowPolicy, finalize_runs
+from sensors.finalizer import DEFAULT_BATCH_SIZE, FlowPolicy, dagster_run_groups, finalize_runs
 from sensors.pooling import pooled_storage_connections
 
 SENSOR_NAME = "finalize_flow_runs"
+SUCCESSFUL = ("completed", "partial_success")
 # Scanning Redis for stray keys costs O(keys on the server): every 20th tick is enough
 # for keys that also expire by their TTL.
 CLEANUP_EVERY_TICKS = 20
@@ -70,11 +72,13 @@ def build_finalizer_sensor(
                 batch_size=batch_size,
                 time_budget_seconds=tick_budget_seconds,
             )
+            _remove_successful_chunks(context.instance, metrics_store, report.published)
         state = json.loads(context.cursor or "{}")
         ticks = state.get("ticks", 0) + 1
         if ticks % CLEANUP_EVERY_TICKS == 0:
             removed = [s for s in remove_stray_keys(metrics_store, redis_counters) if s.removable]
             report.stray_keys_removed = len(removed)
+            sweep_old_chunks(context.instance)
         context.log.info(report.summary())
         cursor = json.dumps(
             {
@@ -87,3 +91,17 @@ def build_finalizer_sensor(
         return dg.SensorResult(cursor=cursor)
 
     return finalize_flow_runs
+
+
+def _remove_successful_chunks(
+    instance: dg.DagsterInstance, store: MetricsStore, published: list[str]
+) -> None:
+    """Remove the page chunks (records of sequential sources) of the runs just published as
+    ``completed`` or ``partial_success``: nothing will re-execute from them. Failed and
+    cancelled runs keep theirs for a re-execution from failure (``sweep_old_chunks``)."""
+    statuses = store.statuses(published) if published else {}
+    done = [run_id for run_id, status in statuses.items() if status in SUCCESSFUL]
+    if done:
+        groups = dagster_run_groups(instance, done)
+        runs = [record.dagster_run.run_id for records in groups.values() for record in records]
+        remove_run_chunks(instance, runs)
