@@ -15,7 +15,10 @@ Styles (``records_key`` names the list; None serves the bare list)::
     link_header  ?page=N (0-based)         {"items": [...]} + Link: <...>; rel="next", rel="last"
     single       (ignores the query)       {"items": [every record]}
 
-``include_total=False`` leaves the totals (body and header) out.
+``include_total=False`` leaves the totals (body and header) out. ``tls=True`` serves HTTPS
+with a fresh self-signed certificate for 127.0.0.1 (``api.ca_file``: trust it with
+``REQUESTS_CA_BUNDLE``). Two servers are two origins (another port): one can play the
+foreign host that a next link or a redirect points at (``inject(headers={"Location": ...})``).
 
 Examples:
     >>> with serve_records([{"id": i} for i in range(25)], page_size=10) as api:  # doctest: +SKIP
@@ -30,12 +33,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import ssl
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -69,6 +77,9 @@ class _Rule:
     body: str | None
     content_type: str
     delay: float
+    headers: dict[str, str] = field(default_factory=dict)
+    drip: tuple[int, float] | None = None
+    content_length: bool = True
     seen: int = 0
 
     def fires(self, path: str, query: Mapping[str, str]) -> bool:
@@ -99,6 +110,7 @@ class ServedApi(str):
     _rules: list[_Rule]
     _log: list[LoggedRequest]
     _lock: threading.Lock
+    ca_file: str | None
 
     def __new__(cls, url: str, options: _Options) -> ServedApi:
         api = super().__new__(cls, url)
@@ -106,6 +118,7 @@ class ServedApi(str):
         api._rules = []
         api._log = []
         api._lock = threading.Lock()
+        api.ca_file = None
         return api
 
     @property
@@ -140,11 +153,19 @@ class ServedApi(str):
         body: str | None = None,
         content_type: str | None = None,
         delay: float = 0.0,
+        headers: Mapping[str, str] | None = None,
+        drip: tuple[int, float] | None = None,
+        content_length: bool = True,
     ) -> None:
         """Answer matching requests ``nth`` to ``nth + times - 1`` (1-based; ``times=None``:
         every one from ``nth`` on) with ``status``, a ``Retry-After`` header, ``body``
         (default: the normal page for 2xx, an error object otherwise) after ``delay`` s.
-        Requests match on ``path`` (any if None) and on the ``query`` values given."""
+        Requests match on ``path`` (any if None) and on the ``query`` values given.
+
+        ``headers`` are added to the answer (``Location`` for a redirect, ``Set-Cookie``,
+        ``Link``); ``drip=(n, seconds)`` sends the body ``n`` bytes at a time, ``seconds``
+        apart (a slow server that never trips a read timeout); ``content_length=False``
+        sends no ``Content-Length`` (the body ends when the connection closes)."""
         rule = _Rule(
             status=status,
             nth=nth,
@@ -155,6 +176,9 @@ class ServedApi(str):
             body=body,
             content_type=content_type or ("text/plain" if body is not None else "application/json"),
             delay=delay,
+            headers=dict(headers or {}),
+            drip=drip,
+            content_length=content_length,
         )
         with self._lock:
             self._rules.append(rule)
@@ -245,6 +269,7 @@ def _handler(api: ServedApi) -> type[BaseHTTPRequestHandler]:
             rule = api._match(parts.path, query)
             status, content_type = 200, "application/json"
             headers: dict[str, str] = {}
+            drip, content_length = None, True
             try:
                 body, headers = _page(api, parts.path, query)
                 payload = json.dumps(body).encode()
@@ -255,6 +280,8 @@ def _handler(api: ServedApi) -> type[BaseHTTPRequestHandler]:
                 status, content_type = rule.status, rule.content_type
                 if rule.retry_after is not None:
                     headers["Retry-After"] = rule.retry_after
+                headers.update(rule.headers)
+                drip, content_length = rule.drip, rule.content_length
                 if rule.body is not None:
                     payload = rule.body.encode()
                 elif status >= 400:
@@ -266,11 +293,19 @@ def _handler(api: ServedApi) -> type[BaseHTTPRequestHandler]:
             )
             self.send_response(status)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(payload)))
+            if content_length:
+                self.send_header("Content-Length", str(len(payload)))
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(payload)
+            if drip is None:
+                self.wfile.write(payload)
+                return
+            size, pause = drip
+            for start in range(0, len(payload), size):
+                self.wfile.write(payload[start : start + size])
+                self.wfile.flush()
+                time.sleep(pause)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # keep pytest output clean; the log is api.requests
@@ -296,6 +331,7 @@ def serve_records(
     include_total: bool = True,
     base_page: int = 0,
     links: str = "path",
+    tls: bool = False,
 ) -> Iterator[ServedApi]:
     """Serve ``records`` in pages of ``page_size`` until the block exits.
 
@@ -309,6 +345,8 @@ def serve_records(
         base_page: number of the first page for ``page_number``.
         links: next links as ``path`` (``/p?page=2``), ``query`` (``?page=2``) or
             ``absolute`` (``http://127.0.0.1:port/p?page=2``).
+        tls: serve HTTPS with a self-signed certificate (needs the ``openssl`` command);
+            ``api.ca_file`` is the certificate to trust.
     """
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
@@ -318,7 +356,11 @@ def serve_records(
         raise ValueError(f"page_size must be >= 1, got {page_size}")
     options = _Options(records, page_size, style, records_key, include_total, base_page, links)
     server = _Server((HOST, 0), BaseHTTPRequestHandler)
-    api = ServedApi(f"http://{HOST}:{server.server_address[1]}", options)
+    certs = tempfile.mkdtemp(prefix="httpfixture-") if tls else None
+    scheme = "https" if tls else "http"
+    api = ServedApi(f"{scheme}://{HOST}:{server.server_address[1]}", options)
+    if certs is not None:
+        api.ca_file = _serve_tls(server, Path(certs))
     server.RequestHandlerClass = _handler(api)
     # A short poll keeps shutdown() fast (it waits for the loop's next poll).
     thread = threading.Thread(
@@ -331,3 +373,20 @@ def serve_records(
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+        if certs is not None:
+            shutil.rmtree(certs, ignore_errors=True)
+
+
+def _serve_tls(server: _Server, directory: Path) -> str:
+    """Wrap ``server``'s socket in TLS with a new self-signed certificate for 127.0.0.1;
+    the certificate's path (a client trusts it as its CA bundle)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    command = (
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
+        f" -subj /CN={HOST} -addext subjectAltName=IP:{HOST} -keyout {key} -out {cert}"
+    )
+    subprocess.run(command.split(), check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return str(cert)

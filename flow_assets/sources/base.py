@@ -2,8 +2,9 @@
 
 Two shapes, chosen by the source:
 
-* random access (``plan`` returns page refs): page N can be fetched on its own, so the
-  plan op fans page refs out and each page step fetches its pages;
+* random access (``plan`` returns page refs, any iterable of them: a plan of many pages
+  may be lazy, see :class:`LazySequence`): page N can be fetched on its own, so the plan op
+  fans page refs out and each page step fetches its pages;
 * sequential (``plan`` returns None): pages are read in order (cursor, next link, file
   chunks) by the plan op, which fans the pages themselves out.
 
@@ -13,9 +14,9 @@ re-executed step reads - and is accounted as - the same page.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 
 from flow_assets.errors import SourceError
 
@@ -59,12 +60,53 @@ class Page:
     reported_total: int | None = None
 
 
+T = TypeVar("T")
+
+
+class LazySequence(Sequence[T]):
+    """``make(i)`` for each ``i`` of ``indexes``, made when asked for: a plan of a billion
+    pages costs nothing until it is read (and can be refused by its ``len`` first).
+
+    Examples:
+        >>> pages = LazySequence(range(10**9), lambda i: {"page": i})
+        >>> len(pages), pages[-1], list(pages[:2])
+        (1000000000, {'page': 999999999}, [{'page': 0}, {'page': 1}])
+    """
+
+    __slots__ = ("_indexes", "_make")
+
+    def __init__(self, indexes: range, make: Callable[[int], T]) -> None:
+        self._indexes = indexes
+        self._make = make
+
+    def __len__(self) -> int:
+        return len(self._indexes)
+
+    @overload
+    def __getitem__(self, item: int) -> T: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> LazySequence[T]: ...
+
+    def __getitem__(self, item: int | slice) -> T | LazySequence[T]:
+        if isinstance(item, slice):
+            return LazySequence(self._indexes[item], self._make)
+        return self._make(self._indexes[item])
+
+    def __iter__(self) -> Iterator[T]:
+        return map(self._make, self._indexes)
+
+    def __repr__(self) -> str:
+        return f"LazySequence({len(self)} items)"
+
+
 @runtime_checkable
 class Source(Protocol):
     """A paginated source of records."""
 
-    def plan(self, partition_key: str | None) -> list[PageRef] | None:
-        """Page refs for a random-access source, or None to be read with ``pages``."""
+    def plan(self, partition_key: str | None) -> Iterable[PageRef] | None:
+        """Page refs for a random-access source (any iterable: it may be lazy, and is
+        iterated once), or None to be read with ``pages``."""
         ...
 
     def fetch(self, ref: PageRef) -> Page:
@@ -84,7 +126,7 @@ class SequentialSource:
 
     name: str
 
-    def plan(self, partition_key: str | None) -> list[PageRef] | None:
+    def plan(self, partition_key: str | None) -> Iterable[PageRef] | None:
         """Always None: the pages are read in order with ``pages``."""
         return None
 

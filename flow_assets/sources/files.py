@@ -37,7 +37,22 @@ FORMATS = {
     ".pq": "parquet",
 }
 PARTITION_PLACEHOLDER = "{partition}"
+SHOWN_KEY_CHARS = 40
 _GLOB_CHARS = frozenset("*?[")
+# What a partition key must not hold to stay one file name: path separators (both, so a
+# path means the same on every system) and NUL.
+_PATH_SEPARATORS = frozenset({"/", "\\", os.sep, os.altsep or "/"})
+
+
+def _path_key_problem(key: str) -> str | None:
+    """Why ``key`` could make a path leave its directory, or None."""
+    if not _PATH_SEPARATORS.isdisjoint(key):
+        return "holds a path separator"
+    if "\x00" in key:
+        return "holds a NUL character"
+    if key in (".", ".."):
+        return f"is the directory name {key!r}"
+    return "is empty" if not key else None
 
 
 def _exact_pages(chunks: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:
@@ -178,10 +193,28 @@ class FileSource(SequentialSource):
                 "placeholder but the run has no partition key. Fix: partition the flow, or "
                 "remove the placeholder."
             )
+        self._check_partition_key(partition_key)
         template = self.path.replace(PARTITION_PLACEHOLDER, "")
         # In a glob pattern the key is a literal, even if it holds '[' or '*'.
         key = partition_key if _GLOB_CHARS.isdisjoint(template) else glob.escape(partition_key)
         return self.path.replace(PARTITION_PLACEHOLDER, key)
+
+    def _check_partition_key(self, partition_key: str) -> None:
+        """A partition key names a file in the directory of the path's fixed part, never
+        one outside it (``../secret``): keys that could leave it are refused."""
+        problem = _path_key_problem(partition_key)
+        if problem is None:
+            return
+        shown = repr(partition_key)
+        if len(shown) > SHOWN_KEY_CHARS:
+            shown = shown[: SHOWN_KEY_CHARS - 4] + "...'"
+        raise SourceError(
+            f"Source {self.name!r}: the partition key {shown} cannot go into the path"
+            f" {self.path!r}: it {problem}, and a key must be a plain name, so that the path"
+            " stays inside its directory. Fix: use partition keys"
+            " without '/', '\\' or NUL, other than '', '.' and '..' (e.g. dates such as"
+            " 2024-01-31), or map such keys to safe names before they reach the path."
+        )
 
     def _read(self, file: str) -> Iterator[list[Any]]:
         reader = {"jsonl": self._read_jsonl, "csv": self._read_csv, "parquet": self._read_parquet}

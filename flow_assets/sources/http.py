@@ -3,87 +3,68 @@
 Retries are urllib3's: connection errors, read timeouts and 429/500/502/503/504 answers are
 retried with exponential backoff and jitter, honouring ``Retry-After``. Any other 4xx is not
 retried: it will not get better, so it fails at once with the status and a body excerpt.
+Credentials go to the source's origin only (``http_session``); sizes, times and page
+counts are bounded (``http_limits``). Policy: docs/http-sources.md.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
-from urllib3.exceptions import NewConnectionError, ReadTimeoutError
-from urllib3.exceptions import TimeoutError as Urllib3Timeout
-from urllib3.util.retry import Retry
 
 from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.sources import http_limits as limits
 from flow_assets.sources.auth import BearerAuth
-from flow_assets.sources.base import Page, PageRef, SourceDownError
+from flow_assets.sources.base import LazySequence, Page, PageRef
+from flow_assets.sources.http_session import CROSS_ORIGIN, HttpTransport, origin_of
 from flow_assets.sources.paginators import (
     MISSING,
     BasePaginator,
+    json_kind,
     json_lookup,
     require_int,
     require_name,
     require_path,
     response_json,
 )
-from resources.redaction import redact_text, redact_url
+from resources.redaction import redact_url
 
 __all__ = ["BearerAuth", "HttpJsonSource"]
 
-RETRY_STATUSES = (429, 500, 502, 503, 504)
 DEFAULT_TOTAL_HEADER = "X-Total-Count"
-EXCERPT_CHARS = 200
-_HINTS = {
-    400: "check the query parameters (params=, partition_param=, the paginator's)",
-    401: "check the credentials (auth=)",
-    403: "check that the credentials (auth=) may read this endpoint",
-    404: "check the URL and the partition key",
-    422: "check the query parameters (params=, partition_param=, the paginator's)",
-}
 
 
-def _excerpt(text: str) -> str:
-    return redact_text(" ".join(text.split()))[:EXCERPT_CHARS]
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return f"a JSON object (keys: {', '.join(sorted(map(str, value))[:10])})"
-    return {list: "a JSON list", str: "a JSON string", type(None): "null"}.get(
-        type(value), f"a JSON {type(value).__name__}"
-    )
-
-
-def _check_timeout(timeout: Any) -> float | tuple[float, float]:
-    values = timeout if isinstance(timeout, tuple) else (timeout,)
-    if len(values) not in (1, 2) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values
-    ):
-        raise FlowDefinitionError(
-            f"timeout must be seconds > 0 or a (connect, read) pair of them, got {timeout!r}."
-        )
-    return timeout  # type: ignore[no-any-return]
-
-
-class HttpJsonSource:
+class HttpJsonSource(HttpTransport):
     """Records from a paginated JSON API.
 
-    Random access (``plan`` lists every page) when the paginator learns the total from the
-    first page; sequential (``pages`` walks them in order) otherwise.
+    Random access (``plan`` lists every page, lazily) when the paginator learns the total
+    from the first page; sequential (``pages`` walks them in order) otherwise.
 
     Args:
         url: the endpoint, ``http(s)://host/path``.
         paginator: how pages are addressed; see ``flow_assets.sources.paginators``.
         records_path: dotted path of the list of records in the body; None: the body is it.
         params: query parameters sent with every request.
-        headers: headers sent with every request.
+        headers: headers sent with every request to the url's origin (they may hold keys:
+            they are credentials, like ``auth``).
         auth: a requests auth object, e.g. ``BearerAuth(token)`` or ``("user", "password")``.
-        timeout: seconds to connect and to read, or a (connect, read) pair.
+        cross_origin: what to do when a next link or a redirect leads to another origin
+            (scheme, host or port) than the url's: ``"fail"`` (default) or
+            ``"drop_credentials"`` (follow it without ``auth`` and ``headers``). An https
+            source never follows a link or a redirect to http, in either mode.
+        timeout: seconds to connect and to read (each socket wait), or a (connect, read) pair.
+        request_deadline: seconds one request may take in all, from sending it to the last
+            byte of its body, retries and redirects included (default 300); an overrun fails
+            the request as a timeout, not retried by the source.
+        max_body_bytes: largest response body read, decoded (default 64 MiB).
+        max_page_records: most records on one page (default 100,000).
+        page_limit: most pages of one plan or walk (default 100,000): a safety limit that
+            fails the read, where the paginator's ``max_pages`` stops it on purpose.
         max_retries: retries per request on connection errors, timeouts, 429 and 5xx.
         backoff_factor: exponential backoff base in seconds (jitter of the same size added).
         retry_after_max: longest ``Retry-After`` wait honoured, in seconds.
@@ -100,6 +81,7 @@ class HttpJsonSource:
     ``total_path``, ``total_header``) if it reads one, else ``total_path``, else
     ``total_header``. The finalizer fails a run that read a different number of records.
     A paginator stopped by ``max_pages`` reads less on purpose: its pages report no total.
+    A limit passed fails the request with a SourceError naming the option to raise.
 
     Examples:
         >>> from flow_assets.sources import PageNumberPaginator
@@ -122,7 +104,12 @@ class HttpJsonSource:
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         auth: AuthBase | tuple[str, str] | None = None,
+        cross_origin: str = "fail",
         timeout: float | tuple[float, float] = (5, 30),
+        request_deadline: float = limits.DEFAULT_REQUEST_DEADLINE,
+        max_body_bytes: int = limits.DEFAULT_MAX_BODY_BYTES,
+        max_page_records: int = limits.DEFAULT_MAX_PAGE_RECORDS,
+        page_limit: int = limits.DEFAULT_PAGE_LIMIT,
         max_retries: int = 5,
         backoff_factor: float = 0.5,
         retry_after_max: int = 60,
@@ -151,13 +138,28 @@ class HttpJsonSource:
         require_int(retry_after_max, "retry_after_max", 0)
         if not isinstance(backoff_factor, (int, float)) or backoff_factor < 0:
             raise FlowDefinitionError(f"backoff_factor must be >= 0, got {backoff_factor!r}.")
+        if cross_origin not in CROSS_ORIGIN:
+            raise FlowDefinitionError(
+                f"cross_origin must be one of {CROSS_ORIGIN}, got {cross_origin!r}."
+            )
+        self.max_body_bytes = require_int(max_body_bytes, "max_body_bytes", 1)
+        self.max_page_records = require_int(max_page_records, "max_page_records", 1)
+        self.page_limit = require_int(page_limit, "page_limit", 1)
+        if paginator.max_pages is not None and paginator.max_pages > page_limit:
+            raise FlowDefinitionError(
+                f"the paginator's max_pages ({paginator.max_pages}) is over page_limit "
+                f"({page_limit}), which would fail the read first: raise page_limit."
+            )
+        self.request_deadline = limits.check_seconds(request_deadline, "request_deadline")
         self.url = url
         self.paginator = paginator
         self.records_path = records_path
         self.params = dict(params or {})
         self.headers = dict(headers or {})
         self.auth = auth
-        self.timeout = _check_timeout(timeout)
+        self.cross_origin = cross_origin
+        self._origin = origin_of(url)
+        self.timeout = limits.check_timeout(timeout)
         self.max_retries = max_retries
         self.backoff_factor = float(backoff_factor)
         self.retry_after_max = retry_after_max
@@ -174,8 +176,9 @@ class HttpJsonSource:
 
     # -- the Source protocol ---------------------------------------------------------------
 
-    def plan(self, partition_key: str | None) -> list[PageRef] | None:
-        """Every page's ref, learnt from page 0; None if the paginator cannot know them."""
+    def plan(self, partition_key: str | None) -> Sequence[PageRef] | None:
+        """Every page's ref, learnt from page 0 (a lazy sequence, refused over
+        ``page_limit`` pages); None if the paginator cannot know them."""
         if not self.paginator.random_access:
             return None
         paginator = copy.deepcopy(self.paginator)
@@ -188,12 +191,15 @@ class HttpJsonSource:
             raise self._error(0, response.url, str(exc)) from exc
         if page_params is None:
             return None
+        with self._failing(0, response.url):
+            limits.check_planned_pages(len(page_params), self.page_limit)
         base = self._base_params(partition_key)
         total = None if paginator.cut_short else self._reported_total(response, paginator, 0)
-        return [
-            PageRef(i, {**base, **params}, reported_total=total)
-            for i, params in enumerate(page_params)
-        ]
+
+        def ref(index: int) -> PageRef:
+            return PageRef(index, {**base, **page_params[index]}, reported_total=total)
+
+        return LazySequence(range(len(page_params)), ref)
 
     def fetch(self, ref: PageRef) -> Page:
         """Fetch one planned page."""
@@ -209,15 +215,19 @@ class HttpJsonSource:
         request = self._first_request(partition_key, paginator)
         # max_pages may stop the walk before the end on purpose: then report no total.
         report = paginator.max_pages is None
-        index = 0
+        index = read = 0
         while True:
             response = self._send(request, index)
+            read += 1
             records = self._records(response, index)
             try:
                 paginator.update_state(response, records)
             except SourceError as exc:
                 raise self._error(index, response.url, str(exc)) from exc
             last = not paginator.has_next_page
+            if not last:
+                with self._failing(index, response.url):
+                    limits.check_pages_read(read, self.page_limit)
             if records or not last:
                 total = self._reported_total(response, paginator, index) if report else None
                 yield Page(index, records, self._label(response), total)
@@ -232,37 +242,7 @@ class HttpJsonSource:
             self._session.close()
             self._session = None
 
-    # -- HTTP ------------------------------------------------------------------------------
-
-    @property
-    def session(self) -> requests.Session:
-        """The requests session with retries, created on first use (and not pickled)."""
-        if self._session is None:
-            retry = Retry(
-                total=self.max_retries,
-                backoff_factor=self.backoff_factor,
-                # Jitter spreads the retries of page steps that failed together.
-                backoff_jitter=self.backoff_factor,
-                status_forcelist=RETRY_STATUSES,
-                allowed_methods=frozenset({"GET"}),
-                respect_retry_after_header=True,
-                # Hand back the last response so the error can show its status and body.
-                raise_on_status=False,
-                **self._retry_after_cap(),
-            )
-            session = requests.Session()
-            session.mount("http://", HTTPAdapter(max_retries=retry))
-            session.mount("https://", HTTPAdapter(max_retries=retry))
-            session.headers.update(self.headers)
-            session.auth = self.auth
-            self._session = session
-        return self._session
-
-    def _retry_after_cap(self) -> dict[str, Any]:
-        # Only recent urllib3 releases cap Retry-After; older ones wait as long as asked.
-        if hasattr(Retry, "DEFAULT_RETRY_AFTER_MAX"):
-            return {"retry_after_max": self.retry_after_max}
-        return {}
+    # -- helpers ----------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_session": None}
@@ -280,52 +260,24 @@ class HttpJsonSource:
         paginator.init_request(request)
         return request
 
-    def _send(self, request: requests.Request, index: int) -> requests.Response:
-        target = str(request.url)
-        url = requests.Request("GET", target, params=request.params).prepare().url or target
-        try:
-            response = self.session.get(target, params=request.params, timeout=self.timeout)
-        except requests.RequestException as exc:
-            # requests wraps urllib3's last error (after the retries) in its own exception.
-            reason = getattr(exc.args[0], "reason", None) if exc.args else None
-            reason = reason or exc
-            # NewConnectionError subclasses urllib3's timeout error, yet is a refusal.
-            timed_out = isinstance(exc, requests.Timeout) or isinstance(reason, Urllib3Timeout)
-            if timed_out and not isinstance(reason, NewConnectionError):
-                problem = f"timed out (timeout={self.timeout!r} s)"
-                fix = "raise timeout= or check the server's health"
-            else:
-                problem = f"request failed: {type(reason).__name__}: {_excerpt(str(reason))}"
-                fix = "check that the server is up and reachable from here"
-            error = self._error(index, url, f"{problem}, after {self.max_retries} retries", fix)
-            # No connection after every retry: the source is down, not this one page. (A
-            # read timeout is the server being slow on a page: that page may fare better.)
-            if isinstance(exc, requests.ConnectionError) and not isinstance(
-                reason, ReadTimeoutError
-            ):
-                raise SourceDownError(str(error)) from exc
-            raise error from exc
-        if response.status_code >= 400:
-            retried = response.status_code in RETRY_STATUSES
-            raise self._error(
-                index,
-                response.url,
-                f"HTTP {response.status_code}"
-                + (f" still, after {self.max_retries} retries" if retried else " (not retried)")
-                + f"; body: {_excerpt(response.text)!r}",
-                _HINTS.get(response.status_code, "check the API's status and documentation"),
-            )
-        return response
-
     def _records(self, response: requests.Response, index: int) -> list[Any]:
+        records = self._find_records(response, index)
+        with self._failing(index, response.url):
+            limits.check_records(len(records), self.max_page_records)
+        return records
+
+    def _find_records(self, response: requests.Response, index: int) -> list[Any]:
         try:
             body = response_json(response)
+        except SourceError as exc:  # nested too deep to parse
+            fix = "fix the API, or ask it for flatter records"
+            raise self._error(index, response.url, str(exc), fix) from None
         except ValueError as exc:
             kind = response.headers.get("Content-Type", "no Content-Type")
             raise self._error(
                 index,
                 response.url,
-                f"the body is not JSON ({kind}): {_excerpt(response.text)!r}",
+                f"the body is not JSON ({kind}): {self._body_excerpt(response)!r}",
                 "point url at the JSON endpoint of the API",
             ) from exc
         if self.records_path is None:
@@ -333,7 +285,7 @@ class HttpJsonSource:
                 raise self._error(
                     index,
                     response.url,
-                    f"the body is {_kind(body)}, not a list of records",
+                    f"the body is {json_kind(body)}, not a list of records",
                     "set records_path to the field holding the records",
                 )
             return body
@@ -342,14 +294,15 @@ class HttpJsonSource:
             raise self._error(
                 index,
                 response.url,
-                f"records_path {self.records_path!r} is not in the body, which is {_kind(body)}",
+                f"records_path {self.records_path!r} is not in the body, "
+                f"which is {json_kind(body)}",
                 "set records_path to the field holding the records",
             )
         if not isinstance(records, list):
             raise self._error(
                 index,
                 response.url,
-                f"records_path {self.records_path!r} holds {_kind(records)}, not a list",
+                f"records_path {self.records_path!r} holds {json_kind(records)}, not a list",
                 "set records_path to the field holding the list of records",
             )
         return records
@@ -392,7 +345,7 @@ class HttpJsonSource:
         raise self._error(
             index,
             response.url,
-            f"{where} holds {_excerpt(repr(raw))}, not a non-negative integer",
+            f"{where} holds {self._excerpt(repr(raw))}, not a non-negative integer",
             "point it at the record count the API sends, or set it to None",
         )
 

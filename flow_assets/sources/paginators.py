@@ -5,23 +5,29 @@ The protocol is dlt's REST-client one (``init_request``, ``update_state``, ``upd
 state of one walk through the pages; the source copies it for every walk.
 
 Stop conditions are explicit: an empty page (``stop_after_empty_page``), the total reached, no
-next cursor or link, or ``max_pages`` pages read. Paginators that learn the total from the
-first response (page numbers or offsets with a total) are *random access*: ``page_params``
-returns the parameters of every page, so pages can be fetched in parallel and out of order.
+next cursor or link, or ``max_pages`` pages read. A cursor or a next link met before is an
+error, not a loop. Paginators that learn the total from the first response (page numbers
+or offsets with a total) are *random access*: ``page_params`` returns the parameters of
+every page (a lazy sequence: a total of a billion costs nothing until read), so pages can
+be fetched in parallel and out of order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+import sys
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, cast
 from urllib.parse import urljoin
 
 from requests import Request, Response
 
 from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.sources.base import LazySequence
 
 __all__ = [
     "MISSING",
@@ -31,6 +37,7 @@ __all__ = [
     "JSONLinkPaginator",
     "OffsetPaginator",
     "PageNumberPaginator",
+    "json_kind",
     "json_lookup",
     "require_int",
     "require_name",
@@ -45,13 +52,57 @@ MISSING: Final = object()
 _BODIES: weakref.WeakKeyDictionary[Response, Any] = weakref.WeakKeyDictionary()
 
 
+# A key shown in an error: a field name. Other keys may be data (an e-mail address as key).
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,30}")
+
+
 def response_json(response: Response) -> Any:
-    """The parsed JSON body of ``response``, parsed once; ValueError if it is not JSON."""
+    """The parsed JSON body of ``response``, parsed once; ValueError if it is not JSON,
+    SourceError if it nests deeper than the parser can follow."""
     try:
         return _BODIES[response]
     except KeyError:
+        pass
+    try:
         body = _BODIES[response] = response.json()
-        return body
+    except RecursionError:
+        # The C parser recurses once per level: "[[[[..." fails at the recursion limit.
+        raise SourceError(
+            f"the JSON body nests deeper than the parser follows (about "
+            f"{sys.getrecursionlimit()} levels)"
+        ) from None
+    return body
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, for errors. An object names only its keys that look like
+    field names (at most 10) and counts the others: a key may be data, e.g. an e-mail.
+
+    Examples:
+        >>> json_kind({"data": [], "meta": {}, "bob@example.com": 1})
+        'a JSON object (keys: data, meta; 1 more not shown)'
+        >>> json_kind([1, 2])
+        'a JSON list'
+    """
+    if isinstance(value, Mapping):
+        keys = list(map(str, value))
+        shown = sorted(k for k in keys if _FIELD_NAME.fullmatch(k))[:10]
+        hidden = len(keys) - len(shown)
+        if not keys:
+            return "an empty JSON object"
+        if not shown:
+            return f"a JSON object ({len(keys)} keys, none shown)"
+        more = f"; {hidden} more not shown" if hidden else ""
+        return f"a JSON object (keys: {', '.join(shown)}{more})"
+    return {list: "a JSON list", str: "a JSON string", type(None): "null"}.get(
+        type(value), f"a JSON {type(value).__name__}"
+    )
+
+
+def _fingerprint(value: Any) -> bytes:
+    """A short digest of a cursor or URL: the walk remembers every one it met, so their
+    memory is bounded per page whatever the API sends."""
+    return hashlib.blake2b(repr(value).encode(), digest_size=16).digest()
 
 
 def json_lookup(document: Any, path: str) -> Any:
@@ -163,9 +214,12 @@ class BasePaginator(ABC):
     def update_request(self, request: Request) -> None:
         """Point ``request`` at the next page."""
 
-    def page_params(self, response: Response, records: list[Any]) -> list[dict[str, Any]] | None:
+    def page_params(
+        self, response: Response, records: list[Any]
+    ) -> Sequence[dict[str, Any]] | None:
         """Query parameters of every page (first included), learnt from the first page's
-        response; None when this paginator cannot know them in advance."""
+        response, as a lazy sequence (its ``len`` is the page count); None when this
+        paginator cannot know them in advance."""
         return None
 
     def total_records(self, response: Response) -> int | None:
@@ -235,7 +289,9 @@ class _RangePaginator(BasePaginator):
         for name, value in self._params(self.current).items():
             _set_param(request, name, value)
 
-    def page_params(self, response: Response, records: list[Any]) -> list[dict[str, Any]] | None:
+    def page_params(
+        self, response: Response, records: list[Any]
+    ) -> Sequence[dict[str, Any]] | None:
         if not self.random_access:
             return None
         count = self._page_count(response)
@@ -243,7 +299,11 @@ class _RangePaginator(BasePaginator):
             # The plan leaves pages out on purpose: the source's total is not to be read.
             self.cut_short = count > self.max_pages
             count = min(count, self.max_pages)
-        return [self._params(self.first + i * self.step) for i in range(count)]
+        # Lazy: an API reporting a huge total must not cost a list of every page.
+        return LazySequence(range(count), self._params_of_page)
+
+    def _params_of_page(self, index: int) -> dict[str, Any]:
+        return self._params(self.first + index * self.step)
 
     def _read_total(self, response: Response, path: str | None, header: str | None) -> int:
         if path is not None:
@@ -251,9 +311,8 @@ class _RangePaginator(BasePaginator):
             raw = json_lookup(body, path)
             where = f"total path {path!r}"
             if raw is MISSING:
-                keys = sorted(body) if isinstance(body, Mapping) else type(body).__name__
                 raise SourceError(
-                    f"{self}: {where} is not in the response (top-level keys: {keys}). "
+                    f"{self}: {where} is not in the response, which is {json_kind(body)}. "
                     "Fix: point the total path at the field holding the total, or set it to "
                     "None to read pages until an empty one."
                 )
@@ -457,8 +516,8 @@ class OffsetPaginator(_RangePaginator):
 class JSONCursorPaginator(BasePaginator):
     """The body holds an opaque cursor for the next page, sent back as a query parameter.
 
-    Stops when the cursor is missing, null or empty. A cursor that does not change is an
-    error (the walk would never end).
+    Stops when the cursor is missing, null or empty. A cursor met before in the walk (the
+    same one again, or a cycle such as A, B, A) is an error: the walk would never end.
 
     Args:
         cursor_path: dotted path of the next cursor in the body.
@@ -483,9 +542,11 @@ class JSONCursorPaginator(BasePaginator):
         self.cursor_path = require_path(cursor_path, "cursor_path")
         self.cursor_param = require_name(cursor_param, "cursor_param")
         self.cursor: str | int | None = None
+        self._seen: set[bytes] = set()
 
     def _start(self, request: Request) -> None:
         self.cursor = None
+        self._seen = set()
         request.params = {k: v for k, v in _params_of(request).items() if k != self.cursor_param}
 
     def _advance(self, response: Response, records: list[Any]) -> None:
@@ -495,10 +556,14 @@ class JSONCursorPaginator(BasePaginator):
             return
         if isinstance(value, (dict, list, bool, float)):
             raise SourceError(f"{self}: the cursor is {value!r}, not a string or an integer.")
-        if value == self.cursor:
+        seen = _fingerprint(value)
+        if seen in self._seen:
+            again = "the same cursor twice" if value == self.cursor else "a cursor met before"
             raise SourceError(
-                f"{self}: the API returned the same cursor twice; reading on would never end."
+                f"{self}: the API returned {again} (after {self._pages_seen} pages); "
+                "reading on would never end."
             )
+        self._seen.add(seen)
         self.cursor = value
 
     def update_request(self, request: Request) -> None:
@@ -509,17 +574,21 @@ class JSONCursorPaginator(BasePaginator):
 
 
 class _NextUrlPaginator(BasePaginator):
-    """The response names the URL of the next page; that URL carries all its parameters."""
+    """The response names the URL of the next page; that URL carries all its parameters.
+
+    A next link to a page read before (the page just read, or a cycle) is an error."""
 
     def __init__(self, *, max_pages: int | None, stop_after_empty_page: bool) -> None:
         super().__init__(max_pages=max_pages, stop_after_empty_page=stop_after_empty_page)
         self.next_url: str | None = None
+        self._seen: set[bytes] = set()
 
     @abstractmethod
     def _find_next(self, response: Response) -> Any: ...
 
     def _start(self, request: Request) -> None:
         self.next_url = None
+        self._seen = set()
 
     def _advance(self, response: Response, records: list[Any]) -> None:
         found = self._find_next(response)
@@ -530,10 +599,15 @@ class _NextUrlPaginator(BasePaginator):
             raise SourceError(f"{self}: the next link is {found!r}, not a URL.")
         # A relative link is relative to the URL that was requested (RFC 3986 section 5.1).
         url = urljoin(response.url or "", found)
-        if response.url and url == response.url:
+        # The URLs read (after redirects) and the links followed: a cycle meets one of them.
+        self._seen.add(_fingerprint(response.url))
+        if _fingerprint(url) in self._seen:
+            which = "the page just read" if url == response.url else "a page read before"
             raise SourceError(
-                f"{self}: the next link points at the page just read; reading on would never end."
+                f"{self}: the next link points at {which} (after {self._pages_seen} pages); "
+                "reading on would never end."
             )
+        self._seen.add(_fingerprint(url))
         self.next_url = url
 
     def update_request(self, request: Request) -> None:

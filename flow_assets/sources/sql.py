@@ -35,7 +35,7 @@ from flow_assets.sources.base import Page, SequentialSource
 from flow_assets.sources.paginators import require_int, require_name
 from resources.db import PG_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_S, normalize_url, redacted
 from resources.errors import ConfigurationError
-from resources.redaction import redact_text
+from resources.redaction import mask_personal_data, redact_text
 
 __all__ = ["SqlSource", "dispose_engines"]
 
@@ -151,7 +151,11 @@ class SqlSource(SequentialSource):
         self._url: str | None = None
         if self._env_var is None:
             if not isinstance(url, str) or not url.strip():
-                raise FlowDefinitionError(f"url must be a SQLAlchemy database URL, got {url!r}.")
+                # Not the value: a URL object's repr shows a misparsed password's tail.
+                raise FlowDefinitionError(
+                    "url must be a SQLAlchemy database URL string (or a dagster.EnvVar),"
+                    f" got {'an empty string' if isinstance(url, str) else type(url).__name__}."
+                )
             try:
                 self._url = normalize_url(url, "SqlSource url")
             except ConfigurationError as exc:
@@ -241,9 +245,11 @@ class SqlSource(SequentialSource):
             records, extra = rows[: self.page_size], rows[self.page_size :]
             last = self._cursor(records[-1])
             if extra and self._cursor(extra[0]) == last:
-                raise self._tie_error(index, last)
+                raise self._tie_error(index)
             first = self._cursor(records[0])[0]
-            label = f"{self.name}: {self.key_column} {_jsonable(first)}..{_jsonable(last[0])}"
+            keys = f"{_jsonable(first)}..{_jsonable(last[0])}"
+            # For logs and errors: a key may be personal data (an email).
+            label = f"{self.name}: {self.key_column} {mask_personal_data(keys)}"
             yield Page(index, [self._record(row, wanted) for row in records], label)
             if not extra:
                 return
@@ -449,8 +455,11 @@ class SqlSource(SequentialSource):
             "check table= (use 'schema.table' for another schema) and the database URL",
         )
 
-    def _tie_error(self, index: int, last: tuple[Any, ...]) -> SourceError:
-        names, value = ", ".join(self._order_names()), ", ".join(map(repr, last))
+    def _tie_error(self, index: int) -> SourceError:
+        """Rows tie on the order across a page's end. The values are not shown: a key may be
+        personal data (an email), and the page's position finds the rows."""
+        names = ", ".join(self._order_names())
+        order = names if self.tiebreak_column is None else f"({names})"
         fix = (
             "make key_column unique, or pass tiebreak_column= a column that is unique among "
             f"rows with the same {self.key_column} (e.g. the primary key)"
@@ -459,7 +468,7 @@ class SqlSource(SequentialSource):
         )
         return self._error(
             index,
-            f"several rows have ({names}) = ({value}) across the end of the page; keyset "
-            "pagination would skip some of them",
+            f"several rows share one {order} across the end of the page; keyset pagination"
+            " would skip some of them",
             fix,
         )

@@ -17,7 +17,9 @@ from flow_assets.sources.paginators import (
     JSONLinkPaginator,
     OffsetPaginator,
     PageNumberPaginator,
+    json_kind,
     json_lookup,
+    response_json,
 )
 
 pytestmark = pytest.mark.unit
@@ -95,8 +97,16 @@ class TestPageNumberPaginator:
     def test_missing_total_names_the_path_and_the_keys(self) -> None:
         paginator = PageNumberPaginator(total_pages_path="meta.pages")
         first_request(paginator)
-        with pytest.raises(SourceError, match=r"'meta.pages' is not in the response.*'items'"):
+        with pytest.raises(SourceError, match=r"'meta.pages' is not in the response.*keys: items"):
             paginator.update_state(response({"items": PAGE}), PAGE)
+
+    def test_missing_total_shows_no_key_that_may_be_data(self) -> None:
+        paginator = PageNumberPaginator(total_pages_path="pages")
+        first_request(paginator)
+        with pytest.raises(SourceError) as caught:
+            paginator.update_state(response({"items": PAGE, "bob@example.com": 1}), PAGE)
+        assert "bob@example.com" not in str(caught.value)
+        assert "(keys: items; 1 more not shown)" in str(caught.value)
 
     def test_total_records_with_page_size_gives_random_access(self) -> None:
         paginator = PageNumberPaginator(
@@ -104,12 +114,22 @@ class TestPageNumberPaginator:
         )
         assert paginator.random_access
         params = paginator.page_params(response({"items": PAGE, "total": 25}), PAGE)
-        assert params == [{"page": p, "per_page": 10} for p in (1, 2, 3)]
+        assert list(params or []) == [{"page": p, "per_page": 10} for p in (1, 2, 3)]
 
     def test_page_params_list_every_page_capped_by_max_pages(self) -> None:
         paginator = PageNumberPaginator(total_pages_path="pages", max_pages=2)
-        assert paginator.page_params(response({"pages": 5}), PAGE) == [{"page": 0}, {"page": 1}]
-        assert paginator.page_params(response({"pages": 0}), []) == []
+        capped = paginator.page_params(response({"pages": 5}), PAGE)
+        assert list(capped or []) == [{"page": 0}, {"page": 1}]
+        empty = paginator.page_params(response({"pages": 0}), [])
+        assert empty is not None and list(empty) == []
+
+    def test_page_params_are_lazy_whatever_the_total(self) -> None:
+        # A listed plan of 10**12 pages would exhaust the memory: the page params are made
+        # when read, and their count is known up front (the source refuses it).
+        paginator = PageNumberPaginator(base_page=1, total_pages_path="pages")
+        params = paginator.page_params(response({"pages": 10**12}), PAGE)
+        assert params is not None and len(params) == 10**12
+        assert params[-1] == {"page": 10**12} and list(params[:2]) == [{"page": 1}, {"page": 2}]
 
     def test_without_total_it_is_sequential(self) -> None:
         paginator = PageNumberPaginator()
@@ -168,7 +188,7 @@ class TestOffsetPaginator:
     def test_total_header_gives_every_page(self) -> None:
         paginator = OffsetPaginator(limit=10, offset=5, total_header="X-Total-Count")
         resp = response({"items": PAGE}, headers={"X-Total-Count": "25"})
-        assert paginator.page_params(resp, PAGE) == [
+        assert list(paginator.page_params(resp, PAGE) or []) == [
             {"offset": 5, "limit": 10},
             {"offset": 15, "limit": 10},
         ]
@@ -237,6 +257,23 @@ class TestJSONCursorPaginator:
         paginator.update_state(response({"next_cursor": "x"}), PAGE)
         with pytest.raises(SourceError, match="same cursor twice"):
             paginator.update_state(response({"next_cursor": "x"}), PAGE)
+
+    @pytest.mark.parametrize("cycle", [["a", "b", "a"], ["a", "b", "c", "b"], [1, 2, 1]])
+    def test_a_cursor_met_before_is_an_error_not_an_endless_cycle(self, cycle: list[Any]) -> None:
+        paginator = JSONCursorPaginator()
+        first_request(paginator)
+        for cursor in cycle[:-1]:
+            paginator.update_state(response({"next_cursor": cursor}), PAGE)
+        with pytest.raises(SourceError, match=r"a cursor met before \(after \d pages\)"):
+            paginator.update_state(response({"next_cursor": cycle[-1]}), PAGE)
+
+    def test_a_new_walk_forgets_the_cursors_met(self) -> None:
+        paginator = JSONCursorPaginator()
+        for _ in range(2):
+            assert walk(paginator, [{"next_cursor": "a"}, {"next_cursor": None}]) == [
+                {},
+                {"cursor": "a"},
+            ]
 
     def test_structured_cursor_is_refused(self) -> None:
         paginator = JSONCursorPaginator()
@@ -314,6 +351,22 @@ class TestJSONLinkPaginator:
         with pytest.raises(SourceError, match="points at the page just read"):
             paginator.update_state(response({"next": URL + "?page=1"}, url=URL + "?page=1"), PAGE)
 
+    def test_link_to_a_page_read_before_is_an_error_not_an_endless_cycle(self) -> None:
+        paginator = JSONLinkPaginator()
+        first_request(paginator)
+        paginator.update_state(response({"next": "?page=2"}, url=URL + "?page=1"), PAGE)
+        paginator.update_state(response({"next": "?page=3"}, url=URL + "?page=2"), PAGE)
+        with pytest.raises(SourceError, match=r"points at a page read before \(after 3 pages\)"):
+            paginator.update_state(response({"next": "?page=1"}, url=URL + "?page=3"), PAGE)
+
+    def test_a_link_cycle_through_a_redirect_is_caught_too(self) -> None:
+        # page=2 is redirected to page=2b, whose next link is page=2 again.
+        paginator = JSONLinkPaginator()
+        first_request(paginator)
+        paginator.update_state(response({"next": "?page=2"}, url=URL + "?page=1"), PAGE)
+        with pytest.raises(SourceError, match="a page read before"):
+            paginator.update_state(response({"next": "?page=2"}, url=URL + "?page=2b"), PAGE)
+
     def test_non_string_link_is_refused(self) -> None:
         paginator = JSONLinkPaginator()
         first_request(paginator)
@@ -371,3 +424,21 @@ class TestHeaderLinkPaginator:
 def test_json_lookup(path: str, expected: Any) -> None:
     document = {"a": {"b": 1, "list": ["x", "y"]}}
     assert json_lookup(document, path) is expected or json_lookup(document, path) == expected
+
+
+def test_json_kind_names_field_like_keys_only() -> None:
+    assert json_kind({"data": 1, "meta": 2}) == "a JSON object (keys: data, meta)"
+    assert json_kind({"alice@example.com": 1}) == "a JSON object (1 keys, none shown)"
+    assert json_kind({f"k{i}": i for i in range(12)}).endswith("k7; 2 more not shown)")
+    assert json_kind({}) == "an empty JSON object" and json_kind(None) == "null"
+
+
+def test_json_nested_past_the_parser_is_a_source_error() -> None:
+    deep = response(raw=b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(SourceError, match="nests deeper than the parser follows"):
+        response_json(deep)
+    # The paginators read the same parse: the error, not a RecursionError.
+    paginator = JSONCursorPaginator()
+    first_request(paginator)
+    with pytest.raises(SourceError, match="nests deeper"):
+        paginator.update_state(deep, PAGE)
