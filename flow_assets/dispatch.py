@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from resources.redaction import redact_text
+from resources.redaction import mask_personal_data, redact_text
 
 PENDING, COMPLETED, FAILED = "pending", "completed", "failed"
 MAX_ERROR_CHARS = 2000
+# How much of a handler's error is shown outside the failed jobs' rows (Flow.error_detail).
+ERROR_DETAILS = ("masked", "full")
 
 
 class JobBatch:
@@ -98,7 +100,18 @@ class JobBatch:
         return key
 
 
-def error_text(error: BaseException | str) -> str:
-    """A job's error as stored: ``Type: message``, secrets redacted, length capped."""
+def error_text(error: BaseException | str, detail: str = "full") -> str:
+    """An error as text: ``Type: message``, secrets redacted, length capped.
+
+    ``detail="full"`` is what a failed job's row keeps; ``"masked"`` also masks personal
+    data (emails, phone and other long numbers, tokens), for every other place.
+
+    Examples:
+        >>> error_text(ValueError("no customer bob@example.com"), "masked")
+        'ValueError: no customer <email>'
+    """
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return redact_text(text)[:MAX_ERROR_CHARS]
+    text = redact_text(text)
+    if detail != "full":
+        text = mask_personal_data(text)
+    return text[:MAX_ERROR_CHARS]

@@ -9,11 +9,12 @@ from typing import Any
 import dagster as dg
 from croniter import croniter
 
-from flow_assets.dispatch import JobBatch
+from flow_assets.dispatch import ERROR_DETAILS, JobBatch
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.rq_dispatch import RqDispatch, handler_path, resolve_dispatch
 from flow_assets.sources.base import Source
 from resources.names import InvalidNameError, validate_name
+from resources.redaction import redact_text
 from resources.run_policy import RunPolicy
 from sensors.classify import Tolerance
 
@@ -23,7 +24,7 @@ Handler = Callable[[JobBatch], None]
 _OPTIONS = (
     "name", "source", "key", "handler", "partitions", "schedule", "max_failed_jobs", "group",
     "pages_per_step", "retry_policy", "deadline", "max_record_bytes", "description", "dedup",
-    "dispatch", "keep_failed_keys", "rerun_partitions",
+    "dispatch", "keep_failed_keys", "rerun_partitions", "error_detail",
 )  # fmt: skip
 DEDUP_SCOPES = ("run", "flow")
 
@@ -70,6 +71,12 @@ class Flow:
             and the next run dispatches them again).
         rerun_partitions: let the schedule launch a partition again although it already
             has a successful run (``completed`` or ``partial_success``); default False.
+        error_detail: what a handler's exception shows outside the failed jobs' rows (the
+            step failure, logs, ``failure_reason``, asset metadata, the check).
+            ``"masked"`` (default): its class and message with personal data masked
+            (emails, phone and other long numbers, tokens). ``"full"``: the whole message.
+            Either way secrets are redacted and the rows keep the whole message (see
+            docs/errors-and-personal-data.md).
 
     Examples:
         >>> from flow_assets import Flow, FileSource
@@ -102,6 +109,7 @@ class Flow:
         dispatch: str | RqDispatch = "inline",
         keep_failed_keys: bool = False,
         rerun_partitions: bool = False,
+        error_detail: str = "masked",
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -152,7 +160,8 @@ class Flow:
             "max_record_bytes",
             "None or an int >= 1",
         )
-        self.description = description or f"Flow {name}: {source}"
+        # Shown in the UI: a source's str() may hold a URL of the user's own making.
+        self.description = redact_text(description or f"Flow {name}: {source}")
         self.dedup: str = _checked(
             dedup, dedup in DEDUP_SCOPES, "dedup", " or ".join(map(repr, DEDUP_SCOPES))
         )
@@ -163,6 +172,12 @@ class Flow:
         )
         self.rerun_partitions: bool = _checked(
             rerun_partitions, isinstance(rerun_partitions, bool), "rerun_partitions", "a bool"
+        )
+        self.error_detail: str = _checked(
+            error_detail,
+            error_detail in ERROR_DETAILS,
+            "error_detail",
+            " or ".join(map(repr, ERROR_DETAILS)),
         )
 
     def run_policy(self, code_location: str | None = None) -> RunPolicy:

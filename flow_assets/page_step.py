@@ -222,12 +222,27 @@ def _mirror(
 
 
 def _handler_error(flow: Flow, page_index: int, exc: Exception) -> HandlerError:
-    """The handler's exception as ours: text and traceback redacted, never chained."""
-    trace = redact_text("".join(traceback.format_exception(exc)))
-    log.error("flow %s page %d: the handler raised:\n%s", flow.name, page_index, trace)
-    return HandlerError(
-        f"flow {flow.name!r} page {page_index}: the handler raised {error_text(exc)}"
+    """The handler's exception as ours, never chained: its class and message, secrets
+    redacted and personal data masked unless the flow asks for ``error_detail="full"``
+    (the failed jobs' rows keep the whole message either way)."""
+    shown = error_text(exc, flow.error_detail)
+    log.error(
+        "flow %s page %d: the handler raised %s\n%s",
+        flow.name,
+        page_index,
+        shown,
+        _traceback_text(exc, flow.error_detail),
     )
+    return HandlerError(f"flow {flow.name!r} page {page_index}: the handler raised {shown}")
+
+
+def _traceback_text(exc: Exception, detail: str) -> str:
+    """The handler's traceback to log: whole (redacted) with ``detail="full"``; else its
+    frames only, which show code, not data (the message is logged masked beside it)."""
+    if detail == "full":
+        return redact_text("".join(traceback.format_exception(exc)))
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    return redact_text(f"Traceback (most recent call last):\n{frames}")
 
 
 def _dispatch_to_workers(

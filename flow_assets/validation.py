@@ -1,13 +1,24 @@
-"""Split a page's raw records into keyed records and rejects (kept, with their reason)."""
+"""Split a page's raw records into keyed records and rejects (kept, with their reason).
+
+A key must be storable everywhere it goes: Redis (UTF-8, so no lone surrogate, which JSON's
+``"\\ud800"`` gives) and PostgreSQL (no NUL). A record with such a key is rejected like
+any invalid one; the raw record kept in quarantine has those characters escaped, so it can
+be stored and still reads back (``json.loads``) as the record the source sent.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flow_assets.dispatch import error_text
+from resources.redaction import escape_unstorable, redact_text
+
 MAX_KEY_CHARS = 512
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,7 @@ def _validate_by_field(records: Sequence[Any], field_name: str) -> ValidatedPage
     for position, record in enumerate(records):
         if type(record) is dict:
             value = record.get(field_name)
-            if type(value) is str and 0 < len(value) <= MAX_KEY_CHARS:
+            if type(value) is str and 0 < len(value) <= MAX_KEY_CHARS and _storable(value):
                 keys.append(value)
                 kept.append(record)
                 continue
@@ -76,7 +87,7 @@ def _validate_one(
         page.keys.append(record_key)
         page.records.append(record)
     else:
-        page.rejects.append(Reject(position, reason, _raw(record)))
+        page.rejects.append(Reject(position, redact_text(reason), _raw(record)))
 
 
 def _key_of(record: Any, key: str | Callable[[Mapping[str, Any]], Hashable]) -> tuple[str, Any]:
@@ -90,14 +101,34 @@ def _key_of(record: Any, key: str | Callable[[Mapping[str, Any]], Hashable]) -> 
         try:
             value = key(record)
         except Exception as exc:  # the user's key function: any failure rejects the record
-            return "", f"key function raised {type(exc).__name__}: {exc}"
+            # Its message may quote the record: masked (the raw record is kept beside it).
+            return "", f"key function raised {error_text(exc, 'masked')}"
     if isinstance(value, bool) or not isinstance(value, str | int):
         return "", f"record key has type {type(value).__name__}; expected str or int"
     text = str(value)
     if not text or len(text) > MAX_KEY_CHARS:
         return "", f"record key must have 1 to {MAX_KEY_CHARS} characters"
+    if not _storable(text):
+        return "", _unstorable_key(text)
     return text, None
 
 
+def _storable(key: str) -> bool:
+    """No NUL (PostgreSQL) and no lone surrogate (UTF-8): the common ASCII key is checked
+    without a regex."""
+    return "\x00" not in key and (key.isascii() or _SURROGATE.search(key) is None)
+
+
+def _unstorable_key(key: str) -> str:
+    index, char = next((i, c) for i, c in enumerate(key) if c == "\x00" or _SURROGATE.match(c))
+    what = "a NUL character" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
+    return (
+        f"record key holds {what} at character {index}, which the ledger and Redis cannot"
+        " store; fix the source's data, or give Flow a key function that returns a clean key"
+    )
+
+
 def _raw(record: Any) -> str:
-    return json.dumps(record, default=str, ensure_ascii=False)
+    """The record as JSON, lone surrogates escaped (JSON already escapes NUL): storable,
+    and ``json.loads`` gives the record back."""
+    return escape_unstorable(json.dumps(record, default=str, ensure_ascii=False))

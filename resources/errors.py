@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from resources.redaction import redact_text
+
 
 class FlowError(Exception):
     """Base class of this package's errors."""
 
 
-class ConfigurationError(FlowError, ValueError):
+class RedactedError(FlowError):
+    """A FlowError whose message passes through ``redact_text`` when it is made, so no
+    credential reaches Dagster's events, logs or the ledger through it, whatever it quotes."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(redact_text(str(message)), *args)
+
+
+class ConfigurationError(RedactedError, ValueError):
     """A setting is missing or invalid; the message names the setting and the fix."""
 
 

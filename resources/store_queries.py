@@ -31,6 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from resources import flow_key_queries, job_queries, run_key_queries
 from resources.counts import Counts
 from resources.errors import RunFinalError
+from resources.redaction import escape_unstorable
 from resources.run_policy import RunPolicy
 from resources.schema import (
     AWAITING_PREDICATE,
@@ -61,8 +62,8 @@ _rejects, _failures = flow_rejected_records, flow_job_failures
 
 def truncate_text(value: str, max_bytes: int) -> str:
     """``value`` cut to ``max_bytes`` of UTF-8, with a marker saying how much was cut."""
-    # PostgreSQL text cannot hold NUL; escape it rather than lose the record.
-    value = value.replace("\x00", "\\u0000")
+    # PostgreSQL text cannot hold NUL, UTF-8 no lone surrogate: escape, never lose the record.
+    value = escape_unstorable(value)
     data = value.encode("utf-8")
     if len(data) <= max_bytes:
         return value

@@ -324,8 +324,10 @@ def _final_states(
                 counts=replace(counts, failed=counts.failed + counts.pending),
                 pages_done=totals.pages_done,
                 finished_at=now,
-                failure_reason=verdict.reason,
-                counter_mismatch="; ".join(filter(None, [row.counter_mismatch, mismatch])) or None,
+                failure_reason=_redacted(verdict.reason),
+                counter_mismatch=_redacted(
+                    "; ".join(filter(None, [row.counter_mismatch, mismatch])) or None
+                ),
                 runtime_ms=decision.runtime_ms,
                 awaiting_dagster=decision.awaiting_dagster,
                 # Work may still land while this tick decides: write only if none did.
@@ -334,6 +336,11 @@ def _final_states(
             )
         )
     return finals
+
+
+def _redacted(text: str | None) -> str | None:
+    """A ledger text as every outward text is: through ``redact_text``."""
+    return redact_text(text) if text else None
 
 
 def _may_still_move(row: RunRow, decision: _Decision) -> bool:

@@ -21,6 +21,7 @@ from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
 
 from resources.errors import CountersUnavailableError
 from resources.metrics_store import MetricsStore, RunRow
+from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,9 @@ def _forget_run_keys(counters: RedisCounters, rows: Sequence[RunRow]) -> None:
     except CountersUnavailableError as exc:
         # The keys expire by their TTL, and `flowctl cleanup` / the sensor's periodic
         # cleanup remove them once Redis is back; publishing does not wait for Redis.
-        log.warning("could not delete the Redis keys of %d final runs: %s", len(rows), exc)
+        log.warning(
+            "could not delete the Redis keys of %d final runs: %s", len(rows), redact_text(str(exc))
+        )
 
 
 def final_materialization(row: RunRow) -> dg.AssetMaterialization:
@@ -171,7 +174,8 @@ def final_materialization(row: RunRow) -> dg.AssetMaterialization:
         "flow_run_revision": row.revision,
     }
     if row.failure_reason:
-        metadata["failure_reason"] = row.failure_reason
+        # Redacted when written; again here, as every outward text is (older rows too).
+        metadata["failure_reason"] = redact_text(row.failure_reason)
     revision = f" (revision {row.revision})" if row.revision > 1 else ""
     return dg.AssetMaterialization(
         asset_key=flow_asset_key(row.flow_name),
@@ -190,7 +194,7 @@ def final_check(row: RunRow) -> dg.AssetCheckEvaluation:
         passed=row.flow_status == "completed",
         severity=_SEVERITY.get(row.flow_status, dg.AssetCheckSeverity.WARN),
         description=f"run {row.run_id}: {row.flow_status}"
-        + (f" ({row.failure_reason})" if row.failure_reason else ""),
+        + (f" ({redact_text(row.failure_reason)})" if row.failure_reason else ""),
         # Not a partitioned evaluation: Dagster keeps one runless evaluation per partition,
         # so a second run of the same partition could not be reported. The partition is
         # in the metadata and on the materialization.

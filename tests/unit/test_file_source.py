@@ -171,6 +171,63 @@ class TestGlobsAndPartitions:
             list(FileSource(str(tmp_path / "*.parquet")).pages(None))
 
 
+class TestPartitionKeysStayInTheDirectory:
+    """A partition key replaces {partition} but never names a file outside the directory of
+    the path's fixed part: keys with a path separator, a '.'/'..' component or a NUL are
+    refused with a SourceError naming the key's problem and the fix."""
+
+    ESCAPING = [
+        "../secret",
+        "..",
+        ".",
+        "a/../../secret",
+        "/etc/passwd",
+        "sub/part",
+        "a\\b",
+        "x\x00y",
+        "",
+    ]
+
+    def files(self, tmp_path: Path) -> None:
+        write_jsonl(tmp_path / "secret.jsonl", [{"secret": 1}])
+        write_jsonl(tmp_path / "data" / "2024-01-01.jsonl", [{"day": 1}])
+        write_jsonl(tmp_path / "data" / "a..b.jsonl", [{"day": 2}])
+        write_jsonl(tmp_path / "data" / "nested" / "2024-01-01" / "part-0.jsonl", [{"day": 3}])
+
+    @pytest.mark.parametrize("key", ESCAPING)
+    @pytest.mark.parametrize(
+        "template", ["data/{partition}.jsonl", "data/nested/{partition}/*.jsonl"]
+    )
+    def test_a_key_that_could_leave_the_directory_is_refused(
+        self, tmp_path: Path, key: str, template: str
+    ) -> None:
+        self.files(tmp_path)
+        source = FileSource(str(tmp_path / template), name="orders")
+        for read in (lambda: read_all(source, key), lambda: source.plan(key)):
+            with pytest.raises(SourceError) as caught:
+                read()
+            message = str(caught.value)
+            assert message.startswith("Source 'orders': the partition key ")
+            assert "Fix: use partition keys without" in message
+
+    def test_the_message_does_not_echo_a_long_key(self, tmp_path: Path) -> None:
+        self.files(tmp_path)
+        source = FileSource(str(tmp_path / "data" / "{partition}.jsonl"))
+        with pytest.raises(SourceError) as caught:
+            read_all(source, "../" + "x" * 500)
+        assert "x" * 60 not in str(caught.value)
+        assert "path separator" in str(caught.value)
+
+    @pytest.mark.parametrize(
+        ("key", "expected"), [("2024-01-01", [{"day": 1}]), ("a..b", [{"day": 2}])]
+    )
+    def test_plain_keys_still_read_their_file(
+        self, tmp_path: Path, key: str, expected: list[Any]
+    ) -> None:
+        self.files(tmp_path)
+        assert read_all(FileSource(str(tmp_path / "data" / "{partition}.jsonl")), key) == expected
+
+
 class TestJsonLinesRandomAccess:
     """plan() + fetch() give exactly the pages pages() gives, each page read on its own."""
 

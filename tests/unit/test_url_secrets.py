@@ -18,12 +18,15 @@ from contextlib import contextmanager
 from urllib.parse import quote
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flow_assets.build import build_definitions
+from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
+from flow_assets.sources.sql import SqlSource
 from resources import db
 from resources.embedded_redis import configured_redis_url
 from resources.errors import ConfigurationError
@@ -251,3 +254,48 @@ def test_query_secrets_are_masked_in_urls_and_in_text(name: str, value: str) -> 
     expected = f"https://api.example.com/v1/items?page=2&{name}=***&per_page=100"
     assert redact_url(url) == expected
     assert redact_text(f"GET {url} returned 500") == f"GET {expected} returned 500"
+
+
+# ------------------------------------------------- configuration errors quote no password
+
+
+@SETTINGS
+@given(
+    scheme=st.sampled_from(DATABASE_SCHEMES + REDIS_SCHEMES),
+    user=USER,
+    password=passwords(),
+    option=st.sampled_from(["source", "handler", "partitions", "schedule"]),
+)
+@example(scheme="postgresql", user="QZX", password="jkv@wqz", option="source")
+def test_a_url_given_to_the_wrong_option_is_not_printed_whole(
+    scheme: str, user: str, password: str, option: str
+) -> None:
+    """``Flow(source="postgresql://app:pw@db/x")`` once printed the URL, password and all."""
+    url = f"{scheme}://{user}:{password}@db.internal:5432/flows"
+    options: dict[str, object] = {
+        "name": "orders",
+        "source": FileSource("/nonexistent/orders.jsonl"),
+        "key": "id",
+        "handler": lambda batch: None,
+        option: url,
+    }
+    with pytest.raises(FlowDefinitionError) as caught:
+        Flow(**options)  # type: ignore[arg-type]
+    assert f"{option}=" in str(caught.value)
+    assert_clean(str(caught.value), password)
+
+
+@SETTINGS
+@given(user=USER, password=passwords())
+@example(user="QZX", password="jkv@wqz")  # SQLAlchemy's repr showed "QZX:***@wqz@db"
+def test_a_parsed_url_object_given_to_sql_source_shows_no_fragment(
+    user: str, password: str
+) -> None:
+    raw = f"postgresql://{user}:{password}@db.internal:5432/flows"
+    try:
+        url = sa.make_url(raw)
+    except (sa.exc.ArgumentError, ValueError):
+        return  # not even a URL object
+    with pytest.raises(FlowDefinitionError) as caught:
+        SqlSource(url, table="orders", key_column="id")  # type: ignore[arg-type]
+    assert_clean(str(caught.value), password)
