@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean distclean
+.PHONY: install demo test test-fast test-deep lint bench clean distclean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,14 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# make test without the model test's time-bounded random exploration.
+test-fast: $(VENV)/.installed
+	FLOW_MODEL_PROFILE=fast $(BIN)/pytest $(PYTEST_ARGS)
+
+# The model test's long exploration on PostgreSQL (FLOW_MODEL_BUDGET_S, docs/testing.md).
+test-deep: $(VENV)/.installed
+	FLOW_MODEL_PROFILE=deep $(BIN)/pytest tests/faults/test_model.py -k deep $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

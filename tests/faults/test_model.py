@@ -1,6 +1,6 @@
 """Model-based test of the accounting: random interleavings of page attempts, retries, job
 outcomes, double acks, crashes, Redis loss and SCRIPT FLUSH drive the real process_pages on a
-real Redis and a real SQLite ledger, and the real finalizer on an ephemeral Dagster instance,
+real Redis and a real ledger, and the real finalizer on an ephemeral Dagster instance,
 against a small in-memory model. Nothing is faked; the handler (scripted by hypothesis) and
 the fixed pages are the test's own.
 
@@ -8,13 +8,21 @@ Two steps of a run also interleave: each runs ``process_pages`` in its own threa
 wrappers around ``RedisCounters.claim_page`` and ``MetricsStore.record_pages`` (``Hooked*``)
 hold it before each page claim and before its pre-write until a drawn schedule gives it the
 turn, with Redis lost (or not) just before each of those points. Only one thread runs at a
-time, so the order is the schedule's and the run is deterministic."""
+time, so the order is the schedule's and the run is deterministic.
+
+Two profiles (tests/faults/model_profiles.py, docs/testing.md): the fast test replays the
+same 40 examples on a SQLite ledger on every run; the deep test draws fresh random seeds on a
+PostgreSQL ledger, a batch of examples per seed (each printed with the command that replays
+it), until its time budget is spent: 75 s in ``make test``, more on demand."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -22,8 +30,9 @@ from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import dagster as dg
+import hypothesis
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, reproduce_failure, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -39,12 +48,15 @@ from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page, process_pages
 from flow_assets.sources.base import Page, PageRef
+from resources import db
 from resources.counts import Counts
 from resources.keys import run_key, run_keys
 from resources.metrics_store import MetricsStore, PageRecord, PageTotals
 from resources.redis_counters import RedisCounters
 from sensors.classify import RunSnapshot, RunState, Tolerance, classify
 from sensors.finalizer import FlowPolicy, finalize_runs
+from tests.faults.model_profiles import MODEL_SUMMARY, DeepRun, deep_run
+from tests.servers import PostgresServer
 
 FLOW = "model_flow"
 DEADLINE = timedelta(hours=1)
@@ -63,6 +75,9 @@ PAGES: tuple[tuple[tuple[Any, str | None], ...], ...] = (
     (({"id": 7}, "7"), ({"id": "7"}, "7"), ({"id": True}, None), ({"id": "e"}, "e")),
 )
 
+# What interleave_steps ran, tallied for the deep test.
+SEQUENTIAL = {1: "one step", 2: "two steps in turn"}
+INTERLEAVED = "two steps interleaved"
 LOSSES = ("flushall", "delete_run_keys", "evict_meta")
 # What a handler may report for one job, in order: nothing, one ack, or a double ack.
 OUTCOMES = ((), (COMPLETE,), (FAIL,), (COMPLETE, COMPLETE), (FAIL, FAIL), (FAIL, COMPLETE),
@@ -301,9 +316,11 @@ class AccountingMachine(RuleBasedStateMachine):
     """One flow run per example; rules are the faults and attempts, invariants the checks."""
 
     services: Services  # set by bind()
+    tally: Counter[str]  # what the examples exercised, set by bind()
 
     def __init__(self) -> None:
         super().__init__()
+        self.tally["examples"] += 1
         self.store, self.counters = self.services.store, self.services.counters
         self.run_id = str(uuid.uuid4())
         self.model = Model()
@@ -368,6 +385,8 @@ class AccountingMachine(RuleBasedStateMachine):
         turns = data.draw(st.permutations(turns), "turns")
         points = {step.name: iter(step.points()) for step in steps}
         schedule = [next(points[name]) for name in turns]
+        switches = sum(a != b for a, b in itertools.pairwise(turns))
+        self.tally[INTERLEAVED if switches > 1 else SEQUENTIAL[len(steps)]] += 1
         losses = data.draw(
             st.lists(
                 st.sampled_from((None, None, None, *LOSSES)),
@@ -544,7 +563,10 @@ class AccountingMachine(RuleBasedStateMachine):
         self.services.instance.add_run(run)
         if self.model.status(self.tolerance) is None:
             assert self._finalize() is None, "a run with pending jobs was finalized"
-            # The retry policy re-runs the crashed pages, which now finish: the run can end.
+        if self.model.crashed:
+            # The Dagster run succeeded, so the retry policy re-ran every crashed page, and
+            # they finished: those with pending jobs, and also an empty page a crash left
+            # pending behind it in its step (no pending job: nothing above held the run).
             for index in sorted(self.model.crashed):
                 self._attempt(index, Plan((), None, by_key=False))
             self.accounting_matches_model()
@@ -568,9 +590,10 @@ class AccountingMachine(RuleBasedStateMachine):
         return status
 
 
-def bind(services: Services) -> type[AccountingMachine]:
+def bind(services: Services, tally: Counter[str] | None = None) -> type[AccountingMachine]:
     """The machine class wired to this test's servers (state machines take no fixtures)."""
-    return type("AccountingModel", (AccountingMachine,), {"services": services})
+    attributes = {"services": services, "tally": Counter() if tally is None else tally}
+    return type("AccountingModel", (AccountingMachine,), attributes)
 
 
 MODEL_SETTINGS = settings(
@@ -593,6 +616,96 @@ def services(redis_url: str, tmp_path: Path) -> Iterator[Services]:
 
 def test_accounting_matches_the_model(services: Services) -> None:
     run_state_machine_as_test(bind(services), settings=MODEL_SETTINGS)
+
+
+@pytest.mark.model_deep
+def test_accounting_matches_the_model_deep(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The same machine on a PostgreSQL ledger, with fresh random seeds: one batch of
+    examples per seed, each in a fresh database, until the time budget (or the example cap)
+    is spent. Each seed is printed with the command that replays its batch exactly."""
+    run = deep_run()
+    if run is None:
+        pytest.skip("FLOW_MODEL_PROFILE=fast skips the deep model test")
+    # The servers only now: a skipped test starts none.
+    redis_url = cast(str, request.getfixturevalue("redis_url"))
+    postgres_server = cast(PostgresServer, request.getfixturevalue("postgres_server"))
+    summary = request.config.stash.setdefault(MODEL_SUMMARY, [])
+    tally: Counter[str] = Counter()
+    seeds: list[int] = []
+    postgres_server.start()  # a fault test that failed halfway may have left it stopped
+    print(f"model test, deep: {run.describe()}", flush=True)
+    started = time.monotonic()
+    while True:
+        spent = time.monotonic() - started
+        if seeds and (
+            run.replaying
+            or spent + spent / len(seeds) > run.budget_s
+            or 0 < run.max_examples <= tally["examples"]
+        ):
+            break
+        seeds.append(run.new_seed())
+        print(f"batch {len(seeds)}: seed {seeds[-1]}", flush=True)
+        try:
+            ledger = tmp_path / f"batch{len(seeds)}.db" if run.sqlite else None
+            run_deep_batch(run, seeds[-1], redis_url, postgres_server, ledger, tally)
+        except BaseException as exc:
+            what = "example" if run.blob else f"seed {seeds[-1]} (batch {len(seeds)})"
+            note = f"The deep model test failed on {what}. Replay: {run.replay_command(seeds[-1])}"
+            summary.append(note)  # at the end of the session's output
+            if sys.version_info >= (3, 11):
+                exc.add_note(note)  # under the error and the failing steps
+            else:
+                print(note, flush=True)
+            raise
+    spent = time.monotonic() - started
+    ran = ", ".join(f"{tally[what]} {what}" for what in (*SEQUENTIAL.values(), INTERLEAVED))
+    summary.append(
+        f"{run.describe()}: {len(seeds)} seed(s), {tally['examples']} examples in {spent:.1f} s; "
+        f"interleave_steps ran {ran}"
+    )
+    summary.append(f"seeds: {' '.join(map(str, seeds))}")
+    # ~1.7 per example: none in 25 examples would mean the rule no longer runs.
+    if tally["examples"] >= 25:
+        assert tally[INTERLEAVED], f"no two steps ever interleaved: {tally}"
+
+
+def run_deep_batch(
+    run: DeepRun,
+    batch_seed: int,
+    redis_url: str,
+    server: PostgresServer,
+    sqlite_ledger: Path | None,
+    tally: Counter[str],
+) -> None:
+    """One hypothesis run of ``run.batch`` examples drawn from ``batch_seed``, on a fresh
+    PostgreSQL database (dropped after; a fresh SQLite file with FLOW_MODEL_LEDGER=sqlite),
+    a flushed Redis and a new Dagster instance: the batch depends on its seed alone, so the
+    seed replays it."""
+    name = f"model_{uuid.uuid4().hex[:16]}"
+    url = f"sqlite:///{sqlite_ledger}" if sqlite_ledger else server.create_database(name)
+    try:
+        counters = RedisCounters(url=redis_url)
+        counters.client().flushall()
+        with dg.DagsterInstance.ephemeral() as instance:
+            store = MetricsStore(url=url)
+            dialect = "sqlite" if sqlite_ledger else "postgresql"
+            assert store.engine().dialect.name == dialect, store.redacted_url()
+            machine = seed(batch_seed)(bind(Services(store, counters, instance), tally))
+            if run.blob is not None:
+                machine = reproduce_failure(hypothesis.__version__, run.blob.encode())(machine)
+            deep_settings = settings(
+                MODEL_SETTINGS,
+                max_examples=run.batch,
+                stateful_step_count=run.steps,
+                derandomize=False,  # the batch's seed decides
+                print_blob=True,  # the failing example, for FLOW_MODEL_BLOB
+                phases=[phase for phase in Phase if run.shrink or phase != Phase.shrink],
+            )
+            run_state_machine_as_test(machine, settings=deep_settings)
+    finally:
+        db.dispose_engines()
+        if sqlite_ledger is None:
+            server.drop_database(name)
 
 
 def new_run(services: Services) -> str:
