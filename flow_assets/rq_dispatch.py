@@ -2,10 +2,11 @@
 
 The page step enqueues one RQ job per record (or per ``batch_size`` records) on a queue
 named after the flow, with deterministic job ids (``<flow>-<run>-p<page>-j<n>``), after
-the page and its pending jobs are in the ledger. ``rq worker`` processes run
-``flow_assets.rq_worker.run_jobs``, which imports the flow's handler by its module path,
-and acknowledge each outcome through the same ledger (see ``flow_assets.rq_worker``).
-When the run is final its jobs still queued are cancelled (``cancel_run_jobs``).
+the page and its pending jobs are in the ledger. Jobs are JSON (``SERIALIZER``), never
+pickle. ``rq worker`` processes run ``flow_assets.rq_worker.run_jobs``, which calls the
+handler of the flow the job names, as the worker loaded it (``flow_assets.rq_guard``), and
+acknowledge each outcome through the same ledger (see ``flow_assets.rq_worker``). When the
+run is final its jobs still queued are cancelled (``cancel_run_jobs``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 RUN_JOBS = "flow_assets.rq_worker.run_jobs"
 ACK_SUCCESS = "flow_assets.rq_worker.ack_success"
 ACK_FAILURE = "flow_assets.rq_worker.ack_failure"
+# RQ's JSON serializer for every job of the package: records are JSON already, and reading
+# JSON runs no code (reading a pickle can). Pass it to anything reading the jobs.
+SERIALIZER = "json"
 DISPATCH_MODES = ("inline", "rq")
 # An RQ job in one of these states will not run again by itself: enqueue it anew.
 _RERUN_STATES = {None, b"failed", b"stopped", b"canceled"}
@@ -88,7 +92,8 @@ def resolve_dispatch(value: object, handler: Callable[..., Any]) -> RqDispatch |
 
 
 def handler_path(handler: Callable[..., Any]) -> str:
-    """``module:qualname`` by which a worker imports ``handler``; it must resolve to it."""
+    """``module:qualname`` naming ``handler`` in the flow's jobs; it must resolve to it (a
+    worker checks a job names the handler of the flow it loaded)."""
     module, qualname = getattr(handler, "__module__", None), getattr(handler, "__qualname__", "")
     path = f"{module}:{qualname}"
     try:
@@ -101,7 +106,7 @@ def handler_path(handler: Callable[..., Any]) -> str:
         raise FlowDefinitionError(
             f"Flow option handler={handler!r} cannot run on RQ workers: with dispatch='rq' the"
             " handler must be a function defined at the top level of an importable module"
-            f" (workers import it by name; {path!r} does not resolve to it). Move it to a"
+            f" (jobs name it by its path; {path!r} does not resolve to it). Move it to a"
             " module, not a lambda, closure or __main__."
         )
     return path
@@ -238,7 +243,8 @@ def enqueue_jobs(
         )
         for job_id in to_enqueue
     ]
+    rq_queue = Queue(queue, connection=connection, serializer=SERIALIZER)
     with connection.pipeline() as pipe:
-        Queue(queue, connection=connection).enqueue_many(datas, pipeline=pipe)
+        rq_queue.enqueue_many(datas, pipeline=pipe)
         pipe.execute()
     return len(datas)

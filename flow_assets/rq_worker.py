@@ -6,39 +6,42 @@ Start workers with the package importable and the ledger's URL in the environmen
         rq worker --url redis://redis-host:6379/0 orders -c flow_assets.rq_settings
 
 (``orders`` is the flow's queue; ``-c flow_assets.rq_settings`` preloads this module, and
-the modules in ``FLOW_RQ_PRELOAD``, so the work horse RQ forks per job starts warm). The
+the modules in ``FLOW_RQ_PRELOAD``, so the work horse RQ forks per job starts warm, and
+makes the worker refuse any job that is not one of the loaded flows: see
+``flow_assets.rq_guard``). The
 forking worker isolates each job but pays a fork and a database connection per job;
 ``-w rq.worker.SimpleWorker`` runs jobs in the worker process, several times faster for
 short jobs. Add workers on any machine that reaches the Redis server and the database to
 scale out. A job whose worker died is failed or retried by RQ's maintenance in any live
 worker (``--maintenance-interval``); see ``RqDispatch.job_timeout``.
 
-``run_jobs`` is the job: it imports the flow's handler by name and calls it with a
-``JobBatch``, heartbeating the run while the handler works (a long job keeps its run
-alive). A job of a run that is already final (finalized as stalled, failed or cancelled
-while the job waited in the queue) is skipped: the handler is not called. The job's RQ
-callbacks acknowledge its outcome: ``ack_success`` (the outcomes the handler reported) and
-``ack_failure`` (the job raised, timed out, or its worker died; only once RQ will not
-retry it). An ack is a guarded transition in SQL (the source of truth) then in the run's
-Redis counters, so a repeated or duplicated callback changes nothing; an ack that arrives
-after the run was final is recorded as late in the ledger and counted nowhere
-(``Ack.LATE``). Dagster is imported only through the heartbeat's ``MetricsStore``, once
-per worker (``rq_settings`` preloads this module).
+``run_jobs`` is the job: it calls the handler of the flow the job names, as the worker
+loaded it (a job of a flow the worker did not load fails; nothing named by a job is
+imported), with a ``JobBatch``, heartbeating the run while the handler works (a long job
+keeps its run alive). A job of a run that is already final (finalized as stalled, failed
+or cancelled while the job waited in the queue) is skipped: the handler is not called.
+The job's RQ callbacks acknowledge its outcome: ``ack_success`` (the outcomes the handler
+reported) and ``ack_failure`` (the job raised, timed out, or its worker died; only once RQ
+will not retry it). An ack is a guarded transition in SQL (the source of truth) then in
+the run's Redis counters, so a repeated or duplicated callback changes nothing; an ack
+that arrives after the run was final is recorded as late in the ledger and counted
+nowhere (``Ack.LATE``). Dagster is imported only through the heartbeat's
+``MetricsStore``, once per worker (``rq_settings`` preloads this module).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from functools import cache
 from typing import Any
 
 import redis
-from rq.exceptions import AbandonedJobError
+from rq.exceptions import AbandonedJobError, DeserializationError
 from rq.job import Job
 
+from flow_assets import rq_guard
 from flow_assets.dispatch import JobBatch, error_text
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from resources import db, flow_key_queries, job_lua, job_queries, migrations, store_queries
@@ -63,10 +66,13 @@ def run_jobs(
 ) -> dict[str, Any]:
     """The RQ job: call the handler on the records; their outcomes, for ``ack_success``.
 
-    A job of a run that is final in the ledger (or unknown to it) is skipped without
-    calling the handler: its jobs were counted failed (lost) when the run was finalized.
-    The result then says why under ``skipped``, with no outcome to acknowledge.
+    The handler is the one of the flow named ``flow`` that this worker loaded, and must be
+    the one ``handler_path`` names; otherwise ``rq_guard.JobRefusedError``. A job of a run
+    that is final in the ledger (or unknown to it) is skipped without calling the handler:
+    its jobs were counted failed (lost) when the run was finalized. The result then says
+    why under ``skipped``, with no outcome to acknowledge.
     """
+    handler = rq_guard.handler_for(flow, handler_path)  # first: a refused job runs nothing
     with _ledger(write=False) as conn:
         gate = job_queries.run_gate(conn, run_id)
     if gate is None or not gate.running:
@@ -76,7 +82,7 @@ def run_jobs(
     batch = JobBatch(keys, records)
     deadline = (gate.policy or RunPolicy()).deadline
     with heartbeat(_store(), run_id, heartbeat_interval(deadline)):
-        _handler(handler_path)(batch)
+        handler(batch)
     batch.finish()
     failures = batch.failures
     return {"completed": [key for key in keys if key not in failures], "failed": failures}
@@ -101,7 +107,11 @@ def ack_failure(
         error = LOST_ERROR
     else:
         error = error_text(exc if isinstance(exc, BaseException) else f"{exc_type}: {exc}")
-    keys = job.args[4]
+    try:
+        keys = job.args[4]
+    except DeserializationError:  # not JSON: not a job of this package, nothing to count
+        log.warning("job %s failed and is not a job of this package; not acknowledged", job.id)
+        return None
     return acknowledge(connection, job, completed=[], failed=dict.fromkeys(keys, error))
 
 
@@ -175,14 +185,6 @@ def _store_for(url: str) -> MetricsStore:
 def _store() -> MetricsStore:
     """The ledger as the heartbeat writes to it (engines are per process, never forked)."""
     return _store_for(db.resolve_url(None))
-
-
-def _handler(path: str) -> Callable[[JobBatch], None]:
-    module_name, _, qualname = path.partition(":")
-    found: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        found = getattr(found, part)
-    return found  # type: ignore[no-any-return]
 
 
 def _now() -> datetime:

@@ -1,9 +1,11 @@
-"""The handler RQ workers run in the dispatch="rq" tests, and helpers to run real workers.
+"""The flows RQ workers run in the dispatch="rq" tests, and helpers to run real workers.
 
-Records carry what the handler should do with them, so the workers (other processes) need
-no other input: ``fail`` (report a failed job), ``hang`` (on the first attempt, write this
-process's pid to that path and sleep until killed), ``raise_until`` (raise until that path
-exists). Every key handled is appended to ``$FLOW_TEST_HANDLED``.
+The workers preload this module (``FLOW_RQ_PRELOAD``) and run the jobs of the flows it
+defines (``WORKER_FLOWS``), and of no other flow. Records carry what the handler should do
+with them, so the workers (other processes) need no other input: ``fail`` (report a failed
+job), ``hang`` (on the first attempt, write this process's pid to that path and sleep until
+killed), ``raise_until`` (raise until that path exists). Every key handled is appended to
+``$FLOW_TEST_HANDLED``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 import psutil
 
 from flow_assets.dispatch import JobBatch
+from flow_assets.flow import Flow
+from flow_assets.sources.files import FileSource
+from tests.dagster import settle_flows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RQ = REPO_ROOT / ".venv" / "bin" / "rq"
@@ -40,6 +45,16 @@ def handle(batch: JobBatch) -> None:
     if handled:
         with open(handled, "a") as out:
             out.write("".join(f"{key}\n" for key in batch.keys))
+
+
+def _worker_flow(name: str, handler: Any) -> Flow:
+    # A worker needs a flow's name and handler only: it never reads the source.
+    source = FileSource("read-by-no-worker.jsonl")
+    return Flow(name=name, source=source, key="id", handler=handler, dispatch="rq")
+
+
+# The flows of test_rq_dispatch and test_rq_after_final, as their workers load them.
+WORKER_FLOWS = [_worker_flow("rq_orders", handle), _worker_flow("late_orders", settle_flows.handle)]
 
 
 class Workers:
@@ -91,6 +106,8 @@ def rq_workers(
 ) -> Iterator[Workers]:
     """``count`` workers on ``queue``; always killed (SIGKILL to each group) on exit.
 
+    They preload this module; ``env`` may add a ``PYTHONPATH`` after the repository's.
+
     ``rq.worker.Worker`` forks a work horse per job; ``rq.worker.SimpleWorker`` runs jobs in
     the worker process (several times faster here: no fork, a warm database engine).
 
@@ -103,7 +120,7 @@ def rq_workers(
     full_env: dict[str, Any] = {
         **os.environ,
         **env,
-        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
         "FLOW_RQ_PRELOAD": "tests.dagster.rq_flows",
     }
     try:

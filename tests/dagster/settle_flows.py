@@ -1,5 +1,5 @@
-"""The handler of the settle tests (RQ workers import it as
-``tests.dagster.settle_flows:handle``; inline flows call it in-process).
+"""The handler of the settle tests (RQ workers load it through ``rq_flows.WORKER_FLOWS``;
+inline flows call it in-process).
 
 Records say what the handler does with them, so workers (other processes) need no other
 input: ``wait_for`` (write the pid to the ``started`` path, then block until the

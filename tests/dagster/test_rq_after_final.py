@@ -23,7 +23,7 @@ from rq.job import Job
 
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
-from flow_assets.rq_dispatch import RqDispatch
+from flow_assets.rq_dispatch import SERIALIZER, RqDispatch
 from flow_assets.rq_worker import ack_failure, ack_success
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
@@ -85,7 +85,7 @@ def job_states(redis_url: str, job_ids: list[str]) -> list[str | None]:
     try:
         return [
             job.get_status(refresh=False) if job else None
-            for job in Job.fetch_many(job_ids, connection=connection)
+            for job in Job.fetch_many(job_ids, connection=connection, serializer=SERIALIZER)
         ]
     finally:
         connection.close()
@@ -94,7 +94,7 @@ def job_states(redis_url: str, job_ids: list[str]) -> list[str | None]:
 def queue_length(redis_url: str, queue: str) -> int:
     connection = redis.Redis.from_url(redis_url)
     try:
-        return Queue(queue, connection=connection).count
+        return Queue(queue, connection=connection, serializer=SERIALIZER).count
     finally:
         connection.close()
 
@@ -238,7 +238,7 @@ def test_a_worker_skips_the_jobs_of_a_final_run(
     assert store.late_jobs([result.run_id]) == {result.run_id: 0}
     connection = redis.Redis.from_url(redis_url)
     try:
-        outcome = Job.fetch(job_ids[0], connection=connection).return_value()
+        outcome = Job.fetch(job_ids[0], connection=connection, serializer=SERIALIZER).return_value()
     finally:
         connection.close()
     assert outcome is not None
@@ -268,7 +268,7 @@ def dispatched(
     store.start_run(run_id, FLOW, None, datetime.now(timezone.utc), flow.run_policy())
     counters.start_run(FLOW, run_id)
     process_page(flow, run_id, Page(0, [{"id": k} for k in "abcdef"]), counters, store)
-    jobs = Queue(FLOW, connection=counters.rq_connection()).get_jobs()
+    jobs = Queue(FLOW, connection=counters.rq_connection(), serializer=SERIALIZER).get_jobs()
     assert [job.args[4] for job in jobs] == [["a", "b"], ["c", "d"], ["e", "f"]]
     return run_id, counters, store, jobs
 

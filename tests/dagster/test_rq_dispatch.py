@@ -26,7 +26,7 @@ from flow_assets import runner
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
-from flow_assets.rq_dispatch import RqDispatch
+from flow_assets.rq_dispatch import SERIALIZER, RqDispatch
 from flow_assets.rq_worker import LOST_ERROR, ack_failure, ack_success
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
@@ -110,7 +110,7 @@ def started(
 
 
 def queued_jobs(counters: RedisCounters, queue: str) -> list[Job]:
-    return Queue(queue, connection=counters.rq_connection()).get_jobs()
+    return Queue(queue, connection=counters.rq_connection(), serializer=SERIALIZER).get_jobs()
 
 
 def test_a_retried_page_enqueues_each_job_once_and_keeps_its_acks(
@@ -280,7 +280,7 @@ def test_two_workers_one_killed_mid_job_give_exact_counts(
 
     connection = redis.Redis.from_url(redis_url)
     try:
-        finished = Job.fetch(f"{FLOW}-{run_id}-p0-j0", connection=connection)
+        finished = Job.fetch(f"{FLOW}-{run_id}-p0-j0", connection=connection, serializer=SERIALIZER)
         assert ack_success(finished, connection, finished.return_value()) is Ack.NOOP
         failed_jobs = FailedJobRegistry(FLOW, connection=connection).get_job_ids()
     finally:
@@ -345,7 +345,7 @@ def _ack_from_another_process(
     done = []
     for _ in range(rounds):
         for job_id, outcome in acks.items():
-            job = Job.fetch(job_id, connection=connection)
+            job = Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
             done.append((job_id, ack_success(job, connection, outcome).value))
     return done
 
