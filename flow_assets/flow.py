@@ -11,6 +11,7 @@ from croniter import croniter
 
 from flow_assets.dispatch import ERROR_DETAILS, JobBatch
 from flow_assets.errors import FlowDefinitionError
+from flow_assets.options import is_int_at_least
 from flow_assets.rq_dispatch import RqDispatch, handler_path, resolve_dispatch
 from flow_assets.sources.base import Source
 from resources.names import InvalidNameError, validate_name
@@ -145,7 +146,7 @@ class Flow:
             raise FlowDefinitionError(f"Flow {name!r}: {exc}") from exc
         self.group = _checked_name(group or "flows", "Flow group")
         self.pages_per_step = _checked(
-            pages_per_step, _positive_int(pages_per_step), "pages_per_step", "an int >= 1"
+            pages_per_step, is_int_at_least(pages_per_step, 1), "pages_per_step", "an int >= 1"
         )
         self.retry_policy = retry_policy or dg.RetryPolicy(max_retries=2, delay=0.5)
         self.deadline = _checked(
@@ -156,7 +157,7 @@ class Flow:
         )
         self.max_record_bytes = _checked(
             max_record_bytes,
-            max_record_bytes is None or _positive_int(max_record_bytes),
+            max_record_bytes is None or is_int_at_least(max_record_bytes, 1),
             "max_record_bytes",
             "None or an int >= 1",
         )
@@ -220,10 +221,6 @@ def _checked(value: Any, ok: bool, option: str, expected: str) -> Any:
     if not ok:
         raise FlowDefinitionError(f"Flow option {option}={value!r} is invalid: expected {expected}")
     return value
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _checked_schedule(schedule: str | None, partitions: object) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flow_assets.errors import FlowDefinitionError
+from flow_assets.options import is_int_at_least
 
 if TYPE_CHECKING:
     import redis
@@ -30,10 +31,6 @@ SERIALIZER = "json"
 DISPATCH_MODES = ("inline", "rq")
 # An RQ job in one of these states will not run again by itself: enqueue it anew.
 _RERUN_STATES = {None, b"failed", b"stopped", b"canceled"}
-
-
-def _positive(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ class RqDispatch:
     def __post_init__(self) -> None:
         for option, minimum in (("batch_size", 1), ("retries", 0), ("job_timeout", 1)):
             value = getattr(self, option)
-            if not _positive(value, minimum):
+            if not is_int_at_least(value, minimum):
                 raise FlowDefinitionError(
                     f"RqDispatch option {option}={value!r} is invalid: expected an int >= {minimum}"
                 )

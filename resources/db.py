@@ -10,7 +10,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +35,7 @@ _WRITE = "flow_write"  # connection execution option: SQLite takes the write loc
 
 log = logging.getLogger(__name__)
 
-_ENGINES: dict[tuple[int, str], Engine] = {}
+_ENGINES: dict[tuple[int, str, Callable[[str], Engine]], Engine] = {}
 _SCHEMA_READY: set[tuple[int, str]] = set()
 _LOCK = threading.Lock()
 
@@ -145,24 +145,39 @@ def _sqlite_file_url(parsed: URL, raw: str, setting: str) -> URL:
 
 
 def get_engine(url: str) -> Engine:
-    """The process's engine for ``url`` (engines never cross a fork)."""
-    key = (os.getpid(), url)
+    """The process's ledger engine for ``url`` (engines never cross a fork)."""
+    return cached_engine(url, new_engine)
+
+
+def cached_engine(url: str, make: Callable[[str], Engine]) -> Engine:
+    """The process's engine for ``url`` made by ``make`` (engines never cross a fork; the
+    ledger's and a SQL source's engines for one URL differ in their settings)."""
+    key = (os.getpid(), url, make)
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = new_engine(url)
+            engine = _ENGINES[key] = make(url)
         return engine
+
+
+def plain_engine(url: str) -> Engine:
+    """A new engine with this package's timeouts only: for databases the package reads
+    (SQL sources) and must not reconfigure, unlike its ledger (WAL, foreign keys)."""
+    return create_engine(url, pool_pre_ping=True, connect_args=_connect_args(make_url(url)))
+
+
+def _connect_args(parsed: URL) -> dict[str, Any]:
+    if parsed.get_backend_name() == "sqlite":
+        return {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    return {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
 
 
 def new_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> Engine:
     """A new, uncached engine with this package's connection settings."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        connect_args = {}
-        if "connect_timeout" not in parsed.query:
-            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
-        return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)
+        return create_engine(url, pool_pre_ping=True, connect_args=_connect_args(parsed), **kwargs)
+    engine = create_engine(url, connect_args=_connect_args(parsed), **kwargs)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -199,7 +214,7 @@ def set_schema_ready(url: str, ready: bool) -> None:
 def dispose_engines() -> None:
     """Close this process's pooled connections and forget its schema checks (tests, CLI)."""
     with _LOCK:
-        for (pid, _url), engine in _ENGINES.items():
+        for (pid, _url, _make), engine in _ENGINES.items():
             if pid == os.getpid():
                 engine.dispose()
         _ENGINES.clear()
@@ -226,6 +241,42 @@ def transaction(engine: Engine, *, write: bool, retry_seconds: float) -> Iterato
 
 
 def _connect_with_retry(engine: Engine, retry_seconds: float) -> Connection:
+    where = redacted(engine.url.render_as_string(hide_password=False))
+
+    def give_up(exc: Exception, attempts: int, elapsed: float) -> Exception:
+        check = (
+            "that the file's directory exists and is writable"
+            if engine.dialect.name == "sqlite"
+            else "that the database server is running and reachable"
+        )
+        return StoreUnavailableError(
+            f"cannot connect to the metrics database {where} ({attempts} attempts in"
+            f" {elapsed:.1f}s): {_one_line(exc)} Check {check}, and that {ENV_DATABASE_URL}"
+            " (or the MetricsStore `url`) points at it."
+        )
+
+    def warn(exc: Exception, attempt: int, delay: float) -> None:
+        log.warning(
+            "metrics database %s unreachable (attempt %d: %s) retrying in %.2fs",
+            where,
+            attempt,
+            _one_line(exc),
+            delay,
+        )
+
+    return connect_with_retry(engine, retry_seconds, give_up, warn)
+
+
+def connect_with_retry(
+    engine: Engine,
+    retry_seconds: float,
+    give_up: Callable[[Exception, int, float], Exception],
+    on_retry: Callable[[Exception, int, float], None] | None = None,
+) -> Connection:
+    """A connection to ``engine``; a failed connect is retried with exponential backoff
+    and jitter (0.2 s doubling to 2 s) for ``retry_seconds``, then ``give_up(error,
+    attempts, elapsed seconds)`` is raised. ``on_retry(error, attempt, delay)`` is told of
+    each retry."""
     started, attempt = time.monotonic(), 0
     while True:
         attempt += 1
@@ -234,25 +285,15 @@ def _connect_with_retry(engine: Engine, retry_seconds: float) -> Connection:
         except (OperationalError, InterfaceError) as exc:
             elapsed = time.monotonic() - started
             delay = min(0.2 * 2 ** (attempt - 1), 2.0) * random.uniform(0.5, 1.0)
-            where = redacted(engine.url.render_as_string(hide_password=False))
-            reason = " ".join(redact_text(str(exc.orig or exc)).split())  # one line
-            reason += "" if reason.endswith((".", "?", "!")) else "."
             if elapsed + delay > retry_seconds:
-                check = (
-                    "that the file's directory exists and is writable"
-                    if engine.dialect.name == "sqlite"
-                    else "that the database server is running and reachable"
-                )
-                raise StoreUnavailableError(
-                    f"cannot connect to the metrics database {where} ({attempt} attempts in"
-                    f" {elapsed:.1f}s): {reason} Check {check}, and that {ENV_DATABASE_URL}"
-                    " (or the MetricsStore `url`) points at it."
-                ) from exc
-            log.warning(
-                "metrics database %s unreachable (attempt %d: %s) retrying in %.2fs",
-                where,
-                attempt,
-                reason,
-                delay,
-            )
+                raise give_up(exc, attempt, elapsed) from exc
+            if on_retry is not None:
+                on_retry(exc, attempt, delay)
             time.sleep(delay)
+
+
+def _one_line(exc: Exception) -> str:
+    """The driver's error, redacted, on one line, ending with a full stop."""
+    orig = getattr(exc, "orig", None)
+    reason = " ".join(redact_text(str(orig or exc)).split())
+    return reason + ("" if reason.endswith((".", "?", "!")) else ".")

@@ -35,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from resources.batching import IN_LIST_SIZE, batched
 from resources.run_policy import RunPolicy
 from resources.schema import (
     PAGE_COUNT_COLUMNS,
@@ -45,7 +46,6 @@ from resources.schema import (
 )
 
 _jobs, _fm, _pages = flow_async_jobs, flow_metrics, flow_page_progress
-_IN_CHUNK = 500
 # Acks move the run's updated_at (its last progress, which the finalizer's deadline
 # measures) at most this often, so many workers do not queue on the run's row lock.
 PROGRESS_EVERY = timedelta(seconds=1)
@@ -95,11 +95,6 @@ class RunGate:
         return self.status == "running"
 
 
-def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(values), _IN_CHUNK):
-        yield values[start : start + _IN_CHUNK]
-
-
 def register_jobs(
     conn: Connection, run_id: str, page_index: int, job_ids: Mapping[str, str], now: datetime
 ) -> set[str]:
@@ -128,7 +123,7 @@ def register_jobs(
         .returning(_jobs.c.record_key)  # RETURNING batches the rows into few statements
     )
     pending = set(conn.execute(stmt, rows).scalars())
-    for chunk in _chunks(sorted(set(job_ids) - pending)):
+    for chunk in batched(sorted(set(job_ids) - pending), IN_LIST_SIZE):
         stmt = select(_jobs.c.record_key).where(
             _jobs.c.run_id == run_id, _jobs.c.record_key.in_(chunk), _jobs.c.state == "pending"
         )
@@ -178,7 +173,7 @@ def ack_jobs(
         result.gate = gate
         return result
     deltas: dict[int, JobDeltas] = {}
-    for chunk in _chunks(sorted(set(completed))):
+    for chunk in batched(sorted(set(completed)), IN_LIST_SIZE):
         # The state before, not the error, tells a first outcome from a recovery.
         for source, kind in (("pending", "completed"), ("failed", "recovered")):
             values: dict[str, Any] = {"state": "completed", "late_at": None, "updated_at": now}
@@ -192,9 +187,9 @@ def ack_jobs(
             for page_index in conn.execute(stmt).scalars():
                 delta = deltas.setdefault(page_index, JobDeltas())
                 setattr(delta, kind, getattr(delta, kind) + 1)
-    for error, chunk in _failed_by_error(completed, failed):
+    for error, keys in _failed_by_error(completed, failed):
         stmt = (
-            _update_jobs(run_id, chunk, _jobs.c.state == "pending")
+            _update_jobs(run_id, keys, _jobs.c.state == "pending")
             .values(state="failed", error=error, late_at=None, updated_at=now)
             .returning(_jobs.c.page_index)
         )
@@ -215,7 +210,7 @@ def _failed_by_error(
         if key not in succeeded:
             by_error.setdefault(error or DEFAULT_ERROR, []).append(key)
     for error, keys in by_error.items():
-        for chunk in _chunks(sorted(keys)):
+        for chunk in batched(sorted(keys), IN_LIST_SIZE):
             yield error, chunk
 
 
@@ -233,7 +228,7 @@ def record_late(
     a failure of a pending one), once per job: the first late outcome stays.
     """
     result = AckResult(run_final=True)
-    for chunk in _chunks(sorted(set(completed))):
+    for chunk in batched(sorted(set(completed)), IN_LIST_SIZE):
         stmt = (
             _update_jobs(run_id, chunk, _jobs.c.state != "completed", _jobs.c.late_at.is_(None))
             .values(late_at=now)
@@ -241,9 +236,9 @@ def record_late(
         )
         result.completed_late.update({key: page for key, page in conn.execute(stmt)})
     result.late = len(result.completed_late)
-    for error, chunk in _failed_by_error(completed, failed):
+    for error, keys in _failed_by_error(completed, failed):
         late_failure = _update_jobs(
-            run_id, chunk, _jobs.c.state == "pending", _jobs.c.late_at.is_(None)
+            run_id, keys, _jobs.c.state == "pending", _jobs.c.late_at.is_(None)
         ).values(late_at=now, error=error)
         result.late += conn.execute(late_failure).rowcount
     return result
@@ -345,7 +340,7 @@ def count_late_outcomes(conn: Connection, run_id: str, now: datetime) -> int:
 def late_counts(conn: Connection, run_ids: Sequence[str]) -> dict[str, int]:
     """Jobs of each run whose outcome arrived after the run was final (0 if none)."""
     counts = dict.fromkeys(run_ids, 0)
-    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+    for chunk in batched(list(dict.fromkeys(run_ids)), IN_LIST_SIZE):
         stmt = (
             select(_jobs.c.run_id, func.count())
             .where(_jobs.c.run_id.in_(chunk), _jobs.c.late_at.is_not(None))

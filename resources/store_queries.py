@@ -7,7 +7,7 @@ must appear verbatim for the planner to use those indexes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from functools import cache, lru_cache
 from typing import Any
@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from resources import flow_key_queries, job_queries, run_key_queries
+from resources.batching import IN_LIST_SIZE, batched
 from resources.counts import Counts
 from resources.errors import RunFinalError
 from resources.redaction import escape_unstorable
@@ -54,7 +55,6 @@ from resources.store_records import (
 
 MAX_RAW_RECORD_BYTES = 64 * 1024
 MAX_ERROR_BYTES = 8 * 1024
-_IN_CHUNK = 500  # bound the parameters of one IN (...) list
 
 _fm, _pages = flow_metrics, flow_page_progress
 _rejects, _failures = flow_rejected_records, flow_job_failures
@@ -88,11 +88,6 @@ def _upsert(
     return stmt.on_conflict_do_update(
         index_elements=list(keys), set_={name: stmt.excluded[name] for name in columns}
     )
-
-
-def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(values), _IN_CHUNK):
-        yield values[start : start + _IN_CHUNK]
 
 
 def _upsert_failures(
@@ -173,7 +168,7 @@ def replace_pages(
     _upsert_page_rows(conn, run_id, ordered, now)
 
     indexes = list(latest)
-    for chunk in _chunks(indexes):
+    for chunk in batched(indexes, IN_LIST_SIZE):
         conn.execute(
             delete(_rejects).where(_rejects.c.run_id == run_id, _rejects.c.page_index.in_(chunk))
         )
@@ -416,7 +411,7 @@ def page_totals(conn: Connection, run_ids: Sequence[str]) -> dict[str, PageTotal
     none of its jobs is pending.
     """
     totals = {run_id: PageTotals(Counts(), 0, 0) for run_id in run_ids}
-    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+    for chunk in batched(list(dict.fromkeys(run_ids)), IN_LIST_SIZE):
         pages = job_queries.pages_with_outcomes(chunk)
         settled = or_(
             pages.c.status == "done",
@@ -479,7 +474,7 @@ def finalize_many(conn: Connection, finals: Sequence[FinalState]) -> list[str]:
     """
     by_run = {final.run_id: final for final in finals}
     won: list[str] = []
-    for chunk in _chunks(sorted(by_run)):
+    for chunk in batched(sorted(by_run), IN_LIST_SIZE):
         rows = conn.execute(
             select(_fm.c.run_id, _fm.c.started_at, _fm.c.updated_at)
             .where(_fm.c.run_id.in_(chunk), text(RUNNING_PREDICATE))
@@ -600,7 +595,7 @@ def reopen(conn: Connection, run_id: str, now: datetime) -> int:
 
 def statuses(conn: Connection, run_ids: Sequence[str]) -> dict[str, str]:
     found: dict[str, str] = {}
-    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+    for chunk in batched(list(dict.fromkeys(run_ids)), IN_LIST_SIZE):
         stmt = select(_fm.c.run_id, _fm.c.flow_status).where(_fm.c.run_id.in_(chunk))
         found.update({run_id: status for run_id, status in conn.execute(stmt)})
     return found
@@ -608,7 +603,7 @@ def statuses(conn: Connection, run_ids: Sequence[str]) -> dict[str, str]:
 
 def mark_published(conn: Connection, run_ids: Sequence[str], at: datetime) -> int:
     marked = 0
-    for chunk in _chunks(list(dict.fromkeys(run_ids))):
+    for chunk in batched(list(dict.fromkeys(run_ids)), IN_LIST_SIZE):
         stmt = (
             update(_fm)
             .where(_fm.c.run_id.in_(chunk), text(UNPUBLISHED_PREDICATE))

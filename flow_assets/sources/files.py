@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.options import require_int
 from flow_assets.sources.base import Page, PageRef, SequentialSource
-from flow_assets.sources.paginators import require_int
 
 __all__ = ["FORMATS", "FileSource"]
 

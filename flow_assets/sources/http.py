@@ -18,20 +18,13 @@ import requests
 from requests.auth import AuthBase
 
 from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.options import is_int_at_least, require_int, require_name, require_path
 from flow_assets.sources import http_limits as limits
 from flow_assets.sources.auth import BearerAuth
 from flow_assets.sources.base import LazySequence, Page, PageRef
 from flow_assets.sources.http_session import CROSS_ORIGIN, HttpTransport, origin_of
-from flow_assets.sources.paginators import (
-    MISSING,
-    BasePaginator,
-    json_kind,
-    json_lookup,
-    require_int,
-    require_name,
-    require_path,
-    response_json,
-)
+from flow_assets.sources.json_body import MISSING, json_kind, json_lookup, response_json
+from flow_assets.sources.paginators import BasePaginator
 from resources.redaction import redact_url
 
 __all__ = ["BearerAuth", "HttpJsonSource"]
@@ -338,7 +331,7 @@ class HttpJsonSource(HttpTransport):
         return None
 
     def _count(self, raw: Any, where: str, index: int, response: requests.Response) -> int:
-        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        if is_int_at_least(raw, 0):
             return raw
         if isinstance(raw, str) and raw.strip().isdigit():
             return int(raw)

@@ -21,6 +21,7 @@ from typing import Any
 import requests
 
 from flow_assets.errors import FlowDefinitionError
+from flow_assets.options import is_seconds
 
 MIB = 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 64 * MIB
@@ -143,7 +144,7 @@ def check_pages_read(count: int, page_limit: int) -> None:
 
 def check_seconds(value: Any, option: str) -> float:
     """``value`` if it is seconds > 0, else FlowDefinitionError naming ``option``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if not is_seconds(value):
         raise FlowDefinitionError(f"{option} must be seconds > 0, got {value!r}.")
     return float(value)
 
@@ -151,9 +152,7 @@ def check_seconds(value: Any, option: str) -> float:
 def check_timeout(timeout: Any) -> float | tuple[float, float]:
     """``timeout`` if it is seconds > 0 or a (connect, read) pair of them."""
     values = timeout if isinstance(timeout, tuple) else (timeout,)
-    if len(values) not in (1, 2) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values
-    ):
+    if len(values) not in (1, 2) or not all(is_seconds(v) for v in values):
         raise FlowDefinitionError(
             f"timeout must be seconds > 0 or a (connect, read) pair of them, got {timeout!r}."
         )

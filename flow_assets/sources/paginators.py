@@ -16,137 +16,32 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
-import sys
-import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import Any, Final, cast
+from collections.abc import Sequence
+from typing import Any, cast
 from urllib.parse import urljoin
 
 from requests import Request, Response
 
 from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.options import require_int, require_name, require_path
 from flow_assets.sources.base import LazySequence
+from flow_assets.sources.json_body import MISSING, json_kind, json_lookup, response_json
 
 __all__ = [
-    "MISSING",
     "BasePaginator",
     "HeaderLinkPaginator",
     "JSONCursorPaginator",
     "JSONLinkPaginator",
     "OffsetPaginator",
     "PageNumberPaginator",
-    "json_kind",
-    "json_lookup",
-    "require_int",
-    "require_name",
-    "require_path",
-    "response_json",
 ]
-
-MISSING: Final = object()
-"""Returned by :func:`json_lookup` when the path is not in the document."""
-
-# The source and its paginator both need the parsed body; parse it once per response.
-_BODIES: weakref.WeakKeyDictionary[Response, Any] = weakref.WeakKeyDictionary()
-
-
-# A key shown in an error: a field name. Other keys may be data (an e-mail address as key).
-_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,30}")
-
-
-def response_json(response: Response) -> Any:
-    """The parsed JSON body of ``response``, parsed once; ValueError if it is not JSON,
-    SourceError if it nests deeper than the parser can follow."""
-    try:
-        return _BODIES[response]
-    except KeyError:
-        pass
-    try:
-        body = _BODIES[response] = response.json()
-    except RecursionError:
-        # The C parser recurses once per level: "[[[[..." fails at the recursion limit.
-        raise SourceError(
-            f"the JSON body nests deeper than the parser follows (about "
-            f"{sys.getrecursionlimit()} levels)"
-        ) from None
-    return body
-
-
-def json_kind(value: Any) -> str:
-    """What a JSON value is, for errors. An object names only its keys that look like
-    field names (at most 10) and counts the others: a key may be data, e.g. an e-mail.
-
-    Examples:
-        >>> json_kind({"data": [], "meta": {}, "bob@example.com": 1})
-        'a JSON object (keys: data, meta; 1 more not shown)'
-        >>> json_kind([1, 2])
-        'a JSON list'
-    """
-    if isinstance(value, Mapping):
-        keys = list(map(str, value))
-        shown = sorted(k for k in keys if _FIELD_NAME.fullmatch(k))[:10]
-        hidden = len(keys) - len(shown)
-        if not keys:
-            return "an empty JSON object"
-        if not shown:
-            return f"a JSON object ({len(keys)} keys, none shown)"
-        more = f"; {hidden} more not shown" if hidden else ""
-        return f"a JSON object (keys: {', '.join(shown)}{more})"
-    return {list: "a JSON list", str: "a JSON string", type(None): "null"}.get(
-        type(value), f"a JSON {type(value).__name__}"
-    )
 
 
 def _fingerprint(value: Any) -> bytes:
     """A short digest of a cursor or URL: the walk remembers every one it met, so their
     memory is bounded per page whatever the API sends."""
     return hashlib.blake2b(repr(value).encode(), digest_size=16).digest()
-
-
-def json_lookup(document: Any, path: str) -> Any:
-    """The value at dotted ``path`` ("data.items", "pages.0.next") or ``MISSING``.
-
-    Examples:
-        >>> json_lookup({"meta": {"total": 3}}, "meta.total")
-        3
-        >>> json_lookup({"meta": {}}, "meta.total") is MISSING
-        True
-    """
-    value = document
-    for part in path.split("."):
-        if isinstance(value, Mapping) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            return MISSING
-    return value
-
-
-def require_name(value: Any, option: str) -> str:
-    """``value`` if it is a non-empty string, else FlowDefinitionError naming ``option``."""
-    if not isinstance(value, str) or not value.strip():
-        raise FlowDefinitionError(f"{option} must be a non-empty string, got {value!r}.")
-    return value
-
-
-def require_path(value: Any, option: str) -> str:
-    """``value`` if it is a dotted JSON path, else FlowDefinitionError naming ``option``."""
-    if not isinstance(value, str) or not value or any(not p for p in value.split(".")):
-        raise FlowDefinitionError(
-            f"{option} must be a dotted JSON path such as 'meta.total', got {value!r}."
-        )
-    return value
-
-
-def require_int(value: Any, option: str, minimum: int) -> int:
-    """``value`` if it is an int >= ``minimum``, else FlowDefinitionError naming ``option``."""
-    # bool is an int subclass; True as a page size is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise FlowDefinitionError(f"{option} must be an integer >= {minimum}, got {value!r}.")
-    return value
 
 
 def _optional(check: Any, value: Any, *args: Any) -> Any:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import base64
 import os
-import random
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta
 from datetime import time as dt_time
@@ -26,14 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import InterfaceError, NoSuchTableError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlalchemy.sql.selectable import SelectBase
 from sqlalchemy.types import NullType
 
 from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.options import require_int, require_name
 from flow_assets.sources.base import Page, SequentialSource
-from flow_assets.sources.paginators import require_int, require_name
-from resources.db import PG_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_S, normalize_url, redacted
+from resources.db import (
+    cached_engine,
+    connect_with_retry,
+    dispose_engines,
+    normalize_url,
+    plain_engine,
+    redacted,
+)
 from resources.errors import ConfigurationError
 from resources.redaction import mask_personal_data, redact_text
 
@@ -41,33 +45,6 @@ __all__ = ["SqlSource", "dispose_engines"]
 
 SHOWN_QUERY_CHARS = 80
 _SUBQUERY = "flow_source"
-
-_ENGINES: dict[tuple[int, str], sa.Engine] = {}
-_LOCK = threading.Lock()
-
-
-def _engine(url: str) -> sa.Engine:
-    """The process's engine for ``url`` (engines never cross a fork)."""
-    key = (os.getpid(), url)
-    with _LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            if sa.make_url(url).get_backend_name() == "sqlite":
-                args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-            else:
-                timeout = "connect_timeout" in sa.make_url(url).query
-                args = {} if timeout else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-            engine = _ENGINES[key] = sa.create_engine(url, pool_pre_ping=True, connect_args=args)
-        return engine
-
-
-def dispose_engines() -> None:
-    """Close this process's pooled source connections (tests, CLI)."""
-    with _LOCK:
-        for (pid, _url), engine in list(_ENGINES.items()):
-            if pid == os.getpid():
-                engine.dispose()
-                del _ENGINES[(pid, _url)]
 
 
 def _jsonable(value: Any) -> Any:
@@ -226,7 +203,7 @@ class SqlSource(SequentialSource):
         a key across a page boundary.
         """
         url = self._resolved_url()
-        engine = _engine(url)
+        engine = cached_engine(url, plain_engine)
         with self._connect(engine, 0) as conn:
             source = self._reflect(conn, 0)
             order = [source.c[c] for c in self._order_names()]
@@ -375,23 +352,17 @@ class SqlSource(SequentialSource):
 
     def _connect(self, engine: sa.Engine, index: int) -> sa.Connection:
         """A connection; a failed connect is retried with backoff and jitter."""
-        started, attempt = time.monotonic(), 0
-        while True:
-            attempt += 1
-            try:
-                return engine.connect()
-            except (OperationalError, InterfaceError) as exc:
-                elapsed = time.monotonic() - started
-                delay = min(0.2 * 2 ** (attempt - 1), 2.0) * random.uniform(0.5, 1.0)
-                if elapsed + delay > self.connect_retry_seconds:
-                    raise self._db_error(
-                        index,
-                        exc,
-                        "check that the database server is running and reachable, and the "
-                        "URL's host, port, user and password",
-                        f" (cannot connect, {attempt} attempts in {elapsed:.1f}s)",
-                    ) from exc
-                time.sleep(delay)
+
+        def give_up(exc: Exception, attempts: int, elapsed: float) -> Exception:
+            return self._db_error(
+                index,
+                exc,
+                "check that the database server is running and reachable, and the "
+                "URL's host, port, user and password",
+                f" (cannot connect, {attempts} attempts in {elapsed:.1f}s)",
+            )
+
+        return connect_with_retry(engine, self.connect_retry_seconds, give_up)
 
     def _resolved_url(self) -> str:
         url = self._url if self._url is not None else self._url_from_env()
@@ -431,9 +402,7 @@ class SqlSource(SequentialSource):
             f"Source {self.name!r}{page} ({self._where()}): {problem.rstrip('.')}. Fix: {fix}."
         )
 
-    def _db_error(
-        self, index: int, exc: SQLAlchemyError, fix: str, context: str = ""
-    ) -> SourceError:
+    def _db_error(self, index: int, exc: Exception, fix: str, context: str = "") -> SourceError:
         # The driver's message, not SQLAlchemy's (which appends the statement and parameters).
         orig = getattr(exc, "orig", None) or exc
         detail = redact_text(" ".join(str(orig).split()))

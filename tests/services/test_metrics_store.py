@@ -360,7 +360,7 @@ def test_finalize_many_writes_only_running_runs_in_one_call(store: MetricsStore)
 def test_concurrent_batch_finalizers_give_each_run_one_winner(
     store: MetricsStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_queries, "_IN_CHUNK", 8)  # several lock batches per call
+    monkeypatch.setattr(store_queries, "IN_LIST_SIZE", 8)  # several lock batches per call
     run_ids = [f"run-{n}" for n in range(40)]
     for run_id in run_ids:
         store.start_run(run_id, "orders", None, T0)

@@ -10,16 +10,13 @@ import pytest
 import requests
 
 from flow_assets.errors import FlowDefinitionError, SourceError
+from flow_assets.sources.json_body import MISSING, json_kind, json_lookup, response_json
 from flow_assets.sources.paginators import (
-    MISSING,
     HeaderLinkPaginator,
     JSONCursorPaginator,
     JSONLinkPaginator,
     OffsetPaginator,
     PageNumberPaginator,
-    json_kind,
-    json_lookup,
-    response_json,
 )
 
 pytestmark = pytest.mark.unit
