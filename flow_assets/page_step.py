@@ -128,14 +128,13 @@ def _claim_page(
         owned = _claim_in_flow(flow, run_id, page.index, valid.keys, owned, store)
     keys = [key for key, mine in zip(valid.keys, owned, strict=True) if mine]
     records = [record for record, mine in zip(valid.records, owned, strict=True) if mine]
-    rejects = [RejectedRecord(r.position, r.reason, r.raw) for r in valid.rejects]
     counts = Counts(
         source=len(page.records),
         dispatched=len(keys),
         skipped=len(valid.keys) - len(keys),
-        rejected=len(rejects),
+        rejected=len(valid.rejects),
     )
-    return _ClaimedPage(page.index, counts, keys, records, rejects)
+    return _ClaimedPage(page.index, counts, keys, records, valid.rejects)
 
 
 def _owned_by_ledger(

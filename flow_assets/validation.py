@@ -16,25 +16,17 @@ from typing import Any
 
 from flow_assets.dispatch import error_text
 from resources.redaction import escape_unstorable, redact_text
+from resources.store_records import RejectedRecord
 
 MAX_KEY_CHARS = 512
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class Reject:
-    """A record that cannot become a job: its position on the page, why, and the record."""
-
-    position: int
-    reason: str
-    raw: str
 
 
 @dataclass
 class ValidatedPage:
     keys: list[str] = field(default_factory=list)
     records: list[Mapping[str, Any]] = field(default_factory=list)
-    rejects: list[Reject] = field(default_factory=list)
+    rejects: list[RejectedRecord] = field(default_factory=list)
 
 
 def validate_records(
@@ -87,7 +79,7 @@ def _validate_one(
         page.keys.append(record_key)
         page.records.append(record)
     else:
-        page.rejects.append(Reject(position, redact_text(reason), _raw(record)))
+        page.rejects.append(RejectedRecord(position, redact_text(reason), _raw(record)))
 
 
 def _key_of(record: Any, key: str | Callable[[Mapping[str, Any]], Hashable]) -> tuple[str, Any]:

@@ -21,11 +21,10 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
 
 from resources.errors import ConfigurationError, StoreUnavailableError
+from resources.home import ENV_FLOW_HOME, flow_home
 from resources.redaction import RESERVED_FIX, redact_text, redact_url, userinfo_problem
 
 ENV_DATABASE_URL = "FLOW_DATABASE_URL"
-ENV_FLOW_HOME = "FLOW_HOME"
-DEFAULT_FLOW_HOME = ".flow_home"
 SQLITE_FILE_NAME = "flow_metrics.db"
 SQLITE_BUSY_TIMEOUT_S = 30
 PG_CONNECT_TIMEOUT_S = 5
@@ -54,7 +53,7 @@ def resolve_url(url: str | None) -> str:
     env_url = os.environ.get(ENV_DATABASE_URL, "").strip()
     if env_url:
         return normalize_url(env_url, ENV_DATABASE_URL)
-    home = Path(os.environ.get(ENV_FLOW_HOME) or DEFAULT_FLOW_HOME).expanduser().resolve()
+    home = flow_home()
     _make_dir(home, ENV_FLOW_HOME)
     return f"sqlite:///{home / SQLITE_FILE_NAME}"
 
