@@ -125,30 +125,6 @@ def plan_jobs(
 # Removes from a queue (an RQ list of job ids) the ids starting with a prefix, in one pass
 # and atomically: a worker pops either a job this removes or one it keeps, never both.
 # O(queue length); the kept ids go back in their order.
-_REMOVE_QUEUED = """
--- KEYS[1] = the RQ queue (list of job ids); ARGV[1] = job id prefix
--- returns the removed ids, in queue order
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-local prefix, n = ARGV[1], string.len(ARGV[1])
-local keep, removed = {}, {}
-for _, id in ipairs(ids) do
-    if string.sub(id, 1, n) == prefix then
-        removed[#removed + 1] = id
-    else
-        keep[#keep + 1] = id
-    end
-end
-if #removed == 0 then
-    return removed
-end
-redis.call('DEL', KEYS[1])
-for start = 1, #keep, 5000 do
-    redis.call('RPUSH', KEYS[1], unpack(keep, start, math.min(start + 4999, #keep)))
-end
-return removed
-"""
-
-
 def cancel_run_jobs(
     connection: redis.Redis, queue: str, flow: str, run_id: str, ttl_seconds: int
 ) -> int:
@@ -163,13 +139,10 @@ def cancel_run_jobs(
     from rq import Queue  # imported here: a Flow import stays light
     from rq.job import Job, JobStatus
 
-    script = connection.register_script(_REMOVE_QUEUED)
-    removed = [
-        value.decode() if isinstance(value, bytes) else str(value)
-        for value in script(
-            keys=[Queue(queue, connection=connection).key], args=[run_job_prefix(flow, run_id)]
-        )
-    ]
+    from resources.lua_rq import remove_queued
+
+    queue_key = Queue(queue, connection=connection).key
+    removed = remove_queued(connection, queue_key, run_job_prefix(flow, run_id))
     with connection.pipeline(transaction=False) as pipe:
         for job_id in removed:
             key = Job.key_for(job_id)

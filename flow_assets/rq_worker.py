@@ -25,7 +25,7 @@ reported) and ``ack_failure`` (the job raised, timed out, or its worker died; on
 will not retry it). An ack is a guarded transition in SQL (the source of truth) then in
 the run's Redis counters, so a repeated or duplicated callback changes nothing; an ack
 that arrives after the run was final is recorded as late in the ledger and counted
-nowhere (``Ack.LATE``). Dagster is imported only through the heartbeat's
+nowhere (``Outcome.LATE``). Dagster is imported only through the heartbeat's
 ``MetricsStore``, once per worker (``rq_settings`` preloads this module).
 """
 
@@ -44,8 +44,8 @@ from rq.job import Job
 from flow_assets import rq_guard
 from flow_assets.dispatch import JobBatch, error_text
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
-from resources import db, flow_key_queries, job_lua, job_queries, migrations, store_queries
-from resources.job_lua import Ack
+from resources import db, flow_key_queries, job_queries, lua_rq, migrations, store_queries
+from resources.lua import Outcome
 from resources.metrics_store import MetricsStore
 from resources.run_policy import RunPolicy
 
@@ -88,17 +88,19 @@ def run_jobs(
     return {"completed": [key for key in keys if key not in failures], "failed": failures}
 
 
-def ack_success(job: Job, connection: redis.Redis, result: Any, *args: Any, **kwargs: Any) -> Ack:
+def ack_success(
+    job: Job, connection: redis.Redis, result: Any, *args: Any, **kwargs: Any
+) -> Outcome:
     """RQ success callback: acknowledge the outcomes ``run_jobs`` returned."""
     if result.get("skipped"):
-        return Ack.NOOP  # the run was final: nothing ran, nothing to acknowledge
+        return Outcome.NOOP  # the run was final: nothing ran, nothing to acknowledge
     completed, failed = result["completed"], result["failed"]
     return acknowledge(connection, job, completed=completed, failed=failed)
 
 
 def ack_failure(
     job: Job, connection: redis.Redis, exc_type: type[BaseException] | None, exc: Any, tb: Any
-) -> Ack | None:
+) -> Outcome | None:
     """RQ failure callback: the job's pending records failed, unless RQ retries the job."""
     if job.should_retry:
         log.info("job %s failed (%s); RQ retries it (%s left)", job.id, exc_type, job.retries_left)
@@ -121,7 +123,7 @@ def acknowledge(
     *,
     completed: Sequence[str],
     failed: Mapping[str, str],
-) -> Ack:
+) -> Outcome:
     """Apply a job's outcomes to the ledger, then to the live counters; what Redis did.
 
     Returns ``NOOP`` when every transition had happened before (a repeated callback), and
@@ -139,7 +141,7 @@ def acknowledge(
             flow_key_queries.reclaim_flow_keys(conn, flow, run_id, result.completed_late, now)
     if result.run_final:
         if not result.late:
-            return Ack.NOOP
+            return Outcome.NOOP
         log.warning(
             "flow %s run %s is final: %d outcomes of job %s arrived late; recorded, not counted",
             flow,
@@ -147,12 +149,12 @@ def acknowledge(
             result.late,
             job.id,
         )
-        return Ack.LATE
-    outcome = Ack.NOOP
+        return Outcome.LATE
+    outcome = Outcome.NOOP
     for page_index, delta in sorted(result.deltas.items()):
         if not delta:
             continue
-        outcome = job_lua.ack_jobs(
+        outcome = lua_rq.ack_jobs(
             connection,
             flow,
             run_id,
@@ -162,7 +164,7 @@ def acknowledge(
             failed=delta.failed,
             recovered=delta.recovered,
         )
-        if outcome is Ack.LOST:
+        if outcome is Outcome.LOST:
             # The ledger has the outcome; the next page step (or the finalizer) rebuilds
             # the counters from it. Note it on the run while it is running.
             with _ledger() as conn:

@@ -2,31 +2,32 @@
 
 Redis is a cache of the SQL ledger. Each method is idempotent, so a call retried after a
 dropped connection is harmless; a run whose keys Redis lost is reported as lost (None or
-False) and rebuilt from the ledger with :meth:`RedisCounters.rebuild`.
+False) and rebuilt from the ledger with :meth:`RedisCounters.rebuild`. The Lua scripts
+behind the page methods live with their wrappers in ``resources.lua_pages`` and
+``resources.lua_rq``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import redis
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.commands.core import Script
 from redis.retry import Retry
 
-from resources import job_lua, lua
+from resources import lua_pages, lua_rq
 from resources.counts import COUNT_FIELDS, Counts
 from resources.embedded_redis import configured_redis_url, ensure_embedded_redis
 from resources.errors import CountersUnavailableError
 from resources.home import flow_home
 from resources.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_key, run_keys
+from resources.lua import Outcome
 from resources.redaction import redact_url
 
 _T = TypeVar("_T")
@@ -34,14 +35,8 @@ _EMBEDDED = "embedded:"
 _CHUNK = 1000  # fields per HSET when rebuilding, runs per pipeline: bounded, few round trips
 
 
-class _Connection(NamedTuple):
-    client: redis.Redis
-    claim_page: Script
-    record_page: Script
-
-
 # One client per (process id, target): a forked step process must not share sockets.
-_CONNECTIONS: dict[tuple[int, str], _Connection] = {}
+_CLIENTS: dict[tuple[int, str], redis.Redis] = {}
 _RQ_CLIENTS: dict[tuple[int, str], redis.Redis] = {}
 
 
@@ -88,7 +83,7 @@ class RedisCounters(ConfigurableResource):
 
     def client(self) -> redis.Redis:
         """The cached client of this process (decoded responses, retries with backoff)."""
-        return self._connection(self._target()).client
+        return self._client(self._target())
 
     def redacted_url(self) -> str:
         """The URL in use, password hidden; ``embedded:<home>`` for the embedded server."""
@@ -99,8 +94,8 @@ class RedisCounters(ConfigurableResource):
         """Mark the run's state as present in Redis (``meta``), with its TTL."""
         meta = run_key(flow, run_id, "meta")
 
-        def op(connection: _Connection) -> None:
-            pipe = connection.client.pipeline(transaction=True)
+        def op(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=True)
             pipe.hsetnx(meta, "created_at", _now())
             pipe.expire(meta, self.key_ttl_seconds)
             pipe.execute()
@@ -119,42 +114,32 @@ class RedisCounters(ConfigurableResource):
             One flag per record key, or None when Redis lost the run: rebuild it from the
             SQL ledger and call again.
         """
-        keys = run_keys(flow, run_id)
-        packed = json.dumps(list(record_keys), ensure_ascii=False, separators=(",", ":"))
-        args: list[str | int] = [_page(page_index), self.key_ttl_seconds, packed]
-        flags = self._run(lambda connection: connection.claim_page(keys=keys, args=args))
-        if flags == lua.LOST:
-            return None
-        return [flag == "1" for flag in flags]
-
-    def record_page(self, flow: str, run_id: str, page_index: int, counts: Counts) -> bool:
-        """Store a page's counts, replacing its earlier ones; False when Redis lost the run.
-
-        One round trip; the run totals move by the difference, so a page recorded twice
-        counts once.
-        """
-        return self.record_pages(flow, run_id, [(page_index, counts)])
+        run_keys(flow, run_id)  # a bad name fails before any I/O
+        _page(page_index)
+        owned = self._run(
+            lambda client: lua_pages.claim_page(
+                client, flow, run_id, page_index, record_keys, self.key_ttl_seconds
+            )
+        )
+        return None if owned is Outcome.LOST else owned
 
     def record_pages(self, flow: str, run_id: str, pages: Sequence[tuple[int, Counts]]) -> bool:
-        """``record_page`` for several ``(page_index, counts)``, in one round trip."""
+        """Store the counts of each ``(page_index, counts)``, replacing their earlier ones,
+        in one round trip; False when Redis lost the run.
+
+        The run totals move by the difference, so a page recorded twice counts once.
+        """
+        run_keys(flow, run_id)  # a bad name fails before any I/O
         for page_index, counts in pages:
+            _page(page_index)
             if errors := [f for f in COUNT_FIELDS if getattr(counts, f) < 0]:
                 raise ValueError(f"page {page_index} of run {run_id}: negative counts {errors}")
-        keys = run_keys(flow, run_id)
-
-        def op(connection: _Connection) -> list[Any]:
-            pipe = connection.client.pipeline(transaction=False)
-            for page_index, counts in pages:
-                args: list[str | int] = [
-                    _page(page_index),
-                    self.key_ttl_seconds,
-                    *counts.as_tuple(),
-                ]
-                connection.record_page(keys=keys, args=args, client=pipe)
-            return pipe.execute()
-
-        results = self._run(op) if pages else []
-        return lua.LOST not in results
+        if not pages:
+            return True
+        done = self._run(
+            lambda client: lua_pages.record_pages(client, flow, run_id, pages, self.key_ttl_seconds)
+        )
+        return done is not Outcome.LOST
 
     def totals(self, flow: str, run_id: str) -> Counts | None:
         """The run's live totals, or None when Redis has no state for the run."""
@@ -166,10 +151,10 @@ class RedisCounters(ConfigurableResource):
         One round trip per ``_CHUNK`` runs; each chunk is read atomically (MULTI/EXEC).
         """
 
-        def op(connection: _Connection) -> list[Any]:
+        def op(client: redis.Redis) -> list[Any]:
             replies: list[Any] = []
             for start in range(0, len(runs), _CHUNK):
-                pipe = connection.client.pipeline(transaction=True)
+                pipe = client.pipeline(transaction=True)
                 for flow, run_id in runs[start : start + _CHUNK]:
                     pipe.exists(run_key(flow, run_id, "meta"))
                     pipe.hgetall(run_key(flow, run_id, "totals"))
@@ -212,8 +197,8 @@ class RedisCounters(ConfigurableResource):
         page_items = [(_page(i), ",".join(map(str, c.as_tuple()))) for i, c in pages.items()]
         total = sum(pages.values(), Counts())
 
-        def op(connection: _Connection) -> bool:
-            with connection.client.pipeline(transaction=True) as pipe:
+        def op(client: redis.Redis) -> bool:
+            with client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(meta, seen, pages_key)
                     if not force and _intact(pipe, meta, seen, pages_key):
@@ -253,10 +238,10 @@ class RedisCounters(ConfigurableResource):
         One DEL per run (a run's keys share a cluster slot), one round trip per chunk.
         """
 
-        def op(connection: _Connection) -> int:
+        def op(client: redis.Redis) -> int:
             removed = 0
             for start in range(0, len(runs), _CHUNK):
-                pipe = connection.client.pipeline(transaction=False)
+                pipe = client.pipeline(transaction=False)
                 for flow, run_id in runs[start : start + _CHUNK]:
                     pipe.delete(*run_keys(flow, run_id))
                 removed += sum(int(n) for n in pipe.execute())
@@ -264,25 +249,12 @@ class RedisCounters(ConfigurableResource):
 
         return self._run(op) if runs else 0
 
-    def ttl_report(self, flow: str, run_id: str) -> dict[str, int]:
-        """Seconds to live of each existing key of the run (-1: no TTL)."""
-        keys = run_keys(flow, run_id)
-
-        def op(connection: _Connection) -> list[int]:
-            pipe = connection.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.ttl(key)
-            return pipe.execute()
-
-        ttls = self._run(op)
-        return {key: int(ttl) for key, ttl in zip(keys, ttls, strict=True) if ttl != -2}
-
     def stray_runs(self) -> list[tuple[str, str]]:
         """``(flow, run_id)`` of every run that has keys in Redis (SCAN, never KEYS)."""
 
-        def op(connection: _Connection) -> list[tuple[str, str]]:
+        def op(client: redis.Redis) -> list[tuple[str, str]]:
             runs = set()
-            for key in connection.client.scan_iter(match=ALL_RUN_KEYS_PATTERN, count=1000):
+            for key in client.scan_iter(match=ALL_RUN_KEYS_PATTERN, count=1000):
                 if parsed := parse_run_key(key):
                     runs.add(parsed[:2])
             return sorted(runs)
@@ -301,10 +273,10 @@ class RedisCounters(ConfigurableResource):
             return f"{_EMBEDDED}{home}"
         return url
 
-    def _connection(self, target: str) -> _Connection:
+    def _client(self, target: str) -> redis.Redis:
         key = (os.getpid(), target)
-        connection = _CONNECTIONS.get(key)
-        if connection is None:
+        client = _CLIENTS.get(key)
+        if client is None:
             url = target if _is_url(target) else ensure_embedded_redis(_embedded_home(target))
             client = redis.Redis.from_url(
                 url,
@@ -315,15 +287,10 @@ class RedisCounters(ConfigurableResource):
                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=4),
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             )
-            connection = _Connection(
-                client,
-                client.register_script(lua.CLAIM_PAGE),
-                client.register_script(lua.RECORD_PAGE),
-            )
-            _CONNECTIONS[key] = connection
-        return connection
+            _CLIENTS[key] = client
+        return client
 
-    def _run(self, op: Callable[[_Connection], _T]) -> _T:
+    def _run(self, op: Callable[[redis.Redis], _T]) -> _T:
         """Run ``op`` on this process's client; raise CountersUnavailableError if unreachable.
 
         The client has already retried with backoff. An embedded server that is gone
@@ -333,12 +300,12 @@ class RedisCounters(ConfigurableResource):
         target = self._target()
         try:
             try:
-                return op(self._connection(target))
+                return op(self._client(target))
             except (redis.ConnectionError, redis.TimeoutError):
                 if _is_url(target):
                     raise
                 ensure_embedded_redis(_embedded_home(target))
-                return op(self._connection(target))
+                return op(self._client(target))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise CountersUnavailableError(
                 f"Redis at {self.redacted_url()} is unreachable after retries"
@@ -371,11 +338,12 @@ class RedisCounters(ConfigurableResource):
         """Record a page whose jobs go to workers: its dispatch counts, keeping any job
         outcomes already acked (a retried page); False when Redis lost the run."""
         _page(page_index)
-        return self._run(
-            lambda connection: job_lua.record_dispatched_page(
-                connection.client, flow, run_id, page_index, counts, self.key_ttl_seconds
+        done = self._run(
+            lambda client: lua_rq.record_dispatched_page(
+                client, flow, run_id, page_index, counts, self.key_ttl_seconds
             )
         )
+        return done is not Outcome.LOST
 
 
 def _intact(client: Any, meta: str, seen: str, pages: str) -> bool:

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from sqlalchemy.pool import NullPool
 
+from devservers import PostgresServer
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
@@ -20,7 +21,6 @@ from sensors.finalizer import finalize_runs
 from sensors.pooling import _sql_storages, pooled_storage_connections
 from sensors.publish import publish_final_runs, store_materializations
 from tests.flowkit import run_keys_left, status_tag
-from tests.servers import PostgresServer
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 # flow -> the final statuses of its runs, in the order they finish.

@@ -29,7 +29,7 @@ from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
 from resources import db, store_queries
 from resources.counts import Counts
-from resources.job_lua import Ack
+from resources.lua import Outcome
 from resources.metrics_store import FinalState, MetricsStore, RunPolicy, RunRow
 from resources.redis_counters import RedisCounters
 from sensors.finalizer import FlowPolicy, finalize_runs
@@ -285,12 +285,12 @@ def test_an_ack_after_the_run_is_final_is_late_visible_and_not_counted(
 
     late = ack_success(cd, conn, {"completed": ["c"], "failed": {"d": "no"}})
     agrees_with_ledger(store, row)  # the outcome changed no count the final row came from
-    assert late is Ack.LATE
-    assert ack_success(cd, conn, {"completed": ["c"], "failed": {"d": "no"}}) is Ack.NOOP
-    assert ack_success(ab, conn, {"completed": ["a", "b"], "failed": {}}) is Ack.LATE
+    assert late is Outcome.LATE
+    assert ack_success(cd, conn, {"completed": ["c"], "failed": {"d": "no"}}) is Outcome.NOOP
+    assert ack_success(ab, conn, {"completed": ["a", "b"], "failed": {}}) is Outcome.LATE
     ef.retries_left = 0
-    assert ack_failure(ef, conn, ValueError, ValueError("down"), None) is Ack.LATE
-    assert ack_failure(ef, conn, ValueError, ValueError("down"), None) is Ack.NOOP
+    assert ack_failure(ef, conn, ValueError, ValueError("down"), None) is Outcome.LATE
+    assert ack_failure(ef, conn, ValueError, ValueError("down"), None) is Outcome.NOOP
 
     assert store.runs(run_id=run_id)[0] == row  # the final row is untouched...
     agrees_with_ledger(store, row)  # ...and still the ledger's totals
@@ -323,7 +323,7 @@ def test_a_late_success_after_the_release_claims_its_key_again(
     finalize_by_hand(store, run_id)  # the final write releases the 6 lost keys itself
     assert store.release_failed_keys([run_id]) == 0
     assert ack_success(ab, counters.rq_connection(), {"completed": ["a", "b"], "failed": {}}) is (
-        Ack.LATE
+        Outcome.LATE
     )
     assert store.release_failed_keys([run_id]) == 0
     store.start_run("probe", FLOW, None, datetime.now(timezone.utc), RunPolicy(dedup="flow"))
@@ -349,7 +349,7 @@ def test_an_ack_racing_the_final_write_waits_for_it_and_is_late(
         datetime.now(timezone.utc),
         "stalled: 6 jobs lost",
     )
-    outcome: list[Ack] = []
+    outcome: list[Outcome] = []
     ack = threading.Thread(
         target=lambda: outcome.append(
             ack_success(ab, counters.rq_connection(), {"completed": ["a", "b"], "failed": {}})
@@ -361,7 +361,7 @@ def test_an_ack_racing_the_final_write_waits_for_it_and_is_late(
         ack.join(timeout=1.0)
         assert ack.is_alive()  # waiting for the finalizer's transaction
     ack.join(timeout=30)
-    assert outcome == [Ack.LATE]
+    assert outcome == [Outcome.LATE]
     agrees_with_ledger(store, store.runs(run_id=run_id)[0])
     assert store.late_jobs([run_id]) == {run_id: 2}
 
@@ -374,8 +374,10 @@ def test_a_reopened_run_counts_the_outcomes_that_came_in_late(
     run_id, counters, store, (ab, cd, _) = dispatched
     finalize_by_hand(store, run_id)
     conn = counters.rq_connection()
-    assert ack_success(ab, conn, {"completed": ["a", "b"], "failed": {}}) is Ack.LATE
-    assert ack_success(cd, conn, {"completed": [], "failed": {"c": "no", "d": "no"}}) is Ack.LATE
+    assert ack_success(ab, conn, {"completed": ["a", "b"], "failed": {}}) is Outcome.LATE
+    assert (
+        ack_success(cd, conn, {"completed": [], "failed": {"c": "no", "d": "no"}}) is Outcome.LATE
+    )
     assert store.late_jobs([run_id]) == {run_id: 4}
 
     assert store.reopen(run_id)

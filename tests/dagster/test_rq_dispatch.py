@@ -31,7 +31,7 @@ from flow_assets.rq_worker import LOST_ERROR, ack_failure, ack_success
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.job_lua import Ack
+from resources.lua import Outcome
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from tests.dagster import rq_flows
@@ -129,7 +129,7 @@ def test_a_retried_page_enqueues_each_job_once_and_keeps_its_acks(
     ]
     first = jobs[0]
     outcome = {"completed": ["a"], "failed": {"b": "x"}}
-    assert ack_success(first, counters.rq_connection(), outcome) is Ack.DECREMENTED
+    assert ack_success(first, counters.rq_connection(), outcome) is Outcome.DONE
     # The page step runs again (a step retry): nothing is enqueued twice, acks stay.
     assert process_page(flow, run_id, page, counters, store) == got
     assert len(queued_jobs(counters, "rq_orders")) == 2
@@ -155,27 +155,27 @@ def test_acks_are_guarded_transitions_in_sql_and_redis(
         return ledger
 
     both = {"completed": ["a", "b"], "failed": {}}
-    assert ack_success(ab, conn, both) is Ack.DECREMENTED
-    assert ack_success(ab, conn, both) is Ack.NOOP  # a duplicated success callback
+    assert ack_success(ab, conn, both) is Outcome.DONE
+    assert ack_success(ab, conn, both) is Outcome.NOOP  # a duplicated success callback
     assert counts() == Counts(source=6, dispatched=6, completed=2)
 
     cd.retries_left = 1  # RQ will run it again: not an outcome yet
     assert ack_failure(cd, conn, ConnectionError, ConnectionError("down"), None) is None
     cd.retries_left = 0
-    assert ack_failure(cd, conn, AbandonedJobError, AbandonedJobError(), None) is Ack.DECREMENTED
-    assert ack_failure(cd, conn, AbandonedJobError, AbandonedJobError(), None) is Ack.NOOP
+    assert ack_failure(cd, conn, AbandonedJobError, AbandonedJobError(), None) is Outcome.DONE
+    assert ack_failure(cd, conn, AbandonedJobError, AbandonedJobError(), None) is Outcome.NOOP
     assert counts() == Counts(source=6, dispatched=6, completed=2, failed=2)
     failures = {f.record_key: f.error for f in store.job_failures(run_id)}
     assert failures == {"c": LOST_ERROR, "d": LOST_ERROR}
 
     # A late failure of completed jobs changes nothing; a requeued job completes them.
     ab.retries_left = 0
-    assert ack_failure(ab, conn, ValueError, ValueError("late"), None) is Ack.NOOP
-    assert ack_success(cd, conn, {"completed": ["c", "d"], "failed": {}}) is Ack.DECREMENTED
+    assert ack_failure(ab, conn, ValueError, ValueError("late"), None) is Outcome.NOOP
+    assert ack_success(cd, conn, {"completed": ["c", "d"], "failed": {}}) is Outcome.DONE
     assert counts() == Counts(source=6, dispatched=6, completed=4)
     assert store.job_failures(run_id) == []
-    assert ack_success(ef, conn, {"completed": ["e"], "failed": {"f": "no"}}) is Ack.ZERO
-    assert ack_success(ef, conn, {"completed": ["e", "f"], "failed": {}}) is Ack.ZERO
+    assert ack_success(ef, conn, {"completed": ["e"], "failed": {"f": "no"}}) is Outcome.ZERO
+    assert ack_success(ef, conn, {"completed": ["e", "f"], "failed": {}}) is Outcome.ZERO
     assert counts() == Counts(source=6, dispatched=6, completed=6)
     assert store.page_totals([run_id])[run_id].pages_done == 1
     assert store.runs(run_id=run_id)[0].counter_mismatch is None
@@ -195,7 +195,8 @@ def test_an_ack_after_redis_lost_the_run_lands_in_the_ledger_and_is_noted(
     counters.delete_run(FLOW, run_id)
 
     assert (
-        ack_success(job, counters.rq_connection(), {"completed": ["a"], "failed": {}}) is Ack.LOST
+        ack_success(job, counters.rq_connection(), {"completed": ["a"], "failed": {}})
+        is Outcome.LOST
     )
 
     assert store.page_totals([run_id])[run_id].counts == Counts(1, 1, 0, 0, 1, 0)
@@ -281,7 +282,7 @@ def test_two_workers_one_killed_mid_job_give_exact_counts(
     connection = redis.Redis.from_url(redis_url)
     try:
         finished = Job.fetch(f"{FLOW}-{run_id}-p0-j0", connection=connection, serializer=SERIALIZER)
-        assert ack_success(finished, connection, finished.return_value()) is Ack.NOOP
+        assert ack_success(finished, connection, finished.return_value()) is Outcome.NOOP
         failed_jobs = FailedJobRegistry(FLOW, connection=connection).get_job_ids()
     finally:
         connection.close()
@@ -354,7 +355,7 @@ def test_the_same_acks_sent_concurrently_from_two_processes_count_once(
     started: tuple[Flow, str, RedisCounters, MetricsStore], redis_url: str, tmp_path: Path
 ) -> None:
     """Two processes deliver every job's success callback three times each, at once: each
-    job's outcome is applied exactly once (one DECREMENTED or ZERO per job, the rest NOOP),
+    job's outcome is applied exactly once (one DONE or ZERO per job, the rest NOOP),
     the last one applied says ZERO, and the ledger and Redis agree on exact totals."""
     flow, run_id, counters, store = started
     page = Page(0, [{"id": f"k{n}"} for n in range(40)])
@@ -374,7 +375,7 @@ def test_the_same_acks_sent_concurrently_from_two_processes_count_once(
         gate.touch()  # both wait at the gate: their acks overlap
         done = [ack for future in futures for ack in future.result(timeout=120)]
 
-    applied = Counter(job_id for job_id, outcome in done if outcome in ("DECREMENTED", "ZERO"))
+    applied = Counter(job_id for job_id, outcome in done if outcome in ("DONE", "ZERO"))
     assert applied == dict.fromkeys(acks, 1)
     assert sum(outcome == "ZERO" for _, outcome in done) == 1
     assert len(done) == 2 * 3 * len(acks)

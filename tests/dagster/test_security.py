@@ -22,6 +22,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from devservers import free_port
 from flow_assets.build import build_definitions
 from flow_assets.dispatch import JobBatch
 from flow_assets.errors import FlowDefinitionError
@@ -35,7 +36,6 @@ from resources.names import InvalidNameError
 from resources.redis_counters import RedisCounters
 from tests.flowkit import assert_conserved, assert_counts, make_defs, row_of, run_flow, tick
 from tests.httpfixture import ServedApi, serve_records
-from tests.servers import free_port
 
 FLOWCTL = Path(sys.executable).parent / "flowctl"
 PASSWORD = "Pw7x-sekr3t-q9z"

@@ -23,6 +23,7 @@ import dagster as dg
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
+from devservers import free_port
 from flow_assets.build import build_definitions
 from flow_assets.flow import Flow
 from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
@@ -30,7 +31,6 @@ from flow_assets.sources.files import FileSource
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from tests.flowkit import tick
-from tests.servers import free_port
 from tests.unit.test_url_secrets import USER, assert_clean, passwords
 
 FLOWCTL = Path(sys.executable).parent / "flowctl"

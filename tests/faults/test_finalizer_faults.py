@@ -29,6 +29,7 @@ import pytest
 import redis
 import sqlalchemy
 
+from devservers import PostgresServer
 from flow_assets.build import build_definitions
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow, Handler
@@ -50,7 +51,6 @@ from tests.flowkit import (
     status_tag,
     tick,
 )
-from tests.servers import PostgresServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGE_SIZE = 5

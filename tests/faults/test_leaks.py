@@ -32,6 +32,7 @@ from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from sensors.cleanup import StrayRun
 from sensors.sensor import CLEANUP_EVERY_TICKS, SENSOR_NAME
+from tests.counters_helpers import record_page, ttl_report
 from tests.flowkit import (
     assert_conserved,
     assert_counts,
@@ -87,7 +88,7 @@ def test_every_run_key_has_a_ttl_while_running_and_none_is_left_after(
         keys = ttls(client)
         seen.append(keys)
         flow_name, run_id, _ = parse_run_key(next(iter(keys))) or ("", "", "")
-        reported.append(counters.ttl_report(flow_name, run_id))
+        reported.append(ttl_report(counters, flow_name, run_id))
 
     flow = leaky_flow(tmp_path, handler)
     defs = build_definitions(
@@ -215,9 +216,9 @@ def test_keys_left_by_a_crashed_process_expire_by_their_ttl(redis_url: str) -> N
     counters.start_run(flow_name, run_id)
     assert counters.claim_page(flow_name, run_id, 0, ["a", "b", "a"]) == [True, True, False]
     # True: the run's keys were there and the script wrote (and gave a TTL to) all of them.
-    assert counters.record_page(flow_name, run_id, 0, Counts(3, 2, 1, 0, 2, 0))
+    assert record_page(counters, flow_name, run_id, 0, Counts(3, 2, 1, 0, 2, 0))
     # ...then the process dies: nothing finalizes or cleans this run.
-    report = counters.ttl_report(flow_name, run_id)  # some may have expired already
+    report = ttl_report(counters, flow_name, run_id)  # some may have expired already
     assert set(report) <= set(keys) and all(0 <= ttl <= 2 for ttl in report.values())
     client = redis.Redis.from_url(redis_url)
     try:

@@ -43,6 +43,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from devservers import PostgresServer
 from flow_assets.dispatch import JobBatch
 from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
@@ -55,8 +56,8 @@ from resources.metrics_store import MetricsStore, PageRecord, PageTotals
 from resources.redis_counters import RedisCounters
 from sensors.classify import RunSnapshot, RunState, Tolerance, classify
 from sensors.finalizer import FlowPolicy, finalize_runs
+from tests.counters_helpers import ttl_report
 from tests.faults.model_profiles import MODEL_SUMMARY, DeepRun, deep_run
-from tests.servers import PostgresServer
 
 FLOW = "model_flow"
 DEADLINE = timedelta(hours=1)
@@ -579,7 +580,7 @@ class AccountingMachine(RuleBasedStateMachine):
         assert row.pages_done == len(self.model.latest)
         lost = self.model.mismatch_noted or self.model.redis_lost
         assert (row.counter_mismatch is not None) == lost, row.counter_mismatch
-        assert self.counters.ttl_report(FLOW, self.run_id) == {}, "run keys left after publish"
+        assert ttl_report(self.counters, FLOW, self.run_id) == {}, "run keys left after publish"
 
     def _finalize(self) -> str | None:
         """One finalizer pass; this run's final status, or None if it is left waiting."""

@@ -22,12 +22,13 @@ import dagster as dg
 import pytest
 import redis
 
+from devservers import PostgresServer, RedisServer
 from flow_assets.build import build_definitions
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.page_step import LOST_MID_RUN
-from resources import lua
+from resources import lua_pages
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore, RunRow
 from resources.redis_counters import RedisCounters
@@ -53,7 +54,6 @@ from tests.flowkit import (
     status_tag,
     tick,
 )
-from tests.servers import PostgresServer, RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOW = "page_faults"
@@ -393,7 +393,8 @@ def test_script_flush_between_pages_reloads_the_scripts_and_loses_nothing(
     truth = ground_truth(records)
     client = redis.Redis.from_url(redis_url)
     shas = [
-        hashlib.sha1(script.encode()).hexdigest() for script in (lua.CLAIM_PAGE, lua.RECORD_PAGE)
+        hashlib.sha1(script.encode()).hexdigest()
+        for script in (lua_pages.CLAIM_PAGE, lua_pages.RECORD_PAGE)
     ]
     before_flush: list[list[bool]] = []
     after_flush: list[list[bool]] = []

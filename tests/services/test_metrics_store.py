@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
+from devservers import PostgresServer, free_port
 from resources import db, store_queries
 from resources.counts import Counts
 from resources.errors import ConfigurationError, RunFinalError, StoreUnavailableError
@@ -22,7 +23,6 @@ from resources.metrics_store import (
     RejectedRecord,
 )
 from resources.store_queries import MAX_RAW_RECORD_BYTES
-from tests.servers import PostgresServer, free_port
 
 pytestmark = pytest.mark.services
 

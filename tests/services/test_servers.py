@@ -1,15 +1,17 @@
-"""The shared server fixtures work: real redis-server and PostgreSQL, nothing faked."""
+"""The dev servers (devservers/) and the shared fixtures on them work: real redis-server and
+PostgreSQL started, stopped and restarted by their handles, nothing faked."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import sqlalchemy as sa
 
-from tests.servers import PostgresServer, RedisServer, find_postgres_bin
+from devservers import PostgresServer, RedisServer, common, find_postgres_bin, start_redis
 
 
 def _roundtrip(url: str) -> list[tuple[int, str]]:
@@ -63,6 +65,18 @@ def test_redis_stopped_refuses_connections(redis_server: RedisServer, redis_url:
     client.close()
 
 
+def test_redis_started_and_closed_leaves_no_process(tmp_path: Path) -> None:
+    with start_redis(tmp_path / "redis") as server:
+        pid = server.pid
+        assert pid is not None and psutil.pid_exists(pid)
+        assert server in common._LIVE  # the atexit net would stop it
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping() is True
+    assert not server.running
+    assert not psutil.pid_exists(pid)
+    assert server not in common._LIVE
+
+
 def test_postgres_create_insert_select(postgres_url: str) -> None:
     assert postgres_url.startswith("postgresql+psycopg://postgres@127.0.0.1:")
     assert _roundtrip(postgres_url) == [(1, "a"), (2, "b")]
@@ -81,6 +95,28 @@ def test_postgres_stop_then_start_keeps_data(
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar_one() == 2
     engine.dispose()
+
+
+def test_postgres_restart_keeps_data_on_same_port(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    _roundtrip(postgres_url)
+    port, pid = postgres_server.port, postgres_server.pid
+    postgres_server.restart()
+    assert postgres_server.running
+    assert (postgres_server.port, postgres_server.pid != pid) == (port, True)
+    assert _table_names(postgres_url) == ["items"]
+
+
+def test_postgres_runs_unprivileged(postgres_server: PostgresServer) -> None:
+    """PostgreSQL refuses root: as root the dev server runs as the postgres user."""
+    pid = postgres_server.pid
+    assert pid is not None
+    owner = psutil.Process(pid).username()
+    if os.geteuid() == 0:
+        assert (postgres_server.run_as, owner) == ("postgres", "postgres")
+    else:
+        assert postgres_server.run_as is None
 
 
 def test_postgres_databases_are_isolated(
