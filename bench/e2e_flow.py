@@ -21,12 +21,15 @@ import dagster as dg
 
 import flow_assets.jobs
 from bench.data import PAGE_SIZE, no_op
+from flow_assets import build
 from flow_assets.flow import Flow
+from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from tests.flowkit import make_defs
+from resources.metrics_store import MetricsStore
+from resources.redis_counters import RedisCounters
 
 FLOW_NAME = "bench_e2e"
 _TIMING_DIR: list[Path] = []  # set once per process by install_timing
@@ -86,7 +89,11 @@ def build_definitions(
     database_url: str, redis_url: str, data_path: str, timing_dir: str
 ) -> dg.Definitions:
     install_timing(timing_dir)
-    return make_defs([build_flow(data_path)], redis_url, database_url)
+    resources = {
+        STORE_KEY: MetricsStore(url=database_url),
+        COUNTERS_KEY: RedisCounters(url=redis_url),
+    }
+    return build.build_definitions([build_flow(data_path)], resources=resources)
 
 
 def build_job(

@@ -1,6 +1,6 @@
 """The benchmark's world: real Redis and PostgreSQL servers, Dagster instances, the machine.
 
-Servers are started with ``tests/servers.py`` under a temporary directory and stopped by
+Servers are started with :mod:`devservers` under a temporary directory and stopped by
 :func:`bench_environment` on the way out, whether the run ends, fails, or is interrupted
 (Ctrl-C, or SIGTERM turned into the same KeyboardInterrupt).
 """
@@ -25,7 +25,7 @@ import psutil
 import psycopg
 import redis
 
-from tests.servers import PostgresServer, RedisServer, start_postgres, start_redis
+from devservers import PostgresServer, RedisServer, start_postgres, start_redis
 
 
 @dataclass

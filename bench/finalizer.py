@@ -179,7 +179,7 @@ def _seed_ledger(servers: BenchServers, run_ids: list[str], history: int, label:
     counters = RedisCounters(url=servers.redis_url)
     for run_id in run_ids:
         counters.start_run(FLOW, run_id)
-        counters.record_page(FLOW, run_id, 0, PAGE)
+        counters.record_pages(FLOW, run_id, [(0, PAGE)])
     return url
 
 

@@ -173,7 +173,7 @@ HOW_TO_RUN = [
     "BENCH_QUICK=1 make bench    # smaller sizes, < 3 min: checks the harness (bench/quick/)",
     "```",
     "",
-    "The harness (`bench/run.py`) starts its own Redis and PostgreSQL with `tests/servers.py`"
+    "The harness (`bench/run.py`) starts its own Redis and PostgreSQL with `devservers/`"
     " in a temp dir (PostgreSQL needs its binaries, as for `make test`) and stops them at the"
     " end, also on errors and Ctrl-C. It prints the table and rewrites `results.json`"
     " (figure -> number, plus machine, versions, timestamp, sizes) and this file, in `bench/`"

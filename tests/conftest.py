@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
+from devservers import PostgresServer, RedisServer, start_postgres, start_redis
 from resources.embedded_redis import stop_embedded_redis
-from tests.servers import PostgresServer, RedisServer, start_postgres, start_redis
 
 if TYPE_CHECKING:
     import dagster as dg

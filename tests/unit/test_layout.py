@@ -1,0 +1,69 @@
+"""The repository's layering: the benchmark and the dev servers import nothing from tests/.
+
+``bench/`` runs outside pytest and ``devservers/`` is shared by the test session and the
+benchmark, so neither may depend on the test suite's modules (issue 11, item 8).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+INDEPENDENT_OF_TESTS = ("bench", "devservers")
+
+
+def _is_tests(module: str) -> bool:
+    return module == "tests" or module.startswith("tests.")
+
+
+def imports_of_tests(source: str) -> list[str]:
+    """Modules of ``tests`` that ``source`` imports: ``import``/``from`` statements at any
+    depth, and ``importlib.import_module``/``__import__`` calls with a literal name."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if _is_tests(alias.name)]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module and _is_tests(node.module):
+                found.append(node.module)
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            first = node.args[0]
+            if (
+                name in ("import_module", "__import__")
+                and isinstance(first, ast.Constant)
+                and isinstance(first.value, str)
+                and _is_tests(first.value)
+            ):
+                found.append(first.value)
+    return found
+
+
+@pytest.mark.parametrize("package", INDEPENDENT_OF_TESTS)
+def test_package_imports_nothing_from_tests(package: str) -> None:
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files, f"{package}/ has no Python files"
+    offenders = {
+        str(path.relative_to(REPO)): found
+        for path in files
+        if (found := imports_of_tests(path.read_text(encoding="utf-8")))
+    }
+    assert offenders == {}, f"{package}/ must not import from tests/: {offenders}"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from tests.servers import free_port", ["tests.servers"]),
+        ("import tests.flowkit as kit", ["tests.flowkit"]),
+        ("def f():\n    from tests import httpfixture", ["tests"]),
+        ("importlib.import_module('tests.flowkit')", ["tests.flowkit"]),
+        ("from devservers import start_redis\nimport testsuite\nfrom . import tests", []),
+    ],
+)
+def test_imports_of_tests_finds_every_form(source: str, expected: list[str]) -> None:
+    assert imports_of_tests(source) == expected
