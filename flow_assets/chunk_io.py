@@ -10,9 +10,10 @@ They stay there only while they may be needed:
 
 * once a flow run is final ``completed`` or ``partial_success``, the finalizer removes the
   chunks of every Dagster run of its re-execution group;
-* a ``failed`` or ``cancelled`` run keeps them, so it can be re-executed from failure, for
-  ``FLOW_CHUNK_RETENTION_DAYS`` days (default 7) after they were written; the finalizer's
-  periodic sweep then removes them, unless that Dagster run is still in progress.
+* a ``failed`` or ``cancelled`` run keeps them, so it can be re-executed from failure, until
+  its re-execution group has been idle (no Dagster run in progress or updated) for
+  ``FLOW_CHUNK_RETENTION_DAYS`` days (default 7); the finalizer's periodic sweep then
+  removes them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import dagster as dg
 from upath import UPath
 
-from flow_assets.errors import ConfigurationError
+from flow_assets.errors import ConfigurationError, SourceError
 
 CHUNKS_IO_MANAGER_KEY = "flow_chunks_io_manager"
 CHUNKS_DIR = "flow_chunks"
@@ -58,8 +59,18 @@ class _ChunkFiles(dg.UPathIOManager):
     extension = ".pickle"
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        try:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except RecursionError:
+            # A record nested hundreds of levels deep: parseable JSON, yet not a record a
+            # handler can be given; fail with a reason rather than a raw RecursionError.
+            raise SourceError(
+                f"a record of the pages for step {context.step_key} nests too deeply to hand"
+                " to the page steps (more levels than Python's recursion limit). Fix: check"
+                " the source, or have it leave out such records."
+            ) from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        path.write_bytes(data)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
         try:
@@ -100,8 +111,12 @@ def remove_run_chunks(instance: dg.DagsterInstance, dagster_run_ids: Iterable[st
 
 
 def sweep_old_chunks(instance: dg.DagsterInstance, *, now: float | None = None) -> int:
-    """Remove the chunks written more than the retention ago, unless their Dagster run is
-    still in progress; return how many runs' chunks went."""
+    """Remove the chunks of re-execution groups idle for longer than the retention: none of
+    their Dagster runs in progress or updated since. Return how many runs' chunks went.
+
+    A group, not a run: a re-execution from failure reads its parent's chunks."""
+    from sensors.finalizer import dagster_run_groups  # the sensor package imports this one
+
     cutoff = (now if now is not None else time.time()) - retention_days() * 86400
     root = chunks_root(instance)
     if not root.is_dir():
@@ -110,10 +125,23 @@ def sweep_old_chunks(instance: dg.DagsterInstance, *, now: float | None = None) 
     if not old:
         return 0
     runs = {run.run_id: run for run in instance.get_runs(dg.RunsFilter(run_ids=old))}
-    done = [
-        run_id for run_id in old if run_id not in runs or runs[run_id].status not in _IN_PROGRESS
-    ]
-    return remove_run_chunks(instance, done)
+    root_of = {run_id: _root(runs.get(run_id)) or run_id for run_id in old}
+    groups = dagster_run_groups(instance, sorted(set(root_of.values())))
+    busy = {
+        group_root
+        for group_root, records in groups.items()
+        if any(_busy(record, cutoff) for record in records)
+    }
+    return remove_run_chunks(instance, [run_id for run_id in old if root_of[run_id] not in busy])
+
+
+def _root(run: dg.DagsterRun | None) -> str | None:
+    return None if run is None else run.root_run_id or run.run_id
+
+
+def _busy(record: dg.RunRecord, cutoff: float) -> bool:
+    updated = record.update_timestamp.timestamp() if record.update_timestamp else 0.0
+    return record.dagster_run.status in _IN_PROGRESS or updated >= cutoff
 
 
 def retention_days() -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flow_assets.errors import FlowDefinitionError
 from resources.errors import ConfigurationError, FlowError
@@ -38,6 +40,9 @@ _RUN_COLUMNS = (
     ("pages", "pages_done"),
     ("runtime ms", "total_runtime_ms"),
 )
+# C0 and C1 control characters: a record key or an error holding ESC must not drive the
+# terminal (clear it, recolour it, fake a line).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _STATUS_STYLE = {
     "completed": "green",
     "partial_success": "yellow",
@@ -62,14 +67,13 @@ def print_runs(rows: Sequence[Any]) -> None:
         table.add_column(title, justify="right" if numeric else "left", no_wrap=True)
     for row in rows:
         values = [_cell(getattr(row, attr)) for _, attr in _RUN_COLUMNS]
-        style = _STATUS_STYLE.get(row.flow_status, "")
-        values[3] = f"[{style}]{values[3]}[/{style}]" if style else values[3]
+        values[3].stylize(_STATUS_STYLE.get(row.flow_status, ""))
         table.add_row(*values)
     console.print(table)
     for row in rows:
         if row.failure_reason or row.counter_mismatch:
             notes = "; ".join(filter(None, [row.failure_reason, row.counter_mismatch]))
-            console.print(f"  {row.run_id} {row.flow_status}: {notes}", highlight=False)
+            console.print(_cell(f"  {row.run_id} {row.flow_status}: {notes}"), highlight=False)
 
 
 def print_rejects(rejects: Sequence[Any], failures: Sequence[Any]) -> None:
@@ -78,14 +82,16 @@ def print_rejects(rejects: Sequence[Any], failures: Sequence[Any]) -> None:
         for column in ("page", "position", "reason", "record"):
             table.add_column(column, overflow="fold")
         for r in rejects:
-            table.add_row(str(r.page_index), str(r.position), r.reason, r.raw_record[:200])
+            table.add_row(
+                _cell(r.page_index), _cell(r.position), _cell(r.reason), _cell(r.raw_record[:200])
+            )
         console.print(table)
     if failures:
         table = Table(title="failed jobs")
         for column in ("record key", "page", "error"):
             table.add_column(column, overflow="fold")
         for f in failures:
-            table.add_row(f.record_key, str(f.page_index), f.error[:300])
+            table.add_row(_cell(f.record_key), _cell(f.page_index), _cell(f.error[:300]))
         console.print(table)
     if not rejects and not failures:
         console.print("no rejected records and no failed jobs")
@@ -100,9 +106,8 @@ def print_late(outcomes: Sequence[dict[str, Any]]) -> None:
         table.add_column(column, overflow="fold")
     for o in outcomes:
         error = (o["error"] or "")[:300]
-        table.add_row(
-            o["record_key"], str(o["page_index"]), o["outcome"], error, _cell(o["late_at"])
-        )
+        cells = (o["record_key"], o["page_index"], o["outcome"], error, o["late_at"])
+        table.add_row(*map(_cell, cells))
     console.print(table)
 
 
@@ -145,7 +150,8 @@ def fail(exc: BaseException) -> int:
 
 def _print_error(message: str) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else message
-    err_console.print(f"[red]error:[/red] {first_line}", highlight=False, soft_wrap=True)
+    line = Text("error: ", style="red") + _cell(first_line)
+    err_console.print(line, highlight=False, soft_wrap=True)
 
 
 def _is_configuration_error(exc: BaseException) -> bool:
@@ -163,8 +169,11 @@ def _our_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _cell(value: Any) -> str:
-    return "" if value is None else str(value)
+def _cell(value: Any) -> Text:
+    """Data as plain text: rich markup in it (``[/]``) is not parsed, control characters
+    are shown escaped (``\\x1b``), so no record or error can break or drive the terminal."""
+    text = "" if value is None else str(value)
+    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text))
 
 
 def _jsonable(value: Any) -> Any:

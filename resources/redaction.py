@@ -15,9 +15,11 @@ import re
 
 # A query parameter whose name ends in a secret word: client_secret, private_token,
 # refresh_token, x-api-key, access_key... (``\b`` would not split ``client_secret``).
+# Session ids and one-time codes are credentials too (``?jwt=``, ``?sid=``, OAuth's ``?code=``).
 _SECRET_PARAM = re.compile(
     r"(?i)(?<![A-Za-z0-9_.\-])"
-    r"([A-Za-z0-9_.\-]*(?:password|passwd|pwd|token|secret|api_?key|key|signature|sig))"
+    r"([A-Za-z0-9_.\-]*(?:password|passwd|pwd|token|secret|api_?key|key|signature|sig|jwt"
+    r"|session|session_?id|sid)|code)"
     r"=[^&#\s]*"
 )
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -39,7 +41,8 @@ _SECRET_WORDS = (
     r"password|passwd|pwd|passphrase|secret|token|api[-_]?key|access[-_]?key"
     r"|private[-_]?key|auth|authorization|credentials?|signature|cookie|session[-_]?id"
 )
-# A bare value ends before white space or a later '&', less closing punctuation. Our
+# A bare value ends before white space or a later '&', less closing punctuation, and is
+# more than punctuation ("the credentials (auth=)" names an option, it holds none). Our
 # mask is left as it is (masked already); a value led by '*' is masked whole, else the
 # mask and what follows it could spell the value.
 _MASK_RE = r"\*\*\*"
@@ -48,8 +51,10 @@ _AUTH_SCHEMES = r"bearer|basic|token|digest|negotiate|ntlm|oauth|jwt|apikey|api-
 _SECRET_PAIR = re.compile(
     rf"(?i)(?<![\w-])([\w-]*?(?:{_SECRET_WORDS})[\"']?\s*[:=]\s*(?:(?:{_AUTH_SCHEMES})\s+)?)"
     rf"(\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*'|{_MASK_RE}(?={_TRAILING})|\*+\S*"
-    rf"|\S[^\s&]*?(?={_TRAILING}))"
+    rf"|[,;)}}\]\"'>]*[^\s,;)}}\]\"'>][^\s&]*?(?={_TRAILING}))"
 )
+# A Cookie header's value is all of its pairs (``a=1; sid=...``), to the end of the line.
+_COOKIE_HEADER = re.compile(r"(?i)(?<![\w-])((?:set-)?cookie\s*:\s*)([^\r\n]+)")
 # A bearer token wherever it is echoed (a body quoting the request); ``Basic`` only before
 # something base64-like, as "Basic" is a word too.
 _BARE_CREDENTIAL = re.compile(
@@ -103,6 +108,7 @@ def redact_text(text: str) -> str:
         '{"password": "***"}'
     """
     text = _redact_urls(text)
+    text = _COOKIE_HEADER.sub(lambda m: m[1] + _MASK, text)
     text = _SECRET_PAIR.sub(_masked_pair, text)
     text = _BARE_CREDENTIAL.sub(_masked_bare, text)
     return escape_unstorable(text)

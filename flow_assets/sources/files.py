@@ -169,7 +169,9 @@ class FileSource(SequentialSource):
     def files(self, partition_key: str | None) -> list[str]:
         """The files this partition reads, sorted; SourceError if there are none."""
         pattern = self._resolve(partition_key)
-        if _GLOB_CHARS.isdisjoint(pattern):
+        # Whether to glob is the path's own choice: a partition key holding '*' or '[' is a
+        # name, never a pattern that reads other partitions' files.
+        if _GLOB_CHARS.isdisjoint(self.path.replace(PARTITION_PLACEHOLDER, "")):
             if not os.path.isfile(pattern):
                 raise SourceError(
                     f"Source {self.name!r}: file not found: {pattern}. Fix: check the path "

@@ -5,6 +5,7 @@ every file under DAGSTER_HOME is searched for it."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,12 @@ from typing import Any
 
 import dagster as dg
 import pytest
+from upath import UPath
 
-from flow_assets.chunk_io import RETENTION_ENV, chunks_root, sweep_old_chunks
-from flow_assets.errors import ConfigurationError
+from flow_assets.chunk_io import RETENTION_ENV, _ChunkFiles, chunks_root, sweep_old_chunks
+from flow_assets.errors import ConfigurationError, SourceError
+from flow_assets.jobs import PageChunk
+from flow_assets.sources.base import Page
 from resources.counts import Counts
 from tests.dagster import chunk_flows
 from tests.flowkit import assert_counts, row_of, tick
@@ -161,3 +165,45 @@ def test_a_bad_retention_setting_fails_at_load_naming_the_variable_and_the_fix(
     monkeypatch.setenv(RETENTION_ENV, "a week")
     with pytest.raises(ConfigurationError, match=f"{RETENTION_ENV}='a week' is invalid: set it"):
         chunk_flows.build_definitions(**kwargs)
+
+
+def test_the_sweep_spares_chunks_a_running_reexecution_reads(
+    instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed run's chunks are old, but its re-execution from failure is running and reads
+    them: the group is busy and keeps them; once it ended long enough ago they go."""
+    monkeypatch.delenv(RETENTION_ENV, raising=False)
+    parent = dg.DagsterRun(job_name="chunked_orders_job", status=dg.DagsterRunStatus.FAILURE)
+    instance.add_run(parent)
+    child = dg.DagsterRun(
+        job_name="chunked_orders_job",
+        status=dg.DagsterRunStatus.STARTED,
+        parent_run_id=parent.run_id,
+        root_run_id=parent.run_id,
+        tags={"dagster/root_run_id": parent.run_id, "dagster/parent_run_id": parent.run_id},
+    )
+    instance.add_run(child)
+    chunk = chunks_root(instance) / parent.run_id / "chunked_orders_plan" / "result" / "p0"
+    chunk.parent.mkdir(parents=True)
+    chunk.write_bytes(b"records")
+    in_ten_days = time.time() + 10 * 86400
+
+    assert sweep_old_chunks(instance, now=in_ten_days) == 0
+    assert chunk.exists()
+
+    instance.report_run_failed(child)
+    assert sweep_old_chunks(instance, now=in_ten_days) == 1
+    assert not chunk.exists()
+
+
+def test_a_record_nested_too_deep_to_hand_over_fails_with_a_reason(tmp_path: Path) -> None:
+    """JSON the parser accepts may still nest past what pickling follows: the plan step
+    then fails naming the problem, not with a raw RecursionError."""
+    deep: Any = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    chunk = PageChunk(pages=(Page(0, [deep]),))
+    files = _ChunkFiles(base_path=UPath(tmp_path))
+    context = dg.build_output_context(step_key="orders_plan", name="result")
+    with pytest.raises(SourceError, match="nests too deeply to hand to the page steps"):
+        files.dump_to_path(context, chunk, UPath(tmp_path) / "chunk.pickle")

@@ -227,6 +227,19 @@ class TestPartitionKeysStayInTheDirectory:
         self.files(tmp_path)
         assert read_all(FileSource(str(tmp_path / "data" / "{partition}.jsonl")), key) == expected
 
+    @pytest.mark.parametrize("key", ["*", "t*", "tenant[AB]", "**", "tenant?"])
+    def test_glob_characters_in_a_key_are_a_name_not_a_pattern(
+        self, tmp_path: Path, key: str
+    ) -> None:
+        """A key with '*', '?' or '[' reads the file of that name, never other partitions'."""
+        write_jsonl(tmp_path / "data" / "tenantA.jsonl", [{"tenant": "A"}])
+        write_jsonl(tmp_path / "data" / "tenantB.jsonl", [{"tenant": "B"}])
+        source = FileSource(str(tmp_path / "data" / "{partition}.jsonl"), name="orders")
+        with pytest.raises(SourceError, match="file not found"):
+            read_all(source, key)
+        write_jsonl(tmp_path / "data" / f"{key}.jsonl", [{"tenant": key}])
+        assert read_all(source, key) == [{"tenant": key}]
+
 
 class TestJsonLinesRandomAccess:
     """plan() + fetch() give exactly the pages pages() gives, each page read on its own."""

@@ -255,3 +255,24 @@ def test_personal_data_is_masked(text: str, hidden: str) -> None:
 )
 def test_what_is_not_personal_stays(text: str) -> None:
     assert mask_personal_data(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "secrets", "kept"),
+    [
+        ("Cookie: a=1; sid=abc123; theme=dark", ["abc123", "dark"], "Cookie: ***"),
+        ("Set-Cookie: session=s3ss10n; Path=/", ["s3ss10n"], "Set-Cookie: ***"),
+        (
+            "GET https://h/x?jwt=eyJhbGci&session=s1x&sid=9z9&code=0auth&zipcode=123",
+            ["eyJhbGci", "s1x", "9z9", "0auth"],
+            "zipcode=123",
+        ),
+        ("check the credentials (auth=) and headers=", [], "credentials (auth=) and headers="),
+    ],
+)
+def test_cookies_session_ids_and_codes_are_masked_and_option_names_kept(
+    text: str, secrets: list[str], kept: str
+) -> None:
+    shown = redact_text(text)
+    assert all(secret not in shown for secret in secrets), shown
+    assert kept in shown
