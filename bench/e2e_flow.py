@@ -22,8 +22,8 @@ import dagster as dg
 import flow_assets.jobs
 from bench.data import PAGE_SIZE, no_op
 from flow_assets import build
+from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.flow import Flow
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.files import FileSource

@@ -32,12 +32,11 @@ from bench import data
 from bench.environment import BenchServers, psycopg_url
 from bench.profiling import Share, phase_breakdown, profile
 from flow_assets.build import build_definitions
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
+from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STORE_KEY
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from sensors.finalizer import DEFAULT_BATCH_SIZE
-from sensors.sensor import SENSOR_NAME
 
 FLOW = "bench_fin"
 PAGE = Counts(source=100, dispatched=100, completed=100)
@@ -49,7 +48,7 @@ TICK_PHASES: dict[str, tuple[str, str]] = {
     "ledger: running_runs": ("resources/metrics_store.py", "running_runs"),
     "ledger: page_totals": ("resources/metrics_store.py", "page_totals"),
     "Dagster: dagster_run_groups (2 get_run_records)": (
-        "sensors/finalizer.py",
+        "sensors/publish.py",
         "dagster_run_groups",
     ),
     "Redis: totals_many (pipelined)": ("resources/redis_counters.py", "totals_many"),

@@ -6,9 +6,10 @@ show it and lets a user re-evaluate it on demand.
 
 import dagster as dg
 
+from flow_assets.dagster_names import STATUS_CHECK
 from flow_assets.flow import Flow
 from resources.metrics_store import MetricsStore
-from sensors.publish import STATUS_CHECK, final_check
+from sensors.publish import final_check
 
 
 def build_status_check(flow: Flow) -> dg.AssetChecksDefinition:

@@ -16,7 +16,10 @@ Exit codes (``flowctl run`` and ``flowctl rerun`` report the flow run's final st
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -51,11 +54,51 @@ ModuleOption = Annotated[
 
 @app.command()
 def demo() -> None:
-    """Run the bundled demo flows end to end on the embedded default and print their rows."""
-    from flow_assets.runner import run_demo
+    """Run the bundled demo flows end to end on the embedded default and print their rows.
+
+    The runs stay in the Dagster instance $FLOW_HOME/dagster (not DAGSTER_HOME), for the UI.
+    """
+    from flow_assets.demo import demo_dagster_home, run_demo
 
     rows = run_demo(progress=cli_render.progress)
     cli_render.print_runs(rows)
+    cli_render.console.print(
+        f"Dagster runs kept in {demo_dagster_home()}; to see them in the UI:\n  {_ui_command()}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _ui_command() -> str:
+    """The command that opens the Dagster UI on the demo's instance, to paste in the
+    current directory (the README's command when run from the repository root)."""
+    from flow_assets.demo import demo_dagster_home
+
+    cwd = Path.cwd()
+    home = demo_dagster_home()
+    relative_home = _relative(home, cwd)
+    shown_home = f"$PWD/{relative_home}" if relative_home else shlex.quote(str(home))
+    dagster = Path(sys.executable).with_name("dagster")
+    relative_dagster = _relative(dagster, cwd)
+    shown_dagster = (
+        relative_dagster
+        if relative_dagster and "/" in relative_dagster
+        else shlex.quote(str(dagster))
+    )
+    target = "-w workspace.yaml" if (cwd / "workspace.yaml").is_file() else f"-m {DEFAULT_MODULE}"
+    # The code location's finalizer sensor must find the same ledger: pass FLOW_HOME on.
+    flow_home = os.environ.get("FLOW_HOME")
+    prefix = f"FLOW_HOME={shlex.quote(flow_home)} " if flow_home else ""
+    return f"{prefix}DAGSTER_HOME={shown_home} {shown_dagster} dev {target}"
+
+
+def _relative(path: Path, cwd: Path) -> str | None:
+    """``path`` relative to ``cwd``, when it lies under it and needs no shell quoting."""
+    if not path.is_relative_to(cwd):
+        return None
+    relative = str(path.relative_to(cwd))
+    return relative if shlex.quote(relative) == relative else None
 
 
 WaitOption = Annotated[

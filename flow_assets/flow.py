@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 from croniter import croniter
 
+from flow_assets import dagster_names
 from flow_assets.dispatch import ERROR_DETAILS, JobBatch
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.options import is_int_at_least
@@ -195,7 +196,7 @@ class Flow:
 
     @property
     def job_name(self) -> str:
-        return f"{self.name}_job"
+        return dagster_names.job_name(self.name)
 
     @property
     def queue_name(self) -> str | None:
@@ -204,7 +205,7 @@ class Flow:
 
     @property
     def asset_key(self) -> dg.AssetKey:
-        return dg.AssetKey(["flows", self.name])
+        return dagster_names.flow_asset_key(self.name)
 
     def __repr__(self) -> str:
         return f"Flow(name={self.name!r}, source={self.source})"

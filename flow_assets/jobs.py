@@ -20,30 +20,32 @@ from typing import TypeVar
 import dagster as dg
 
 from flow_assets.chunk_io import CHUNKS_IO_MANAGER_KEY
+from flow_assets.dagster_names import (
+    FLOW_TAG,
+    PARENT_RUN_ID_TAG,
+    PARTITION_TAG,
+    ROOT_RUN_ID_TAG,
+    STATUS_TAG,
+    schedule_name,
+)
 from flow_assets.flow import Flow
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef, SourceDownError
+from flow_assets.step_errors import outward_errors
 from resources.errors import StoreUnavailableError
 from resources.metrics_store import MetricsStore
 from resources.page_ranges import missing_pages_text
 from resources.redis_counters import RedisCounters
+from resources.schema import SUCCESSFUL_STATUSES
 
-COUNTERS_KEY = "redis_counters"
-STORE_KEY = "metrics_store"
 T = TypeVar("T")
-# Dagster's tags for re-execution groups (dagster._core.storage.tags, not public API).
-ROOT_RUN_ID_TAG = "dagster/root_run_id"
-PARENT_RUN_ID_TAG = "dagster/parent_run_id"
-PARTITION_TAG = "dagster/partition"
 # A partition's Dagster run in one of these is in progress: its schedule does not launch it.
 ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
-SUCCESSFUL = ("completed", "partial_success")
-STATUS_TAG = "flow/status"
 
 
 @dataclass(frozen=True)
@@ -63,82 +65,99 @@ class PageChunk:
 
 
 def build_flow_job(flow: Flow) -> dg.JobDefinition:
-    """The flow's job: plan pages, process chunks in mapped steps, collect."""
-    tags = {"flow/name": flow.name}
+    """The flow's job: plan pages, process chunks in mapped steps, collect.
+
+    The ops take the ledger and the counters as typed resource parameters: Dagster hands
+    each the resource whose key is the parameter's name (``STORE_KEY``, ``COUNTERS_KEY``).
+    """
+    tags = {FLOW_TAG: flow.name}
 
     @dg.op(
         name=f"{flow.name}_plan",
         # Chunks of sequential sources hold records: kept where the finalizer removes them.
         out=dg.DynamicOut(PageChunk, io_manager_key=CHUNKS_IO_MANAGER_KEY),
-        required_resource_keys={COUNTERS_KEY, STORE_KEY},
         # A sequential source is read here in full: an outage longer than its HTTP retries
         # re-reads it from the first page rather than throwing the run away.
         retry_policy=flow.retry_policy,
         description=f"Plan the pages of {flow.source} and fan them out in chunks.",
         tags=tags,
     )
-    def plan(context: dg.OpExecutionContext) -> Iterator[dg.DynamicOutput[PageChunk]]:
-        partition_key = context.partition_key if context.has_partition_key else None
-        store: MetricsStore = getattr(context.resources, STORE_KEY)
-        counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
-        run_id = flow_run_id(context, flow)
-        policy = flow.run_policy(_code_location(context.run))
-        store.start_run(run_id, flow.name, partition_key, datetime.now(timezone.utc), policy)
-        counters.start_run(flow.name, run_id)
-        pages_total, reported_totals = 0, []
-        for chunk in _chunks(flow, partition_key):
-            pages_total += len(chunk)
-            reported_totals += _reported_totals(chunk)
-            yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
-        # Dagster starts the mapped steps once this op has returned: the plan is in the
-        # ledger before any page is, and extraction is done when each page has its row.
-        store.record_plan(run_id, pages_total, max(reported_totals, default=None))
+    def plan(
+        context: dg.OpExecutionContext, metrics_store: MetricsStore, redis_counters: RedisCounters
+    ) -> Iterator[dg.DynamicOutput[PageChunk]]:
+        with outward_errors(flow, "plan"):
+            partition_key = context.partition_key if context.has_partition_key else None
+            run_id = join_flow_run(context, flow, metrics_store, redis_counters)
+            policy = flow.run_policy(_code_location(context.run))
+            metrics_store.start_run(
+                run_id, flow.name, partition_key, datetime.now(timezone.utc), policy
+            )
+            redis_counters.start_run(flow.name, run_id)
+            pages_total, reported_totals = 0, []
+            for chunk in _chunks(flow, partition_key):
+                pages_total += len(chunk)
+                reported_totals += _reported_totals(chunk)
+                yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
+            # Dagster starts the mapped steps once this op has returned: the plan is in the
+            # ledger before any page is, and extraction is done when each page has its row.
+            metrics_store.record_plan(run_id, pages_total, max(reported_totals, default=None))
 
     @dg.op(
         name=f"{flow.name}_pages",
-        required_resource_keys={COUNTERS_KEY, STORE_KEY},
         retry_policy=flow.retry_policy,
         description="Validate, dedup and dispatch the records of a chunk of pages.",
         tags=tags,
     )
-    def process(context: dg.OpExecutionContext, chunk: PageChunk) -> int:
-        store: MetricsStore = getattr(context.resources, STORE_KEY)
-        counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
-        run_id = flow_run_id(context, flow)
-        attempt = context.run_id  # a re-execution is a new attempt: it tries the source again
-        if chunk.refs and (down := _known_source_down(store, run_id, attempt)):
-            raise _source_down(flow, down)  # found by another step of this attempt
-        # Dagster will not retry this attempt: a handler error then fails the page's jobs.
-        final_attempt = context.retry_number >= flow.retry_policy.max_retries
-        with heartbeat(store, run_id, heartbeat_interval(flow.deadline)):
-            try:
-                pages = chunk.pages or [flow.source.fetch(ref) for ref in chunk.refs]
-            except SourceDownError as exc:
-                # Every step would wait out its retries on it again: record it, fail fast.
-                store.note_source_down(run_id, attempt, str(exc))
-                raise _source_down(flow, store.source_down(run_id, attempt) or str(exc)) from exc
-            process_pages(flow, run_id, pages, counters, store, final_attempt=final_attempt)
+    def process(
+        context: dg.OpExecutionContext,
+        chunk: PageChunk,
+        metrics_store: MetricsStore,
+        redis_counters: RedisCounters,
+    ) -> int:
+        with outward_errors(flow, "pages"):
+            run_id = join_flow_run(context, flow, metrics_store, redis_counters)
+            attempt = context.run_id  # a re-execution is a new attempt: it tries the source again
+            if chunk.refs and (down := _known_source_down(metrics_store, run_id, attempt)):
+                raise _source_down(flow, down)  # found by another step of this attempt
+            # Dagster will not retry this attempt: a handler error then fails the page's jobs.
+            final_attempt = context.retry_number >= flow.retry_policy.max_retries
+            with heartbeat(metrics_store, run_id, heartbeat_interval(flow.deadline)):
+                try:
+                    pages = chunk.pages or [flow.source.fetch(ref) for ref in chunk.refs]
+                except SourceDownError as exc:
+                    # Every step would wait out its retries on it again: record it, fail fast.
+                    metrics_store.note_source_down(run_id, attempt, str(exc))
+                    raise _source_down(
+                        flow, metrics_store.source_down(run_id, attempt) or str(exc)
+                    ) from None  # the message says it all; what it wraps may quote a URL
+                process_pages(
+                    flow, run_id, pages, redis_counters, metrics_store, final_attempt=final_attempt
+                )
         return len(chunk)
 
     @dg.op(
         name=f"{flow.name}_collect",
-        required_resource_keys={COUNTERS_KEY, STORE_KEY},
         description="Check that every planned page has its row in the ledger.",
         tags=tags,
     )
-    def collect(context: dg.OpExecutionContext, pages_per_chunk: list[int]) -> None:
-        store: MetricsStore = getattr(context.resources, STORE_KEY)
-        run_id = flow_run_id(context, flow)
-        missing = store.missing_pages(run_id)
-        if missing:
-            # A re-execution from failure re-runs failed steps only: steps that never
-            # started (orchestrator died, run terminated) are out of its reach.
-            raise dg.Failure(
-                f"flow {flow.name}: {missing_pages_text(missing)} of the plan never ran in"
-                " this run; re-execute all steps (not from failure) to read them"
-            )
-        store.mark_extraction_done(run_id)
-        context.log.info(f"flow {flow.name}: extraction done, {sum(pages_per_chunk)} pages")
+    def collect(
+        context: dg.OpExecutionContext,
+        pages_per_chunk: list[int],
+        metrics_store: MetricsStore,
+        redis_counters: RedisCounters,
+    ) -> None:
+        with outward_errors(flow, "collect"):
+            run_id = join_flow_run(context, flow, metrics_store, redis_counters)
+            missing = metrics_store.missing_pages(run_id)
+            if missing:
+                # A re-execution from failure re-runs failed steps only: steps that never
+                # started (orchestrator died, run terminated) are out of its reach.
+                raise dg.Failure(
+                    f"flow {flow.name}: {missing_pages_text(missing)} of the plan never ran in"
+                    " this run; re-execute all steps (not from failure) to read them"
+                )
+            metrics_store.mark_extraction_done(run_id)
+            context.log.info(f"flow {flow.name}: extraction done, {sum(pages_per_chunk)} pages")
 
     @dg.graph(name=f"{flow.name}_graph", description=flow.description)
     def flow_graph() -> None:
@@ -152,15 +171,23 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
     )
 
 
-def flow_run_id(context: dg.OpExecutionContext, flow: Flow) -> str:
-    """The flow run an op works for: the root of a re-execution group, else this run.
+def join_flow_run(
+    context: dg.OpExecutionContext, flow: Flow, store: MetricsStore, counters: RedisCounters
+) -> str:
+    """Join the op's Dagster run to its flow run; return the flow run's id: the root of a
+    re-execution group, else this Dagster run's id.
 
-    A re-execution (from failure, or of chosen steps) continues the same flow run: its
-    pages replace the earlier attempt's in the ledger, and a flow run already finalized as
-    failed or cancelled is reopened so the finalizer classifies the new outcome. Writes:
-    tags a re-execution launched from Python with its group, reopens the ledger row, tags
-    the group's Dagster runs ``flow/status=running`` again and restores the run's Redis
-    state, which its earlier finalization removed (not a loss: no counter-mismatch note).
+    A first run writes nothing. A re-execution (from failure, or of chosen steps) continues
+    the same flow run: its pages replace the earlier attempt's in the ledger, and a flow
+    run already finalized as failed or cancelled is reopened so the finalizer classifies
+    the new outcome. For a re-execution it writes:
+
+    - the Dagster run's group tags (``ROOT_RUN_ID_TAG``, ``PARENT_RUN_ID_TAG``) when it
+      lacks them (a re-execution launched from Python);
+    - the ledger row, reopened (``running`` again) if it was final;
+    - when reopened, ``STATUS_TAG=running`` on every Dagster run of the group;
+    - the run's Redis state, rebuilt from the ledger when its earlier finalization removed
+      it (not a loss: no counter-mismatch note).
     """
     run = context.run
     if run.parent_run_id is None:
@@ -172,8 +199,6 @@ def flow_run_id(context: dg.OpExecutionContext, flow: Flow) -> str:
         context.instance.add_run_tags(
             run.run_id, {ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: run.parent_run_id}
         )
-    store: MetricsStore = getattr(context.resources, STORE_KEY)
-    counters: RedisCounters = getattr(context.resources, COUNTERS_KEY)
     reopened = store.reopen(root)
     if reopened:
         group = context.instance.get_run_ids(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: root}))
@@ -242,10 +267,10 @@ def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinit
     partitions = flow.partitions
     if not isinstance(partitions, dg.TimeWindowPartitionsDefinition):
         return dg.ScheduleDefinition(
-            name=f"{flow.name}_schedule", job=job, cron_schedule=flow.schedule
+            name=schedule_name(flow.name), job=job, cron_schedule=flow.schedule
         )
 
-    @dg.schedule(name=f"{flow.name}_schedule", job=job, cron_schedule=flow.schedule)
+    @dg.schedule(name=schedule_name(flow.name), job=job, cron_schedule=flow.schedule)
     def latest_partition(
         context: dg.ScheduleEvaluationContext, metrics_store: MetricsStore
     ) -> dg.RunRequest | dg.SkipReason:
@@ -263,7 +288,9 @@ def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinit
             return dg.SkipReason(
                 f"{partition} has a run in progress: Dagster run {active[0].run_id} ({status})"
             )
-        ledger = metrics_store.partition_runs(flow.name, key, ("running", *SUCCESSFUL), limit=10)
+        ledger = metrics_store.partition_runs(
+            flow.name, key, ("running", *SUCCESSFUL_STATUSES), limit=10
+        )
         running = [(run_id, status) for run_id, status in ledger if status == "running"]
         if running:
             run_id, status = running[0]

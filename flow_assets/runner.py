@@ -16,16 +16,26 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import dagster as dg
 
+from flow_assets.dagster_names import (
+    COUNTERS_KEY,
+    DAGSTER_TAG_PREFIX,
+    FLOW_TAG,
+    MODULE_TAG,
+    PARENT_RUN_ID_TAG,
+    ROOT_RUN_ID_TAG,
+    SENSOR_NAME,
+    STATUS_TAG,
+    STORE_KEY,
+    job_name,
+)
 from flow_assets.errors import ConfigurationError, FlowError
-from flow_assets.jobs import COUNTERS_KEY, PARENT_RUN_ID_TAG, ROOT_RUN_ID_TAG, STATUS_TAG, STORE_KEY
 from resources.metrics_store import MetricsStore, RunRow
-from sensors.sensor import SENSOR_NAME
 
 # Dagster's events (step failures with their tracebacks included) belong in the UI and the
 # event log; on a terminal the finalized row and its one-line reason say what happened.
@@ -34,9 +44,6 @@ QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}
 # step outputs written by the default filesystem IO manager under DAGSTER_HOME.
 PERSISTENT_RUN_CONFIG = {**QUIET_RUN_CONFIG, "execution": {"config": {"in_process": {}}}}
 DEFAULT_MODULE = "flow_assets.definitions"
-# The module `flowctl run -m` loaded the flow from: `flowctl rerun` reloads it from there.
-MODULE_TAG = "flowctl/module"
-FLOW_TAG = "flow/name"
 _RERUNNABLE = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 _FINISHED = (*_RERUNNABLE, dg.DagsterRunStatus.SUCCESS)
 
@@ -78,6 +85,7 @@ def run_flow(
     progress: Progress = _no_progress,
     wait_seconds: float = 0.0,
     module: str | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> RunRow:
     """Execute a flow's job, finalize it, and return its ``flow_metrics`` row.
 
@@ -88,24 +96,24 @@ def run_flow(
 
     A run whose jobs went to RQ workers (``dispatch="rq"``) is still ``running`` when its
     Dagster run ends: it is finalized again every second, for up to ``wait_seconds``, until
-    the workers have acknowledged every job.
+    the workers have acknowledged every job. ``tags`` are added to the run's tags.
     """
     job = _job(defs, flow_name)
     label = f"flow {flow_name}" + (f" [{partition_key}]" if partition_key else "")
-    tags = {MODULE_TAG: module} if module else {}
+    run_tags = {**(tags or {}), **({MODULE_TAG: module} if module else {})}
     with _instance(instance) as dagster_instance:
         _check_partition(job, flow_name, partition_key, dagster_instance)
         with progress(f"running {label}"):
             if module is not None and not dagster_instance.is_ephemeral:
                 if partition_key is not None:
-                    tags.update(job.get_tags_for_partition_key(partition_key, None))
+                    run_tags.update(job.get_tags_for_partition_key(partition_key, None))
                 # Not opened as a context manager: that would rebuild the resources to
                 # read outputs, which nothing here needs.
                 run_id = dg.execute_job(
                     _reconstructable(module, flow_name),
                     instance=dagster_instance,
                     run_config=PERSISTENT_RUN_CONFIG,
-                    tags=tags,
+                    tags=run_tags,
                 ).run_id
             else:
                 run_id = job.execute_in_process(
@@ -113,7 +121,7 @@ def run_flow(
                     partition_key=partition_key,
                     raise_on_error=False,
                     run_config=QUIET_RUN_CONFIG,
-                    tags=tags,
+                    tags=run_tags,
                 ).run_id
         return _finalized_row(
             defs, dagster_instance, flow_name, run_id, label, progress, wait_seconds
@@ -196,7 +204,7 @@ def rerun_flow(
     tags = {
         key: value
         for key, value in parent.tags.items()
-        if key != STATUS_TAG and (not key.startswith("dagster/") or "partition" in key)
+        if key != STATUS_TAG and (not key.startswith(DAGSTER_TAG_PREFIX) or "partition" in key)
     }
     tags.update({ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: parent.run_id, MODULE_TAG: module})
     what = "all steps" if all_steps else "from failure"
@@ -296,17 +304,6 @@ def _wait_for_jobs(
     return row
 
 
-def run_demo(progress: Progress = _no_progress) -> list[RunRow]:
-    """Run both demo flows on the embedded default and return their rows."""
-    from flow_assets.definitions import defs
-
-    with embedded_redis_session(), dg.DagsterInstance.ephemeral() as instance:
-        return [
-            run_flow(defs, name, instance=instance, progress=progress)
-            for name in ("demo_orders", "demo_customers")
-        ]
-
-
 def finalize_now(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
     """Evaluate one tick of the ``finalize_flow_runs`` sensor against ``instance``."""
     sensor = defs.resolve_sensor_def(SENSOR_NAME)
@@ -352,13 +349,11 @@ def _instance(instance: dg.DagsterInstance | None) -> Iterator[dg.DagsterInstanc
 
 def _job(defs: dg.Definitions, flow_name: str) -> dg.JobDefinition:
     names = sorted(
-        job.name.removesuffix("_job")
-        for job in defs.resolve_all_job_defs()
-        if job.tags.get(FLOW_TAG)
+        job.tags[FLOW_TAG] for job in defs.resolve_all_job_defs() if job.tags.get(FLOW_TAG)
     )
     if flow_name not in names:
         raise ConfigurationError(f"no flow named {flow_name!r}; known flows: {', '.join(names)}")
-    return defs.resolve_job_def(f"{flow_name}_job")
+    return defs.resolve_job_def(job_name(flow_name))
 
 
 __all__ = [
@@ -367,6 +362,5 @@ __all__ = [
     "flow_job",
     "load_definitions",
     "rerun_flow",
-    "run_demo",
     "run_flow",
 ]

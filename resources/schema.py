@@ -30,6 +30,8 @@ from sqlalchemy.types import TypeDecorator
 
 FLOW_STATUSES: tuple[str, ...] = ("running", "completed", "partial_success", "failed", "cancelled")
 FINAL_STATUSES: tuple[str, ...] = FLOW_STATUSES[1:]
+# The run finished: nothing to re-execute (its schedule skips the partition, its chunks go).
+SUCCESSFUL_STATUSES: tuple[str, ...] = ("completed", "partial_success")
 PAGE_STATUSES: tuple[str, ...] = ("dispatched", "done")
 #: flow_page_progress's count columns, in Counts' field order.
 PAGE_COUNT_COLUMNS: tuple[str, ...] = (

@@ -89,7 +89,7 @@ class Verdict:
 def classify(
     snapshot: RunSnapshot, tolerance: Tolerance, now: datetime, deadline: timedelta
 ) -> Verdict:
-    """Decide the status of a flow run (see DESIGN.md, classify()).
+    """Decide the status of a flow run (the rules: docs/accounting.md).
 
     Order: cancelled run -> cancelled; a run still in progress -> not final; a run that
     ended (failed, or succeeded without finishing extraction) with work that cannot finish,

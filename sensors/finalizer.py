@@ -22,7 +22,7 @@ from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
 from resources.run_policy import RunPolicy
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
-from sensors.publish import publish_final_runs
+from sensors.publish import dagster_run_groups, publish_final_runs
 from sensors.settle import cancel_queued_jobs
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,6 @@ DEFAULT_DEADLINE = timedelta(hours=1)
 # so one tick can finalize a large backfill.
 DEFAULT_BATCH_SIZE = 5000
 MAX_CAUSE_CHARS = 300
-# Every run of a re-execution group carries the group's first run id in this tag (set by
-# Dagster's UI, and by the flow's ops for re-executions launched from Python).
-ROOT_RUN_ID_TAG = "dagster/root_run_id"
 
 _RUN_STATES = {
     dg.DagsterRunStatus.SUCCESS: RunState.SUCCEEDED,
@@ -253,25 +250,6 @@ def _reopen_late_successes(
     return reopened
 
 
-def dagster_run_groups(
-    instance: dg.DagsterInstance, run_ids: list[str]
-) -> dict[str, list[dg.RunRecord]]:
-    """Flow run id -> the Dagster runs of its re-execution group, newest first."""
-    children = instance.get_run_records(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: run_ids}))
-    roots = instance.get_run_records(dg.RunsFilter(run_ids=run_ids))
-    groups: dict[str, list[dg.RunRecord]] = {}
-    seen: set[str] = set()
-    for record in [*children, *roots]:
-        run = record.dagster_run
-        if run.run_id in seen:
-            continue
-        seen.add(run.run_id)
-        groups.setdefault(run.root_run_id or run.run_id, []).append(record)
-    for records in groups.values():
-        records.sort(key=lambda record: record.create_timestamp, reverse=True)
-    return groups
-
-
 def _with_cause(verdict: Verdict, instance: dg.DagsterInstance, run: dg.DagsterRun) -> Verdict:
     """Add the first step failure's error (redacted, one line) to a failed run's reason."""
     failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
@@ -313,7 +291,7 @@ def _final_states(
         mismatch = mismatches[row.run_id]
         if mismatch:
             log.warning("flow %s run %s: %s", row.flow_name, row.run_id, mismatch)
-        # A final row has no pending job (DESIGN.md, conservation): jobs that can no longer
+        # A final row has no pending job (docs/accounting.md, conservation): jobs that can no longer
         # finish are counted failed, and the reason says how many were lost. The page rows
         # keep them pending, so a re-execution of the run can still finish them.
         counts = totals.counts

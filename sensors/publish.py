@@ -2,7 +2,8 @@
 
 Runs are published after their final write and marked published afterwards, so a crash
 in between publishes again on the next tick (at-least-once for UI events; the ledger's
-final state itself is written exactly once).
+final state itself is written exactly once). ``dagster_run_groups`` (the Dagster runs of
+each flow run's re-execution group) also serves the finalizer and the sensor.
 """
 
 from __future__ import annotations
@@ -15,29 +16,20 @@ from datetime import datetime
 
 import dagster as dg
 
-# Dagster's own building blocks of report_runless_asset_event (Dagster is pinned exactly).
-from dagster._core.events import StepMaterializationData
-from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
-
+from flow_assets.dagster_names import ROOT_RUN_ID_TAG, STATUS_CHECK, STATUS_TAG, flow_asset_key
+from flow_assets.dagster_private import runless_materialization_entry
 from resources.errors import CountersUnavailableError
 from resources.metrics_store import MetricsStore, RunRow
 from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
 
 log = logging.getLogger(__name__)
-STATUS_TAG = "flow/status"
-STATUS_CHECK = "flow_status"
-ROOT_RUN_ID_TAG = "dagster/root_run_id"  # Dagster's re-execution group tag
 PUBLISH_CHUNK = 250  # runs per event-log batch and per mark_published (about 1 s)
 _SEVERITY = {
     "partial_success": dg.AssetCheckSeverity.WARN,
     "cancelled": dg.AssetCheckSeverity.WARN,
     "failed": dg.AssetCheckSeverity.ERROR,
 }
-
-
-def flow_asset_key(flow_name: str) -> dg.AssetKey:
-    return dg.AssetKey(["flows", flow_name])
 
 
 def publish_final_runs(
@@ -84,27 +76,33 @@ def _publish_chunk(
         by_flow[row.flow_name].append(row)
     for flow_rows in by_flow.values():
         store_materializations(instance, [final_materialization(row) for row in flow_rows])
-    groups = _run_groups(instance, [row.run_id for row in rows])
+    groups = dagster_run_groups(instance, [row.run_id for row in rows])
     for row in rows:
         instance.report_runless_asset_event(final_check(row))
         # Every Dagster run of the group shows the flow run's current status: a
         # re-execution inherits its parent's tags, a parent keeps an older verdict.
-        for run_id in groups.get(row.run_id, ()):
-            instance.add_run_tags(run_id, {STATUS_TAG: row.flow_status})
+        for record in groups.get(row.run_id, ()):
+            instance.add_run_tags(record.dagster_run.run_id, {STATUS_TAG: row.flow_status})
     _forget_run_keys(counters, rows)
 
 
-def _run_groups(instance: dg.DagsterInstance, run_ids: list[str]) -> dict[str, list[str]]:
-    """Flow run id -> the ids of the Dagster runs of its re-execution group in this instance."""
-    runs = [
-        *instance.get_runs(dg.RunsFilter(run_ids=run_ids)),
-        *instance.get_runs(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: run_ids})),
-    ]
-    groups: dict[str, list[str]] = {}
-    for run in runs:
-        members = groups.setdefault(run.root_run_id or run.run_id, [])
-        if run.run_id not in members:
-            members.append(run.run_id)
+def dagster_run_groups(
+    instance: dg.DagsterInstance, run_ids: list[str]
+) -> dict[str, list[dg.RunRecord]]:
+    """Flow run id -> the Dagster runs of its re-execution group in this instance, newest
+    first: the run itself (the group's root) and every run tagged with it as root."""
+    children = instance.get_run_records(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: run_ids}))
+    roots = instance.get_run_records(dg.RunsFilter(run_ids=run_ids))
+    groups: dict[str, list[dg.RunRecord]] = {}
+    seen: set[str] = set()
+    for record in [*children, *roots]:
+        run = record.dagster_run
+        if run.run_id in seen:
+            continue
+        seen.add(run.run_id)
+        groups.setdefault(run.root_run_id or run.run_id, []).append(record)
+    for records in groups.values():
+        records.sort(key=lambda record: record.create_timestamp, reverse=True)
     return groups
 
 
@@ -124,20 +122,7 @@ def store_materializations(
         raise ValueError(f"one asset key per batch, got {sorted(k.to_string() for k in keys)}")
     timestamp = time.time()
     entries = [
-        dg.EventLogEntry(
-            user_message="",
-            level=logging.INFO,
-            job_name=RUNLESS_JOB_NAME,
-            run_id=RUNLESS_RUN_ID,
-            error_info=None,
-            timestamp=timestamp,
-            step_key=None,
-            dagster_event=dg.DagsterEvent(
-                event_type_value=dg.DagsterEventType.ASSET_MATERIALIZATION.value,
-                event_specific_data=StepMaterializationData(materialization),
-                job_name=RUNLESS_JOB_NAME,
-            ),
-        )
+        runless_materialization_entry(materialization, timestamp)
         for materialization in materializations
     ]
     if entries:

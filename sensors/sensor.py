@@ -10,14 +10,15 @@ from collections.abc import Mapping
 import dagster as dg
 
 from flow_assets.chunk_io import remove_run_chunks, sweep_old_chunks
+from flow_assets.dagster_names import SENSOR_NAME, STATUS_CHECK, STATUS_TAG
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
+from resources.schema import SUCCESSFUL_STATUSES
 from sensors.cleanup import remove_stray_keys
-from sensors.finalizer import DEFAULT_BATCH_SIZE, FlowPolicy, dagster_run_groups, finalize_runs
+from sensors.finalizer import DEFAULT_BATCH_SIZE, FlowPolicy, finalize_runs
 from sensors.pooling import pooled_storage_connections
+from sensors.publish import dagster_run_groups
 
-SENSOR_NAME = "finalize_flow_runs"
-SUCCESSFUL = ("completed", "partial_success")
 # Scanning Redis for stray keys costs O(keys on the server): every 20th tick is enough
 # for keys that also expire by their TTL.
 CLEANUP_EVERY_TICKS = 20
@@ -54,8 +55,9 @@ def build_finalizer_sensor(
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             "Finalizes flow runs: computes their totals from the ledger, classifies them"
-            " (completed, partial_success, failed, cancelled), tags the run with flow/status,"
-            " reports asset metadata and the flow_status check, and removes the run's Redis keys."
+            " (completed, partial_success, failed, cancelled), tags the run with"
+            f" {STATUS_TAG}, reports asset metadata and the {STATUS_CHECK} check, and removes"
+            " the run's Redis keys."
         ),
     )
     def finalize_flow_runs(
@@ -100,7 +102,7 @@ def _remove_successful_chunks(
     ``completed`` or ``partial_success``: nothing will re-execute from them. Failed and
     cancelled runs keep theirs for a re-execution from failure (``sweep_old_chunks``)."""
     statuses = store.statuses(published) if published else {}
-    done = [run_id for run_id, status in statuses.items() if status in SUCCESSFUL]
+    done = [run_id for run_id, status in statuses.items() if status in SUCCESSFUL_STATUSES]
     if done:
         groups = dagster_run_groups(instance, done)
         runs = [record.dagster_run.run_id for records in groups.values() for record in records]

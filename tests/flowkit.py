@@ -10,15 +10,13 @@ import dagster as dg
 import redis
 
 from flow_assets.build import build_definitions
+from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STATUS_TAG, STORE_KEY
 from flow_assets.flow import Flow
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.sources.base import Page, PageRef
 from resources.counts import Counts
 from resources.keys import ALL_RUN_KEYS_PATTERN
 from resources.metrics_store import MetricsStore, RunRow
 from resources.redis_counters import RedisCounters
-from sensors.publish import STATUS_TAG
-from sensors.sensor import SENSOR_NAME
 
 
 class NoSource:

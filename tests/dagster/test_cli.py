@@ -4,6 +4,7 @@ and on the test session's real Redis and PostgreSQL. Nothing is faked."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
@@ -23,6 +25,9 @@ from resources.embedded_redis import embedded_redis_running, socket_path, stop_e
 from resources.metrics_store import MetricsStore
 from resources.migrations import head_revision
 from tests.flowkit import run_keys_left
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 FLOWCTL = Path(sys.executable).parent / "flowctl"
 COMMANDS = ("demo", "run", "status", "cleanup", "db")
@@ -112,6 +117,82 @@ def test_demo_stops_the_embedded_redis_it_started(demo: DemoRun) -> None:
     pid = int(started[1])
     alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     assert not alive, f"embedded redis-server {pid} is still running"
+
+
+def demo_run_ids(output: str) -> dict[str, str]:
+    """flow name -> run id, from the table `flowctl demo` printed."""
+    ids = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == 12 and cells[0] in DEMO_ROWS:
+            ids[cells[0]] = cells[1]
+    return ids
+
+
+def check_evaluations(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey
+) -> list[dg.AssetCheckEvaluation]:
+    """The latest evaluations of an asset check, newest first."""
+    import dagster as dg
+
+    history = instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
+    events = [record.event.dagster_event for record in history if record.event]
+    data = [event.event_specific_data for event in events if event is not None]
+    return [item for item in data if isinstance(item, dg.AssetCheckEvaluation)]
+
+
+def test_demo_keeps_its_runs_finalized_in_the_instance_the_ui_opens(demo: DemoRun) -> None:
+    """What the README's UI command (DAGSTER_HOME=$FLOW_HOME/dagster dagster dev -w
+    workspace.yaml) shows after `flowctl demo`: the demo's runs, as runs of the jobs of the
+    workspace's code location, each tagged flow/status with the ledger's status, and each
+    flow's asset materialized and its flow_status check evaluated."""
+    import dagster as dg
+    import yaml
+
+    assert demo.result.returncode == 0, demo.result.stderr
+    run_ids = demo_run_ids(demo.result.stdout)
+    assert set(run_ids) == set(DEMO_ROWS)
+    dagster_home = demo.home / "dagster"
+    assert (dagster_home / "dagster.yaml").is_file()
+    [hint] = [line for line in demo.result.stdout.splitlines() if " dev " in line]
+    assert hint.strip().startswith(f"FLOW_HOME={demo.home} DAGSTER_HOME={dagster_home} ")
+    assert hint.endswith(" dev -w workspace.yaml")
+
+    [location] = yaml.safe_load(Path("workspace.yaml").read_text())["load_from"]
+    module = importlib.import_module(location["python_module"]["module_name"])
+    repository = module.defs.get_repository_def()
+    # The label the UI lists a job's runs by: <repository>@<code location>.
+    label = f"{repository.name}@{location['python_module']['location_name']}"
+    jobs = {job.name for job in repository.get_all_jobs()}
+    asset_keys = repository.asset_graph.get_all_asset_keys()
+    check_keys = repository.asset_graph.asset_check_keys
+
+    ledger = MetricsStore(url=f"sqlite:///{demo.database}")
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        for flow_name, run_id in run_ids.items():
+            [row] = ledger.runs(run_id=run_id)
+            assert row.flow_status == DEMO_ROWS[flow_name][0]
+            run = instance.get_run_by_id(run_id)
+            assert run is not None, f"{flow_name} run {run_id} is not in {dagster_home}"
+            assert run.job_name == f"{flow_name}_job" and run.job_name in jobs
+            assert run.status == dg.DagsterRunStatus.SUCCESS
+            assert run.tags.get("flow/status") == row.flow_status
+            assert run.tags.get(".dagster/repository") == label
+
+            asset_key = dg.AssetKey(["flows", flow_name])
+            assert asset_key in asset_keys
+            event = instance.get_latest_materialization_event(asset_key)
+            assert event is not None and event.asset_materialization is not None
+            metadata = event.asset_materialization.metadata
+            assert metadata["dagster_run"].value == run_id
+            assert metadata["flow_status"].value == row.flow_status
+            assert metadata["source_record_count"].value == row.source_record_count
+
+            check_key = dg.AssetCheckKey(asset_key, "flow_status")
+            assert check_key in check_keys
+            evaluations = check_evaluations(instance, check_key)
+            [evaluation] = [e for e in evaluations if e.metadata["run_id"].value == run_id]
+            assert evaluation.passed == (row.flow_status == "completed")
 
 
 def test_status_json_is_valid_json_with_the_runs(demo: DemoRun) -> None:

@@ -11,10 +11,10 @@ import dagster as dg
 import pytest
 
 from flow_assets.build import build_definitions
+from flow_assets.dagster_names import SENSOR_NAME
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from sensors.sensor import SENSOR_NAME
 from tests.flowkit import assert_counts, make_defs, row_of, run_flow, run_keys_left, tick
 
 

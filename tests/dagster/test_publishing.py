@@ -13,12 +13,13 @@ import pytest
 from sqlalchemy.pool import NullPool
 
 from devservers import PostgresServer
+from flow_assets.dagster_private import sql_storages as _sql_storages
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from sensors import publish
 from sensors.finalizer import finalize_runs
-from sensors.pooling import _sql_storages, pooled_storage_connections
+from sensors.pooling import pooled_storage_connections
 from sensors.publish import publish_final_runs, store_materializations
 from tests.flowkit import run_keys_left, status_tag
 

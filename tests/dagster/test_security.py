@@ -24,10 +24,10 @@ import sqlalchemy as sa
 
 from devservers import free_port
 from flow_assets.build import build_definitions
+from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.dispatch import JobBatch
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.sources import HttpJsonSource, PageNumberPaginator
 from resources.counts import Counts
 from resources.keys import run_key

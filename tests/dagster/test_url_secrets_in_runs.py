@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 
 from devservers import free_port
 from flow_assets.build import build_definitions
+from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.flow import Flow
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.sources.files import FileSource
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters

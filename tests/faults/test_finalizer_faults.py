@@ -31,9 +31,9 @@ import sqlalchemy
 
 from devservers import PostgresServer
 from flow_assets.build import build_definitions
+from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow, Handler
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.runner import QUIET_RUN_CONFIG
 from flow_assets.sources import FileSource
 from resources.counts import Counts

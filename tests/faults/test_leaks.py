@@ -19,9 +19,9 @@ import redis
 
 from flow_assets import cli_render
 from flow_assets.build import build_definitions
+from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STORE_KEY
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow, Handler
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.page_step import process_page
 from flow_assets.sources import FileSource
 from flow_assets.sources.base import Page
@@ -31,7 +31,7 @@ from resources.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_keys
 from resources.metrics_store import MetricsStore
 from resources.redis_counters import RedisCounters
 from sensors.cleanup import StrayRun
-from sensors.sensor import CLEANUP_EVERY_TICKS, SENSOR_NAME
+from sensors.sensor import CLEANUP_EVERY_TICKS
 from tests.counters_helpers import record_page, ttl_report
 from tests.flowkit import (
     assert_conserved,

@@ -24,15 +24,14 @@ import redis
 
 from devservers import PostgresServer, RedisServer
 from flow_assets.build import build_definitions
+from flow_assets.dagster_names import COUNTERS_KEY, ROOT_RUN_ID_TAG, STORE_KEY
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
-from flow_assets.jobs import COUNTERS_KEY, STORE_KEY
 from flow_assets.page_step import LOST_MID_RUN
 from resources import lua_pages
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore, RunRow
 from resources.redis_counters import RedisCounters
-from sensors.finalizer import ROOT_RUN_ID_TAG
 from tests.faults import fault_flows
 from tests.faults.fault_flows import (
     MAX_FAILED_JOBS,

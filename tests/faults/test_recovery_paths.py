@@ -20,9 +20,9 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from flow_assets.dagster_names import PARENT_RUN_ID_TAG, ROOT_RUN_ID_TAG
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
-from flow_assets.jobs import PARENT_RUN_ID_TAG, ROOT_RUN_ID_TAG
 from flow_assets.sources import FileSource
 from resources.counts import Counts
 from resources.metrics_store import MetricsStore
