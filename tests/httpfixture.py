@@ -79,6 +79,7 @@ class _Rule:
     delay: float
     headers: dict[str, str] = field(default_factory=dict)
     drip: tuple[int, float] | None = None
+    drip_head: float | None = None
     content_length: bool = True
     seen: int = 0
 
@@ -155,17 +156,17 @@ class ServedApi(str):
         delay: float = 0.0,
         headers: Mapping[str, str] | None = None,
         drip: tuple[int, float] | None = None,
+        drip_head: float | None = None,
         content_length: bool = True,
     ) -> None:
         """Answer matching requests ``nth`` to ``nth + times - 1`` (1-based; ``times=None``:
-        every one from ``nth`` on) with ``status``, a ``Retry-After`` header, ``body``
-        (default: the normal page for 2xx, an error object otherwise) after ``delay`` s.
-        Requests match on ``path`` (any if None) and on the ``query`` values given.
-
-        ``headers`` are added to the answer (``Location`` for a redirect, ``Set-Cookie``,
-        ``Link``); ``drip=(n, seconds)`` sends the body ``n`` bytes at a time, ``seconds``
-        apart (a slow server that never trips a read timeout); ``content_length=False``
-        sends no ``Content-Length`` (the body ends when the connection closes)."""
+        every one from ``nth`` on) with ``status``, a ``Retry-After`` header, ``body`` (default:
+        the normal page for 2xx, an error object otherwise) and ``headers`` (``Location``,
+        ``Set-Cookie``, ``Link``) after ``delay`` s, if they match ``path`` (any if None) and
+        the ``query`` values given. ``drip=(n, seconds)`` sends the body ``n`` bytes at a time,
+        ``seconds`` apart (a slow server that never trips a read timeout), ``drip_head=seconds``
+        the status line and headers a byte at a time; ``content_length=False`` sends no
+        ``Content-Length`` (the body ends when the connection closes)."""
         rule = _Rule(
             status=status,
             nth=nth,
@@ -178,6 +179,7 @@ class ServedApi(str):
             delay=delay,
             headers=dict(headers or {}),
             drip=drip,
+            drip_head=drip_head,
             content_length=content_length,
         )
         with self._lock:
@@ -269,7 +271,7 @@ def _handler(api: ServedApi) -> type[BaseHTTPRequestHandler]:
             rule = api._match(parts.path, query)
             status, content_type = 200, "application/json"
             headers: dict[str, str] = {}
-            drip, content_length = None, True
+            drip, drip_head, content_length = None, None, True
             try:
                 body, headers = _page(api, parts.path, query)
                 payload = json.dumps(body).encode()
@@ -281,7 +283,7 @@ def _handler(api: ServedApi) -> type[BaseHTTPRequestHandler]:
                 if rule.retry_after is not None:
                     headers["Retry-After"] = rule.retry_after
                 headers.update(rule.headers)
-                drip, content_length = rule.drip, rule.content_length
+                drip, drip_head, content_length = rule.drip, rule.drip_head, rule.content_length
                 if rule.body is not None:
                     payload = rule.body.encode()
                 elif status >= 400:
@@ -297,20 +299,23 @@ def _handler(api: ServedApi) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", str(len(payload)))
             for name, value in headers.items():
                 self.send_header(name, value)
-            self.end_headers()
-            if drip is None:
-                self.wfile.write(payload)
-                return
-            size, pause = drip
-            for start in range(0, len(payload), size):
-                self.wfile.write(payload[start : start + size])
-                self.wfile.flush()
-                time.sleep(pause)
+            # The status line and headers that send_header buffered: at once, or dripped.
+            head, self._headers_buffer = b"".join(self._headers_buffer) + b"\r\n", []
+            _drip(self.wfile, head, (len(head), 0) if drip_head is None else (1, drip_head))
+            _drip(self.wfile, payload, drip or (max(len(payload), 1), 0))
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # keep pytest output clean; the log is api.requests
 
     return Handler
+
+
+def _drip(wfile: Any, data: bytes, drip: tuple[int, float]) -> None:
+    size, pause = drip
+    for start in range(0, len(data), size):
+        wfile.write(data[start : start + size])
+        wfile.flush()
+        time.sleep(pause)
 
 
 class _Server(ThreadingHTTPServer):

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from flow_assets.errors import FlowDefinitionError, SourceError
 from flow_assets.options import require_int
 from flow_assets.sources.base import Page, PageRef, SequentialSource
+from resources.redaction import mask_personal_data
 
 __all__ = ["FORMATS", "FileSource"]
 
@@ -231,10 +232,12 @@ class FileSource(SequentialSource):
         except SourceError:
             raise
         except (OSError, ValueError, pa.ArrowException) as exc:
+            # A parser's message may quote the row it choked on: personal data masked.
             raise SourceError(
                 f"Source {self.name!r}: cannot read {file} as {self.format}: "
-                f"{type(exc).__name__}: {exc}. Fix: check that the file is {self.format}."
-            ) from exc
+                f"{type(exc).__name__}: {mask_personal_data(str(exc))[:300]}. Fix: check that"
+                f" the file is {self.format}."
+            ) from None
 
     def _read_jsonl(self, file: str) -> Iterator[list[Any]]:
         # json, not pandas.read_json: pandas adds the keys a record lacks (as NaN, depending on
@@ -273,7 +276,7 @@ class FileSource(SequentialSource):
             raise SourceError(
                 f"Source {self.name!r}: {file}:{number} is not valid JSON ({exc.msg}). "
                 "Fix: repair or remove that line; each line must hold one JSON record."
-            ) from exc
+            ) from None
 
     def _read_csv(self, file: str) -> Iterator[list[Any]]:
         # The pyarrow dtypes keep an int column with blanks as ints (numpy would make floats).

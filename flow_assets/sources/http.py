@@ -18,12 +18,21 @@ import requests
 from requests.auth import AuthBase
 
 from flow_assets.errors import FlowDefinitionError, SourceError
-from flow_assets.options import is_int_at_least, require_int, require_name, require_path
+from flow_assets.options import require_int, require_name, require_path
 from flow_assets.sources import http_limits as limits
 from flow_assets.sources.auth import BearerAuth
 from flow_assets.sources.base import LazySequence, Page, PageRef
+from flow_assets.sources.http_limits import HttpProblem
 from flow_assets.sources.http_session import CROSS_ORIGIN, HttpTransport, origin_of
-from flow_assets.sources.json_body import MISSING, json_kind, json_lookup, response_json
+from flow_assets.sources.json_body import (
+    MISSING,
+    as_count,
+    excerpt,
+    json_kind,
+    json_lookup,
+    response_json,
+    shown,
+)
 from flow_assets.sources.paginators import BasePaginator
 from resources.redaction import redact_url
 
@@ -52,9 +61,10 @@ class HttpJsonSource(HttpTransport):
             source never follows a link or a redirect to http, in either mode.
         timeout: seconds to connect and to read (each socket wait), or a (connect, read) pair.
         request_deadline: seconds one request may take in all, from sending it to the last
-            byte of its body, retries and redirects included (default 300); an overrun fails
-            the request as a timeout, not retried by the source.
-        max_body_bytes: largest response body read, decoded (default 64 MiB).
+            byte of its body, retries, their waits and redirects included (default 300); an
+            overrun fails the request as a timeout, not retried by the source.
+        max_body_bytes: largest response body read, decoded (default 16 MiB; its parsed
+            JSON may take up to ~30 times as much memory).
         max_page_records: most records on one page (default 100,000).
         page_limit: most pages of one plan or walk (default 100,000): a safety limit that
             fails the read, where the paginator's ``max_pages`` stops it on purpose.
@@ -113,8 +123,12 @@ class HttpJsonSource(HttpTransport):
     ) -> None:
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            shown = redact_url(url) if isinstance(url, str) else repr(url)
-            raise FlowDefinitionError(f"url must be an http(s)://host/path URL, got {shown}.")
+            given = redact_url(url) if isinstance(url, str) else repr(url)
+            raise FlowDefinitionError(f"url must be an http(s)://host/path URL, got {given}.")
+        try:
+            origin = origin_of(url)
+        except HttpProblem as exc:
+            raise FlowDefinitionError(f"url {redact_url(url)}: {exc.problem}.") from None
         if not isinstance(paginator, BasePaginator):
             raise FlowDefinitionError(
                 f"paginator must be one of flow_assets.sources.paginators, got {paginator!r}."
@@ -151,7 +165,7 @@ class HttpJsonSource(HttpTransport):
         self.headers = dict(headers or {})
         self.auth = auth
         self.cross_origin = cross_origin
-        self._origin = origin_of(url)
+        self._origin = origin
         self.timeout = limits.check_timeout(timeout)
         self.max_retries = max_retries
         self.backoff_factor = float(backoff_factor)
@@ -181,7 +195,7 @@ class HttpJsonSource(HttpTransport):
         try:
             page_params = paginator.page_params(response, records)
         except SourceError as exc:
-            raise self._error(0, response.url, str(exc)) from exc
+            raise self._error(0, response.url, str(exc)) from None
         if page_params is None:
             return None
         with self._failing(0, response.url):
@@ -216,7 +230,7 @@ class HttpJsonSource(HttpTransport):
             try:
                 paginator.update_state(response, records)
             except SourceError as exc:
-                raise self._error(index, response.url, str(exc)) from exc
+                raise self._error(index, response.url, str(exc)) from None
             last = not paginator.has_next_page
             if not last:
                 with self._failing(index, response.url):
@@ -265,14 +279,14 @@ class HttpJsonSource(HttpTransport):
         except SourceError as exc:  # nested too deep to parse
             fix = "fix the API, or ask it for flatter records"
             raise self._error(index, response.url, str(exc), fix) from None
-        except ValueError as exc:
-            kind = response.headers.get("Content-Type", "no Content-Type")
+        except ValueError:
+            kind = excerpt(response.headers.get("Content-Type", "no Content-Type"), 100)
             raise self._error(
                 index,
                 response.url,
                 f"the body is not JSON ({kind}): {self._body_excerpt(response)!r}",
                 "point url at the JSON endpoint of the API",
-            ) from exc
+            ) from None
         if self.records_path is None:
             if not isinstance(body, list):
                 raise self._error(
@@ -314,7 +328,7 @@ class HttpJsonSource(HttpTransport):
         try:
             total = paginator.total_records(response)
         except SourceError as exc:
-            raise self._error(index, response.url, str(exc)) from exc
+            raise self._error(index, response.url, str(exc)) from None
         if total is not None:
             return total
         if self.total_path is not None:
@@ -326,19 +340,18 @@ class HttpJsonSource(HttpTransport):
             if raw is not None:
                 if self.total_header.lower() == DEFAULT_TOTAL_HEADER.lower():
                     # Only the default: an API may send it with another meaning.
-                    return int(raw) if raw.strip().isdigit() else None
+                    return as_count(raw)
                 return self._count(raw, f"total header {self.total_header!r}", index, response)
         return None
 
     def _count(self, raw: Any, where: str, index: int, response: requests.Response) -> int:
-        if is_int_at_least(raw, 0):
-            return raw
-        if isinstance(raw, str) and raw.strip().isdigit():
-            return int(raw)
+        count = as_count(raw)
+        if count is not None:
+            return count
         raise self._error(
             index,
             response.url,
-            f"{where} holds {self._excerpt(repr(raw))}, not a non-negative integer",
+            f"{where} holds {shown(raw)}, not a non-negative integer",
             "point it at the record count the API sends, or set it to None",
         )
 
@@ -347,5 +360,5 @@ class HttpJsonSource(HttpTransport):
 
     def _error(self, index: int, url: str, problem: str, fix: str | None = None) -> SourceError:
         problem = problem.rstrip(".")
-        message = f"Source {self.name!r}, page {index} (GET {redact_url(url)}): {problem}."
+        message = f"Source {self.name!r}, page {index} (GET {self._shown_url(url)}): {problem}."
         return SourceError(f"{message} Fix: {fix}." if fix else message)

@@ -8,25 +8,30 @@ Redirects are followed by the source, not by requests (which strips only
 ``Authorization``, and only on a change of host), so each hop is checked like a link.
 Cookies are kept for the source's origin only: a cookie is scoped to a host, not to a
 port or a scheme, so requests would send it to every origin of that host. Bodies are read
-under the limits of ``http_limits``; error excerpts mask credential echoes.
+under the limits of ``http_limits``; error excerpts mask credential echoes and personal data.
+
+Origins are those of the URLs as requests sends them (:func:`sendable_url`): parsers
+disagree on odd URLs (``http://a\\@b/`` is host b to urllib, host a to urllib3), and a
+link whose host part holds a backslash, a control character or white space is refused.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.cookiejar import Cookie, DefaultCookiePolicy
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
 from urllib.request import Request
 
 import requests
-from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from requests.utils import requote_uri
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util import parse_url
 from urllib3.util.retry import Retry
 
 from flow_assets.errors import SourceError
@@ -34,19 +39,25 @@ from flow_assets.sources import http_limits as limits
 from flow_assets.sources.auth import mask_credentials, secret_values
 from flow_assets.sources.base import SourceDownError
 from flow_assets.sources.http_limits import Deadline, HttpProblem
-from resources.redaction import redact_text, redact_url
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
+from flow_assets.sources.json_body import excerpt
+from resources.redaction import redact_url
 
 CROSS_ORIGIN = ("fail", "drop_credentials")
 MAX_REDIRECTS = 10
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-EXCERPT_CHARS = 200
 # The start of a body that an excerpt is cut from: masked whole, then cut (a body may be
-# 64 MiB; decoding and masking it all to show 200 characters would be a waste).
+# 16 MiB; decoding and masking it all to show 200 characters would be a waste).
 _EXCERPT_SOURCE_BYTES = 16 * 1024
+_URL_CHARS = 500
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# The host part of a URL (after the scheme and its slashes, up to the path): a backslash
+# ends it for urllib3 and browsers, not for urllib; control characters and white space
+# are cut or kept depending on the parser.
+_AUTHORITY = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*:[/\\]*([^/?#]*)")
+_LINK_FIX = "have the API send well-formed http(s) links (or fix url=)"
+# Headers whose values are secrets to mask by value in excerpts (all of headers= are
+# credentials as to where they go, but "application/json" is no secret to mask).
+_SECRET_HEADER = re.compile(r"(?i)auth|key|token|secret|passw|cookie|session|signature|credential")
 _HINTS = {
     400: "check the query parameters (params=, partition_param=, the paginator's)",
     401: "check the credentials (auth=)",
@@ -68,8 +79,48 @@ class Origin(NamedTuple):
         return f"{self.scheme}://{host}:{self.port}"
 
 
+def sendable_url(url: str, params: Any = None, what: str = "the URL") -> str:
+    """The URL requests sends for ``url`` and ``params``: origins are checked on it.
+    HttpProblem (``what`` names the URL) if its host part holds a backslash, a control
+    character or white space, or it is no http(s) URL with a host that requests can send.
+
+    Examples:
+        >>> sendable_url("http://api.test/a b", {"q": 1})
+        'http://api.test/a%20b?q=1'
+        >>> sendable_url("http://127.0.0.1:1\\\\@127.0.0.1:2/")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        flow_assets.sources.http_limits.HttpProblem: the URL is refused: its host part ...
+    """
+    authority = _AUTHORITY.match(url)
+    bad = _odd_characters(authority[1] if authority else "")
+    if bad:
+        raise HttpProblem(
+            f"{what} is refused: its host part holds {bad}, which parsers read differently"
+            " (the host could be another than it seems)",
+            _LINK_FIX,
+        )
+    try:
+        prepared = requests.Request("GET", url, params=params).prepare().url or ""
+        parts = parse_url(prepared)
+    except (requests.RequestException, ValueError) as exc:  # InvalidURL, LocationParseError
+        reason = f"{type(exc).__name__}: {excerpt(str(exc))}"  # the URL in it masked
+        raise HttpProblem(f"{what} cannot be requested ({reason})", _LINK_FIX) from None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.host:
+        raise HttpProblem(f"{what} is not an http(s) URL with a host", _LINK_FIX)
+    return prepared
+
+
+def _odd_characters(authority: str) -> str | None:
+    if "\\" in authority:
+        return "a backslash"
+    if any(c.isspace() or not c.isprintable() for c in authority):
+        return "white space or a control character"
+    return None
+
+
 def origin_of(url: str) -> Origin:
-    """The origin of ``url``, default ports filled in.
+    """The origin of ``url`` as requests sends it, default ports filled in; HttpProblem if
+    requests would not send it (see :func:`sendable_url`).
 
     Examples:
         >>> origin_of("https://API.example.com/v1?page=2") == origin_of("https://api.example.com:443")
@@ -77,20 +128,25 @@ def origin_of(url: str) -> Origin:
         >>> str(origin_of("http://user:pw@127.0.0.1:8080/x"))
         'http://127.0.0.1:8080'
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    parts = parse_url(sendable_url(url))
+    scheme, host = str(parts.scheme), str(parts.host).lower()
+    if host.startswith("["):  # an IPv6 address
+        host = host[1:-1]
+    return Origin(scheme, host, parts.port or _DEFAULT_PORTS[scheme])
+
+
+def _same_origin(url: str, origin: Origin) -> bool:
     try:
-        port = parts.port or _DEFAULT_PORTS.get(scheme, -1)
-    except ValueError:  # not a port number: no origin of ours, and requests refuses it
-        port = -1
-    return Origin(scheme, (parts.hostname or "").lower(), port)
+        return origin_of(url) == origin
+    except HttpProblem:
+        return False
 
 
 def may_send_credentials(source: Origin, url: str, cross_origin: str, via: str) -> bool:
-    """Whether a request to ``url`` may carry the source's credentials: True for the
-    source's origin, False for another under ``drop_credentials``. HttpProblem for another
-    under ``fail``, and for any step from https down to http. ``via``: how the source got
-    to ``url`` ("the next link", "a redirect"), for the message."""
+    """Whether a request to ``url`` (as :func:`sendable_url` gives it) may carry the
+    source's credentials: True for the source's origin, False for another under
+    ``drop_credentials``. HttpProblem for another under ``fail``, and for any step from https
+    down to http. ``via``: how the source got to ``url`` ("the next link", "a redirect")."""
     target = origin_of(url)
     if source.scheme == "https" and target.scheme != "https":
         raise HttpProblem(
@@ -124,7 +180,7 @@ class _OriginCookiePolicy(DefaultCookiePolicy):
         self.origin = origin
 
     def set_ok(self, cookie: Cookie, request: Request) -> bool:
-        same = origin_of(request.get_full_url()) == self.origin
+        same = _same_origin(request.get_full_url(), self.origin)
         return same and super().set_ok(cookie, request)
 
 
@@ -139,22 +195,9 @@ class _OriginSession(requests.Session):
     def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
         prepared = super().prepare_request(request)
         # The jar is merged into a fresh one per request (its policy lost): filter here.
-        if origin_of(prepared.url or "") != self.origin:
+        if not _same_origin(prepared.url or "", self.origin):
             prepared.headers.pop("Cookie", None)
         return prepared
-
-
-class _Retry(Retry):
-    """urllib3's Retry, but an answer about to be retried is closed unread: urllib3 would
-    read all its body to reuse the connection, into memory and at the server's pace (a
-    huge or dripping 503 would hold the step). Its connection is lost; retries are rare."""
-
-    def increment(self, *args: Any, **kwargs: Any) -> Self:
-        retry = super().increment(*args, **kwargs)  # MaxRetryError: the last answer is kept
-        response = kwargs.get("response")
-        if response is not None:
-            response.close()
-        return retry
 
 
 def new_session(
@@ -162,7 +205,7 @@ def new_session(
 ) -> requests.Session:
     """A session with urllib3 retries, its cookies kept to ``origin``, no credentials of
     its own (they are given per request, to the origin's requests only)."""
-    retry = _Retry(
+    retry = limits.DeadlineRetry(
         total=max_retries,
         backoff_factor=backoff_factor,
         # Jitter spreads the retries of page steps that failed together.
@@ -175,8 +218,8 @@ def new_session(
         **_retry_after_cap(retry_after_max),
     )
     session = _OriginSession(origin)
-    session.mount("http://", HTTPAdapter(max_retries=retry))
-    session.mount("https://", HTTPAdapter(max_retries=retry))
+    session.mount("http://", limits.WatchedAdapter(max_retries=retry))
+    session.mount("https://", limits.WatchedAdapter(max_retries=retry))
     return session
 
 
@@ -233,38 +276,38 @@ class HttpTransport:
         here, each hop checked like a next link (credentials to the source's origin only)."""
         deadline = Deadline(self.request_deadline)
         url, params, via = str(request.url), request.params, "the next link"
-        for _hop in range(MAX_REDIRECTS + 1):
-            shown = requests.Request("GET", url, params=params).prepare().url or url
-            with self._failing(index, shown):
-                deadline.check("following redirects")
-                trusted = may_send_credentials(self._origin, url, self.cross_origin, via)
-            response = self._get(url, params, trusted, index, shown)
-            target = redirect_url(self.session, response)
-            if target is None:
-                return self._read(response, index, deadline)
-            response.close()
-            via = f"a redirect (HTTP {response.status_code} from {redact_url(shown)})"
-            url, params = target, None
+        with deadline.watching():
+            for _hop in range(MAX_REDIRECTS + 1):
+                with self._failing(index, url):
+                    url = sendable_url(url, params, via)
+                    deadline.check("following redirects")
+                    trusted = may_send_credentials(self._origin, url, self.cross_origin, via)
+                response = self._get(url, trusted, index, deadline)
+                target = redirect_url(self.session, response)
+                if target is None:
+                    return self._read(response, index, deadline)
+                response.close()
+                via = f"a redirect (HTTP {response.status_code} from {self._shown_url(url)})"
+                url, params = target, None
         raise self._error(
-            index, shown, f"more than {MAX_REDIRECTS} redirects", "set url to the API's address"
+            index, url, f"more than {MAX_REDIRECTS} redirects", "set url to the API's address"
         )
 
-    def _get(
-        self, url: str, params: Any, trusted: bool, index: int, shown: str
-    ) -> requests.Response:
+    def _get(self, url: str, trusted: bool, index: int, deadline: Deadline) -> requests.Response:
         """One hop: the response with its headers, its body not read yet."""
-        try:
-            return self.session.get(
-                url,
-                params=params,
-                headers=self.headers if trusted else None,
-                auth=self.auth if trusted else None,
-                timeout=self.timeout,
-                allow_redirects=False,
-                stream=True,
-            )
-        except requests.RequestException as exc:
-            raise self._request_failed(exc, index, shown) from exc
+        with self._failing(index, url):  # the deadline, met in urllib3's retries
+            try:
+                return self.session.get(
+                    url,
+                    headers=self.headers if trusted else None,
+                    auth=self.auth if trusted else None,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                    stream=True,
+                )
+            except requests.RequestException as exc:
+                deadline.check("waiting for the answer")  # the watchdog cut the connection
+                raise self._request_failed(exc, index, url) from None
 
     def _request_failed(self, exc: requests.RequestException, index: int, url: str) -> SourceError:
         # requests wraps urllib3's last error (after the retries) in its own exception.
@@ -301,7 +344,7 @@ class HttpTransport:
             else:
                 problem = f"reading the body failed: {type(exc).__name__}: {exc}"
             fix = "raise timeout= or check the server's health"
-            raise self._error(index, response.url, self._excerpt(problem), fix) from exc
+            raise self._error(index, response.url, self._excerpt(problem), fix) from None
         if failed:
             retried = response.status_code in RETRY_STATUSES
             raise self._error(
@@ -323,13 +366,20 @@ class HttpTransport:
         return self._excerpt(text)
 
     def _excerpt(self, text: str) -> str:
-        """The start of ``text`` for an error, with URL secrets and credential echoes
-        masked first (a secret cut in two would no longer be recognised)."""
-        masked = mask_credentials(redact_text(" ".join(text.split())), self._secrets())
-        return masked[:EXCERPT_CHARS]
+        """The start of ``text`` for an error: credentials (the source's own, and any that
+        look like one), URL secrets and personal data masked, then cut."""
+        text = " ".join(text[: 4 * _EXCERPT_SOURCE_BYTES].split())
+        return excerpt(mask_credentials(text, self._secrets()))
 
     def _secrets(self) -> list[str]:
-        """The values this source sends as credentials: its auth's, its headers', the
-        password of its url."""
+        """The secret values this source sends: its auth's, its secret-named headers'
+        (``Authorization``, ``X-API-Key``, ``X-Auth-Token``, cookies...), its url's password."""
         password = urlsplit(self.url).password
-        return [*secret_values(self.auth), *self.headers.values(), *filter(None, [password])]
+        headers = [v for k, v in self.headers.items() if _SECRET_HEADER.search(k)]
+        return [*secret_values(self.auth), *headers, *filter(None, [password])]
+
+    def _shown_url(self, url: str) -> str:
+        """``url`` for an error: secrets masked, unprintable characters escaped, cut."""
+        shown = redact_url(url)
+        cut = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in shown[:_URL_CHARS])
+        return cut if len(shown) <= _URL_CHARS else cut + "..."

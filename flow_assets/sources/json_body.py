@@ -1,5 +1,5 @@
 """The JSON body of an HTTP response: parsed once, looked up by dotted path, described in
-errors without quoting data."""
+errors without quoting data (:func:`json_kind`), or quoted masked and cut (:func:`shown`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, Final
 from requests import Response
 
 from flow_assets.errors import SourceError
+from resources.redaction import mask_personal_data, redact_text
 
 MISSING: Final = object()
 """Returned by :func:`json_lookup` when the path is not in the document."""
@@ -19,6 +20,12 @@ MISSING: Final = object()
 # The source and its paginator both need the parsed body; parse it once per response.
 _BODIES: weakref.WeakKeyDictionary[Response, Any] = weakref.WeakKeyDictionary()
 
+
+# The most characters of a value quoted in an error, and of a text masked to quote it.
+SHOWN_CHARS = 200
+_MASKED_CHARS = 16 * 1024
+# The largest count read from an API (a page count, a total): what a range can hold.
+MAX_COUNT = sys.maxsize
 
 # A key shown in an error: a field name. Other keys may be data (an e-mail address as key).
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,30}")
@@ -85,3 +92,58 @@ def json_lookup(document: Any, path: str) -> Any:
         else:
             return MISSING
     return value
+
+
+def excerpt(text: str, limit: int = SHOWN_CHARS) -> str:
+    """The start of ``text`` fit for an error: white space collapsed, credentials and
+    personal data masked (before the cut: a value cut in two is no longer recognised), at
+    most ``limit`` characters.
+
+    Examples:
+        >>> excerpt("no  customer alice@example.com,\t ssn 123-45-6789")
+        'no customer <email>, ssn <number>'
+    """
+    text = " ".join(text[:_MASKED_CHARS].split())
+    masked = mask_personal_data(redact_text(text))
+    return masked if len(masked) <= limit else masked[: limit - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """A JSON value in an error: a string or a number quoted by :func:`excerpt`, a list or
+    an object described by :func:`json_kind` (never quoted: it may be a whole record).
+
+    Examples:
+        >>> shown("many"), shown(-1), shown({"email": "alice@example.com"})
+        ("'many'", '-1', 'a JSON object (keys: email)')
+        >>> shown(10**400)
+        'a JSON int of 401 digits'
+    """
+    if isinstance(value, str):
+        return repr(excerpt(value))
+    if isinstance(value, int) and value.bit_length() > 64:
+        # str() of an int over 4,300 digits raises: count them from the bits.
+        digits = len(str(value)) if value.bit_length() < 14_000 else "over 4,000"
+        return f"a JSON int of {digits} digits"
+    if isinstance(value, (int, float)):
+        return excerpt(repr(value))
+    return json_kind(value)
+
+
+def as_count(value: Any) -> int | None:
+    """``value`` as a count (a non-negative integer up to ``MAX_COUNT``): a JSON integer,
+    an integral float or a string of ASCII digits; None if it is none of them.
+
+    Examples:
+        >>> as_count(3), as_count(" 12 "), as_count(2.0), as_count(True), as_count(float("inf"))
+        (3, 12, 2, None, None)
+    """
+    if isinstance(value, str):
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+            return None
+        value = int(digits)
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_COUNT else None

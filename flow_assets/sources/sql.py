@@ -34,12 +34,15 @@ from resources.db import (
     cached_engine,
     connect_with_retry,
     dispose_engines,
+    driver_error,
+    driver_message,
     normalize_url,
     plain_engine,
+    raise_unchained,
     redacted,
 )
 from resources.errors import ConfigurationError
-from resources.redaction import mask_personal_data, redact_text
+from resources.redaction import mask_personal_data
 
 __all__ = ["SqlSource", "dispose_engines"]
 
@@ -263,7 +266,7 @@ class SqlSource(SequentialSource):
             except NoSuchTableError:
                 raise self._missing_table(conn, schema or None) from None
             except SQLAlchemyError as exc:
-                raise self._db_error(index, exc, "check table= and the database") from exc
+                raise_unchained(self._db_error(index, exc, "check table= and the database"))
         elif isinstance(self.query, SelectBase):
             source = self.query.subquery(_SUBQUERY)
         else:
@@ -272,7 +275,7 @@ class SqlSource(SequentialSource):
             try:
                 names = list(conn.execute(probe).keys())
             except SQLAlchemyError as exc:
-                raise self._db_error(index, exc, "check the SQL of query=") from exc
+                raise_unchained(self._db_error(index, exc, "check the SQL of query="))
             source = sa.text(sql).columns(*(sa.column(n) for n in names)).subquery(_SUBQUERY)
         known = set(source.c.keys())
         named = [("columns", c) for c in self.columns or ()] + [
@@ -334,7 +337,7 @@ class SqlSource(SequentialSource):
         try:
             found = conn.execute(query).first()
         except SQLAlchemyError as exc:
-            raise self._db_error(0, exc, "check the source and the database") from exc
+            raise_unchained(self._db_error(0, exc, "check the source and the database"))
         if found is not None:
             raise self._error(
                 0,
@@ -348,7 +351,7 @@ class SqlSource(SequentialSource):
             try:
                 return list(conn.execute(query).fetchall())
             except SQLAlchemyError as exc:
-                raise self._db_error(index, exc, "check the source and the database") from exc
+                raise_unchained(self._db_error(index, exc, "check the source and the database"))
 
     def _connect(self, engine: sa.Engine, index: int) -> sa.Connection:
         """A connection; a failed connect is retried with backoff and jitter."""
@@ -403,10 +406,10 @@ class SqlSource(SequentialSource):
         )
 
     def _db_error(self, index: int, exc: Exception, fix: str, context: str = "") -> SourceError:
-        # The driver's message, not SQLAlchemy's (which appends the statement and parameters).
-        orig = getattr(exc, "orig", None) or exc
-        detail = redact_text(" ".join(str(orig).split()))
-        return self._error(index, f"{type(orig).__name__}{context}: {detail}", fix)
+        """The driver's error, masked and capped (``driver_message``); raise it unchained:
+        SQLAlchemy's text of ``exc`` quotes the statement's parameters (record keys)."""
+        name = type(driver_error(exc)).__name__
+        return self._error(index, f"{name}{context}: {driver_message(exc)}", fix)
 
     def _missing_table(self, conn: sa.Connection, schema: str | None) -> SourceError:
         try:

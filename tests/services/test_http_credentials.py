@@ -23,7 +23,8 @@ from flow_assets.sources import (
     HttpJsonSource,
     JSONLinkPaginator,
 )
-from flow_assets.sources.http_session import origin_of
+from flow_assets.sources.http_limits import HttpProblem
+from flow_assets.sources.http_session import Origin, origin_of
 from tests.httpfixture import ServedApi, serve_records
 
 pytestmark = pytest.mark.services
@@ -77,7 +78,11 @@ def two_origins(style: str = "json_link") -> Iterator[tuple[ServedApi, ServedApi
 
 def link_away(home: ServedApi, other: ServedApi, style: str) -> None:
     """Page 0 of ``home`` links to page 1 on ``other`` (which serves pages 1 and 2)."""
-    target = f"{other}/orders?page=1"
+    link_to(home, f"{other}/orders?page=1", style)
+
+
+def link_to(home: ServedApi, target: str, style: str) -> None:
+    """Page 0 of ``home`` links to ``target``, in the body or in the Link header."""
     if style == "json_link":
         home.inject(body=json.dumps({"items": RECORDS[:10], "next": target}))
     else:
@@ -230,3 +235,63 @@ def test_origins(url: str, other: str, same: bool) -> None:
 def test_cross_origin_is_checked_at_definition() -> None:
     with pytest.raises(FlowDefinitionError, match="cross_origin must be one of"):
         HttpJsonSource("http://api.test/x", paginator=JSONLinkPaginator(), cross_origin="allow")
+
+
+def smuggling_link(home: ServedApi, other: ServedApi, odd: str = "\\") -> str:
+    """``http://OTHER<odd>@HOME/orders?page=1``: urllib reads it as HOME's (user information
+    "127.0.0.1:OTHER\\"), requests and urllib3 as OTHER's (a backslash ends the host)."""
+    return f"{other}{odd}@{home.split('//')[1]}/orders?page=1"
+
+
+@pytest.mark.parametrize("cross_origin", ["fail", "drop_credentials"])
+@pytest.mark.parametrize("style", ["json_link", "link_header"])
+def test_a_backslash_in_a_next_link_cannot_take_credentials_elsewhere(
+    style: str, cross_origin: str
+) -> None:
+    # The old check passed the link as the source's origin: the other server got the
+    # Authorization and X-Tenant-Key of every page from there on.
+    with two_origins(style) as (home, other):
+        link_to(home, smuggling_link(home, other), style)
+        paginator = JSONLinkPaginator() if style == "json_link" else HeaderLinkPaginator()
+        src = source(home + "/orders", BearerAuth(TOKEN), paginator, cross_origin=cross_origin)
+        with pytest.raises(SourceError) as caught:
+            read_all(src)
+        assert other.requests == []
+        assert len(home.requests) == 1
+    message = str(caught.value)
+    assert "page 1 " in message and "its host part holds a backslash" in message
+    assert "Fix: have the API send well-formed http(s) links" in message
+    assert TOKEN not in message and TENANT not in message
+
+
+@pytest.mark.parametrize("odd", [" ", "\x7f", "\u3000"])
+def test_white_space_or_a_control_character_in_a_link_host_is_refused(odd: str) -> None:
+    # Parsers disagree on such hosts. (Tabs and newlines are dropped by urljoin already:
+    # the link checked and sent holds none.)
+    with two_origins() as (home, other):
+        link_to(home, smuggling_link(home, other, odd), "json_link")
+        src = source(home + "/orders", BearerAuth(TOKEN), cross_origin="drop_credentials")
+        with pytest.raises(SourceError, match="white space or a control character"):
+            read_all(src)
+        assert other.requests == []
+
+
+def test_a_backslash_in_a_redirect_goes_where_it_is_checked() -> None:
+    # requests quotes a Location's backslash (%5C): user information, the host is home's.
+    with two_origins() as (home, other):
+        redirect_away(home, smuggling_link(home, other))
+        assert read_all(source(home + "/orders", BearerAuth(TOKEN))) == RECORDS[10:]
+        assert other.requests == []
+        assert [r.query.get("page") for r in home.requests] == [None, "1", "2"]
+
+
+def test_the_origin_is_that_of_the_url_requests_sends() -> None:
+    assert origin_of("http://a.test:1%5C@b.test:2/x") == Origin("http", "b.test", 2)
+    assert origin_of("http://[::1]:8080/") == Origin("http", "::1", 8080)
+    assert origin_of("http://BÜCHER.test/").host == "xn--bcher-kva.test"
+    with pytest.raises(HttpProblem, match="holds a backslash"):
+        origin_of("http://a.test:1\\@b.test:2/x")
+    with pytest.raises(
+        FlowDefinitionError, match=r"url http://a.test:\*\*\*@b.test:2/x: .*holds a backslash"
+    ):
+        source("http://a.test:1\\@b.test:2/x", BearerAuth(TOKEN))

@@ -6,6 +6,7 @@ huge, slow, endless or deeply nested answers. Nothing faked."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from itertools import islice
 from typing import Any
@@ -30,6 +31,9 @@ pytestmark = pytest.mark.services
 
 RECORDS = [{"id": i} for i in range(25)]
 TOKEN = "tok-3e1f-very-secret"
+needs_openssl = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="the TLS server makes its certificate with openssl"
+)
 
 
 def source(url: str, paginator: BasePaginator, **kwargs: Any) -> HttpJsonSource:
@@ -66,6 +70,15 @@ def test_a_body_without_length_is_cut_at_max_body_bytes() -> None:
         src = source(api.url, PageNumberPaginator(), max_body_bytes=100_000)
         with pytest.raises(SourceError, match=r"passed max_body_bytes=100000 \(\d+ bytes read"):
             read_all(src)
+
+
+def test_the_default_max_body_bytes_bounds_the_memory_of_a_page() -> None:
+    # Parsed JSON takes up to ~30 times its text: 63 MiB of [{},{},...] peaked at 1.9 GB
+    # under the old 64 MiB default. 16 MiB bounds a page to ~0.5 GB (docs/http-sources.md).
+    with serve_records(RECORDS, 10, records_key=None) as api:
+        api.inject(body="[" + " " * 16 * 2**20 + "]", content_type="application/json")
+        with pytest.raises(SourceError, match=r"over max_body_bytes=16777216"):
+            read_all(source(api.url, PageNumberPaginator(), records_path=None))
 
 
 def test_an_error_body_of_any_size_gives_a_short_excerpt() -> None:
@@ -113,9 +126,60 @@ def test_a_retried_answer_with_a_large_body_is_not_read(content_length: bool) ->
         assert [r.status for r in api.requests][:2] == [503, 200]
 
 
-def test_a_quick_answer_is_well_within_the_deadline() -> None:
+@pytest.mark.parametrize("tls", [False, pytest.param(True, marks=needs_openssl)])
+def test_a_dripping_head_is_cut_at_request_deadline(
+    tls: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Status line and headers one byte every 0.1 s: http.client reads them all before any
+    # check of ours, each read within the read timeout. The old client waited ~8 s.
+    with serve_records(RECORDS, 10, tls=tls) as api:
+        if api.ca_file:
+            monkeypatch.setenv("REQUESTS_CA_BUNDLE", api.ca_file)
+        api.inject(drip_head=0.1)
+        src = source(api.url, PageNumberPaginator(), timeout=(1, 2), request_deadline=1)
+        started = time.monotonic()
+        with pytest.raises(SourceError) as caught:
+            read_all(src)
+        elapsed = time.monotonic() - started
+    message = str(caught.value)
+    assert "timed out: the request took longer than request_deadline=1 s" in message
+    assert not isinstance(caught.value, SourceDownError)
+    assert elapsed < 1.9
+
+
+def test_retry_after_waits_stop_at_request_deadline() -> None:
+    # Three 503s asking to wait 2 s each held a request_deadline=1 request 6 s.
     with serve_records(RECORDS, 10) as api:
-        src = source(api.url, PageNumberPaginator(), request_deadline=0.5)
+        api.inject(status=503, retry_after="2", times=None)
+        src = source(api.url, PageNumberPaginator(), request_deadline=1, max_retries=3)
+        started = time.monotonic()
+        with pytest.raises(SourceError) as caught:
+            read_all(src)
+        assert time.monotonic() - started < 1
+        assert api.count_requests() == 1
+    message = str(caught.value)
+    assert "the next retry would wait 2 s, past request_deadline=1 s" in message
+    assert "Fix: raise request_deadline= (the retries' waits count)" in message
+
+
+def test_backoff_retries_stop_at_request_deadline() -> None:
+    # Waits 0, 0.6, 1.2, 2.4... (plus jitter): the old client went on for ~40 s.
+    with serve_records(RECORDS, 10) as api:
+        api.inject(status=500, times=None)
+        src = source(
+            api.url, PageNumberPaginator(), request_deadline=1, max_retries=6, backoff_factor=0.3
+        )
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="past request_deadline=1 s"):
+            read_all(src)
+        assert time.monotonic() - started < 1.5
+        assert 2 <= api.count_requests() <= 3
+
+
+@pytest.mark.parametrize("deadline", [0.5, float("inf")])
+def test_a_quick_answer_is_well_within_the_deadline(deadline: float) -> None:
+    with serve_records(RECORDS, 10) as api:
+        src = source(api.url, PageNumberPaginator(), request_deadline=deadline)
         assert read_all(src) == RECORDS
 
 
@@ -245,7 +309,7 @@ def test_an_error_excerpt_masks_the_credentials_an_api_echoes() -> None:
             api.url,
             PageNumberPaginator(),
             auth=BearerAuth(TOKEN),
-            headers={"X-Tenant": "tn-333-secret"},
+            headers={"X-Tenant-Key": "tn-333-secret"},
         )
         with pytest.raises(SourceError) as caught:
             read_all(src)

@@ -84,12 +84,28 @@ class TestPageNumberPaginator:
         paginator = PageNumberPaginator(total_pages_path="pages")
         assert walk(paginator, [{"items": PAGE, "pages": "2"}] * 3) == [{"page": 0}, {"page": 1}]
 
-    @pytest.mark.parametrize("total", ["many", -1, True, None, {"n": 1}])
+    @pytest.mark.parametrize(
+        "total", ["many", -1, True, None, {"n": 1}, 2.5, float("inf"), 10**400, "²", "9" * 20]
+    )
     def test_invalid_total_is_a_source_error(self, total: Any) -> None:
+        # Infinity (and 1e400) raised OverflowError, "²" ValueError; 2.5 was read as 2.
         paginator = PageNumberPaginator(total_pages_path="pages")
         first_request(paginator)
-        with pytest.raises(SourceError, match="total path 'pages' holds"):
+        with pytest.raises(SourceError, match=r"total path 'pages' holds .*Fix: ") as caught:
             paginator.update_state(response({"items": PAGE, "pages": total}), PAGE)
+        assert len(str(caught.value)) < 400
+
+    @pytest.mark.parametrize("total", [10**400, 1e300, "1" + "0" * 400])
+    def test_a_huge_record_total_is_a_source_error(self, total: Any) -> None:
+        # 10**400 / page_size overflowed a float, and 1e300 pages overflowed len().
+        for paginator, headers in [
+            (PageNumberPaginator(total_records_path="total", page_size=10), {}),
+            (OffsetPaginator(limit=10, total_path="total"), {}),
+            (OffsetPaginator(limit=10, total_header="X-Total"), {"X-Total": str(total)}),
+        ]:
+            resp = response({"items": PAGE, "total": total}, headers=headers)
+            with pytest.raises(SourceError, match=r"holds .*not a non-negative integer"):
+                paginator.page_params(resp, PAGE)
 
     def test_missing_total_names_the_path_and_the_keys(self) -> None:
         paginator = PageNumberPaginator(total_pages_path="meta.pages")
@@ -275,8 +291,10 @@ class TestJSONCursorPaginator:
     def test_structured_cursor_is_refused(self) -> None:
         paginator = JSONCursorPaginator()
         first_request(paginator)
-        with pytest.raises(SourceError, match="not a string or an integer"):
-            paginator.update_state(response({"next_cursor": {"a": 1}}), PAGE)
+        cursor = {"email": "alice@example.com"}  # quoted whole by the old error
+        with pytest.raises(SourceError, match=r"a JSON object .*not a string or an") as caught:
+            paginator.update_state(response({"next_cursor": cursor}), PAGE)
+        assert "alice" not in str(caught.value)
 
     def test_non_json_body_is_a_source_error(self) -> None:
         paginator = JSONCursorPaginator()
@@ -364,11 +382,21 @@ class TestJSONLinkPaginator:
         with pytest.raises(SourceError, match="a page read before"):
             paginator.update_state(response({"next": "?page=2"}, url=URL + "?page=2b"), PAGE)
 
-    def test_non_string_link_is_refused(self) -> None:
+    @pytest.mark.parametrize("link", [2, {"href": "alice@example.com"}])
+    def test_non_string_link_is_refused(self, link: Any) -> None:
         paginator = JSONLinkPaginator()
         first_request(paginator)
-        with pytest.raises(SourceError, match="not a URL"):
-            paginator.update_state(response({"next": 2}), PAGE)
+        with pytest.raises(SourceError, match=r"is a JSON .*not a URL") as caught:
+            paginator.update_state(response({"next": link}), PAGE)
+        assert "alice" not in str(caught.value)
+
+    @pytest.mark.parametrize("link", ["http://[::1", "//[", "http://\u2100.example/"])
+    def test_an_unparsable_link_is_a_source_error(self, link: str) -> None:
+        # urljoin's ValueError got out bare.
+        paginator = JSONLinkPaginator()
+        first_request(paginator)
+        with pytest.raises(SourceError, match=r"the next link is not a valid URL .*Fix: "):
+            paginator.update_state(response({"next": link}), PAGE)
 
     def test_max_pages(self) -> None:
         paginator = JSONLinkPaginator(max_pages=1)

@@ -115,8 +115,8 @@ class BasePaginator(ABC):
     def _body(self, response: Response) -> Any:
         try:
             return response_json(response)
-        except ValueError as exc:
-            raise SourceError(f"{self}: the response body is not JSON.") from exc
+        except ValueError:
+            raise SourceError(f"{self}: the response body is not JSON.") from None
 
     def __str__(self) -> str:
         options = {**self._options(), "max_pages": self.max_pages}

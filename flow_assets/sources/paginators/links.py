@@ -11,7 +11,7 @@ from requests import Request, Response
 
 from flow_assets.errors import SourceError
 from flow_assets.options import require_name, require_path
-from flow_assets.sources.json_body import MISSING, json_lookup
+from flow_assets.sources.json_body import MISSING, excerpt, json_kind, json_lookup
 from flow_assets.sources.paginators.base import (
     BasePaginator,
     fingerprint,
@@ -62,7 +62,9 @@ class JSONCursorPaginator(BasePaginator):
             self._has_next_page = False
             return
         if isinstance(value, (dict, list, bool, float)):
-            raise SourceError(f"{self}: the cursor is {value!r}, not a string or an integer.")
+            raise SourceError(
+                f"{self}: the cursor is {json_kind(value)}, not a string or an integer."
+            )
         seen = fingerprint(value)
         if seen in self._seen:
             again = "the same cursor twice" if value == self.cursor else "a cursor met before"
@@ -103,9 +105,8 @@ class _NextUrlPaginator(BasePaginator):
             self._has_next_page = False
             return
         if not isinstance(found, str):
-            raise SourceError(f"{self}: the next link is {found!r}, not a URL.")
-        # A relative link is relative to the URL that was requested (RFC 3986 section 5.1).
-        url = urljoin(response.url or "", found)
+            raise SourceError(f"{self}: the next link is {json_kind(found)}, not a URL.")
+        url = self._resolve(response, found)
         # The URLs read (after redirects) and the links followed: a cycle meets one of them.
         self._seen.add(fingerprint(response.url))
         if fingerprint(url) in self._seen:
@@ -116,6 +117,16 @@ class _NextUrlPaginator(BasePaginator):
             )
         self._seen.add(fingerprint(url))
         self.next_url = url
+
+    def _resolve(self, response: Response, link: str) -> str:
+        """The absolute URL of ``link``: relative to the URL requested (RFC 3986, 5.1)."""
+        try:
+            return urljoin(response.url or "", link)
+        except ValueError as exc:  # "http://[::1": urllib cannot parse it, nor requests
+            raise SourceError(
+                f"{self}: the next link is not a valid URL ({excerpt(str(exc))}). Fix: have "
+                "the API send well-formed next links, or use another paginator."
+            ) from None
 
     def update_request(self, request: Request) -> None:
         assert self.next_url is not None, "update_request called without a next page"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, cast
@@ -12,12 +11,24 @@ from requests import Request, Response
 from flow_assets.errors import FlowDefinitionError, SourceError
 from flow_assets.options import require_int, require_name, require_path
 from flow_assets.sources.base import LazySequence
-from flow_assets.sources.json_body import MISSING, json_kind, json_lookup
+from flow_assets.sources.json_body import (
+    MAX_COUNT,
+    MISSING,
+    as_count,
+    json_kind,
+    json_lookup,
+    shown,
+)
 from flow_assets.sources.paginators.base import (
     BasePaginator,
     optional,
     set_param,
 )
+
+
+def _ceil_div(count: int, size: int) -> int:
+    """Pages of ``size`` for ``count`` items, in integers (a float overflows past 1e308)."""
+    return -(-count // size)
 
 
 class _RangePaginator(BasePaginator):
@@ -90,12 +101,13 @@ class _RangePaginator(BasePaginator):
                     f"{self}: the response has no {header!r} header. Fix: set total_header "
                     "to the header the API sends, or None to read pages until an empty one."
                 )
-        try:
-            total = int(raw)
-        except (TypeError, ValueError):
-            total = -1
-        if isinstance(raw, bool) or total < 0:
-            raise SourceError(f"{self}: {where} holds {raw!r}, not a non-negative integer.")
+        total = as_count(raw)
+        if total is None:
+            raise SourceError(
+                f"{self}: {where} holds {shown(raw)}, not a non-negative integer (up to "
+                f"{MAX_COUNT}). Fix: point it at the count the API sends, or set it to None "
+                "to read pages until an empty one."
+            )
         return total
 
 
@@ -167,7 +179,7 @@ class PageNumberPaginator(_RangePaginator):
         if self.total_pages_path is not None:
             return self._read_total(response, self.total_pages_path, None)
         records = self._read_total(response, self.total_records_path, None)
-        return math.ceil(records / cast(int, self.page_size))
+        return _ceil_div(records, cast(int, self.page_size))
 
     def total_records(self, response: Response) -> int | None:
         if self.total_records_path is None:
@@ -250,7 +262,7 @@ class OffsetPaginator(_RangePaginator):
 
     def _page_count(self, response: Response) -> int:
         total = self._read_total(response, self.total_path, self.total_header)
-        return math.ceil(max(0, total - self.first) / self.step)
+        return _ceil_div(max(0, total - self.first), self.step)
 
     def total_records(self, response: Response) -> int | None:
         if not self.random_access:
