@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -115,3 +116,12 @@ def error_text(error: BaseException | str, detail: str = "full") -> str:
     if detail != "full":
         text = mask_personal_data(text)
     return text[:MAX_ERROR_CHARS]
+
+
+def traceback_text(exc: BaseException, detail: str) -> str:
+    """An error's traceback for a log: whole (secrets redacted) with ``detail="full"``; else
+    its frames only, which show code, not data (log the masked message beside it)."""
+    if detail == "full":
+        return redact_text("".join(traceback.format_exception(exc)))
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    return redact_text(f"Traceback (most recent call last):\n{frames}")

@@ -17,14 +17,13 @@ most once per run.
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
 
-from flow_assets.dispatch import JobBatch, error_text
+from flow_assets.dispatch import JobBatch, error_text, traceback_text
 from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
 from flow_assets.rq_dispatch import enqueue_jobs, plan_jobs
@@ -32,7 +31,6 @@ from flow_assets.sources.base import Page
 from flow_assets.validation import validate_records
 from resources.counts import Counts
 from resources.metrics_store import JobFailure, MetricsStore, PageRecord, RejectedRecord
-from resources.redaction import redact_text
 from resources.redis_counters import RedisCounters
 
 log = logging.getLogger(__name__)
@@ -230,18 +228,9 @@ def _handler_error(flow: Flow, page_index: int, exc: Exception) -> HandlerError:
         flow.name,
         page_index,
         shown,
-        _traceback_text(exc, flow.error_detail),
+        traceback_text(exc, flow.error_detail),
     )
     return HandlerError(f"flow {flow.name!r} page {page_index}: the handler raised {shown}")
-
-
-def _traceback_text(exc: Exception, detail: str) -> str:
-    """The handler's traceback to log: whole (redacted) with ``detail="full"``; else its
-    frames only, which show code, not data (the message is logged masked beside it)."""
-    if detail == "full":
-        return redact_text("".join(traceback.format_exception(exc)))
-    frames = "".join(traceback.format_tb(exc.__traceback__))
-    return redact_text(f"Traceback (most recent call last):\n{frames}")
 
 
 def _dispatch_to_workers(

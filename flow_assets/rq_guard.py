@@ -6,7 +6,8 @@ Anyone who can write to the Redis server can put a job in a queue. A worker star
 - it reads JSON only: a pickled job (RQ's default format, whose reading can run code) fails
   to deserialize, so nothing of it runs (``install``);
 - it imports only this package's job function and callbacks (``ALLOWED_CALLABLES``), never
-  another ``module.attr`` a job names (``install``);
+  another ``module.attr`` a job names, and calls no method of an instance a job names
+  (``install``);
 - it runs the handler of a flow it loaded itself, from the modules in ``FLOW_RQ_PRELOAD``
   (``load``), looked up by the flow's name (``handler_for``): a job naming another flow,
   or another handler than the loaded flow's, fails and imports nothing;
@@ -58,9 +59,10 @@ def install() -> None:
 
     ``rq worker`` takes its serializer and job class from its command line only (a ``-c``
     settings module sets neither), so the settings module adjusts RQ itself: every job
-    class of this process reads its function and callbacks through ``rq.job``'s
-    ``import_attribute``, and the default serializer (``--serializer`` unset, ``pickle``
-    and none all resolve to ``rq.serializers.DefaultSerializer``) becomes JSON.
+    class of this process gets its function from ``job_function`` and its callbacks
+    through ``rq.job``'s ``import_attribute``, and the default serializer
+    (``--serializer`` unset, ``pickle`` and none all resolve to
+    ``rq.serializers.DefaultSerializer``) becomes JSON.
     """
     import rq.job
     from rq.serializers import DefaultSerializer, JSONSerializer
@@ -71,6 +73,7 @@ def install() -> None:
     DefaultSerializer.dumps = staticmethod(JSONSerializer.dumps)  # type: ignore[assignment]
     DefaultSerializer.loads = staticmethod(JSONSerializer.loads)  # type: ignore[assignment]
     rq.job.import_attribute = import_allowed  # type: ignore[assignment]
+    rq.job.Job.func = property(job_function)  # type: ignore[method-assign, assignment]
     rq.job.Job.send_webhooks = _send_no_webhooks  # type: ignore[method-assign, assignment]
 
 
@@ -84,6 +87,27 @@ def import_allowed(name: str) -> Callable[..., Any]:
     module, _, attribute = name.rpartition(".")
     found: Callable[..., Any] = getattr(importlib.import_module(module), attribute)
     return found
+
+
+def job_function(job: Job) -> Callable[..., Any]:
+    """RQ's ``Job.func`` for this package's job function only.
+
+    RQ's own returns ``getattr(job.instance, job.func_name)``, importing nothing, whenever
+    the job's data names an instance: ``["upper", "text", [], {}]`` would run ``str.upper``.
+    A job naming an instance, or another function than ``RUN_JOBS``, is refused.
+    """
+    if not is_package_job(job):
+        on = "" if job.instance is None else " on an instance"
+        raise JobRefusedError(
+            f"job refused: it names {job.func_name!r}{on}, which this worker does not run"
+            f" (its jobs run {RUN_JOBS}, on no instance); nothing was run"
+        )
+    return import_allowed(RUN_JOBS)
+
+
+def is_package_job(job: Job) -> bool:
+    """Whether ``job`` is one this worker would run (see ``job_function``)."""
+    return job.instance is None and job.func_name == RUN_JOBS
 
 
 def _send_no_webhooks(job: Job, *args: Any, **kwargs: Any) -> None:
@@ -147,8 +171,14 @@ def loaded() -> list[str]:
 
 
 def handler_for(flow_name: str, handler_path: str) -> Callable[[JobBatch], None]:
-    """The handler of the loaded flow a job names; JobRefusedError if this worker did not
-    load that flow, or loaded it with another handler than the job names."""
+    """The handler of the loaded flow a job names (see ``flow_for``)."""
+    handler: Callable[[JobBatch], None] = flow_for(flow_name, handler_path).handler
+    return handler
+
+
+def flow_for(flow_name: str, handler_path: str) -> Flow:
+    """The loaded flow a job names; JobRefusedError if this worker did not load that flow,
+    or loaded it with another handler than the job names."""
     flow = _loaded.get(flow_name)
     if flow is None:
         raise JobRefusedError(
@@ -162,5 +192,4 @@ def handler_for(flow_name: str, handler_path: str) -> Callable[[JobBatch], None]
             f" handler on this worker is {flow.handler_path!r}; nothing was imported. Fix:"
             " run the same version of the flow's module on the workers and in Dagster"
         )
-    handler: Callable[[JobBatch], None] = flow.handler
-    return handler
+    return flow

@@ -35,19 +35,24 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from rq.exceptions import AbandonedJobError, DeserializationError
 from rq.job import Job
+from rq.timeouts import BaseTimeoutException
 
 from flow_assets import rq_guard
-from flow_assets.dispatch import JobBatch, error_text
+from flow_assets.dispatch import JobBatch, error_text, traceback_text
+from flow_assets.errors import HandlerError
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from resources import db, flow_key_queries, job_queries, lua_rq, migrations, store_queries
 from resources.lua import Outcome
 from resources.metrics_store import MetricsStore
 from resources.run_policy import RunPolicy
+
+if TYPE_CHECKING:
+    from flow_assets.flow import Flow
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +76,12 @@ def run_jobs(
     that is final in the ledger (or unknown to it) is skipped without calling the handler:
     its jobs were counted failed (lost) when the run was finalized. The result then says
     why under ``skipped``, with no outcome to acknowledge.
+
+    A handler that raises fails the job with a ``JobHandlerError`` chained to nothing: RQ
+    logs it and keeps it in Redis, so it shows the error as the flow's ``error_detail``
+    allows; the failed jobs' rows get the whole message (secrets redacted).
     """
-    handler = rq_guard.handler_for(flow, handler_path)  # first: a refused job runs nothing
+    loaded = rq_guard.flow_for(flow, handler_path)  # first: a refused job runs nothing
     with _ledger(write=False) as conn:
         gate = job_queries.run_gate(conn, run_id)
     if gate is None or not gate.running:
@@ -82,20 +91,60 @@ def run_jobs(
     batch = JobBatch(keys, records)
     deadline = (gate.policy or RunPolicy()).deadline
     with heartbeat(_store(), run_id, heartbeat_interval(deadline)):
-        handler(batch)
+        failure = _call_handler(loaded, page_index, batch)
+    if failure is not None:
+        # Raised here, outside any `except`: chained to nothing, not even as __context__.
+        raise failure
     batch.finish()
     failures = batch.failures
-    return {"completed": [key for key in keys if key not in failures], "failed": failures}
+    completed = [key for key in keys if key not in failures]
+    return {"completed": completed, "failed": failures, "error_detail": loaded.error_detail}
+
+
+class JobHandlerError(HandlerError):
+    """A flow's handler raised in a worker: the message is what the flow's ``error_detail``
+    shows; ``job_error`` is the failed jobs' rows' text (``error_text``, full)."""
+
+    def __init__(self, message: str, job_error: str = "") -> None:
+        super().__init__(message)
+        self.job_error = job_error
+
+
+def _call_handler(flow: Flow, page_index: int, batch: JobBatch) -> JobHandlerError | None:
+    """Run the handler; the error to fail the job with if it raised (RQ's timeouts pass)."""
+    try:
+        flow.handler(batch)
+    except BaseTimeoutException:
+        raise
+    except Exception as exc:
+        shown = error_text(exc, flow.error_detail)
+        log.error(
+            "flow %s page %d: the handler raised %s\n%s",
+            flow.name,
+            page_index,
+            shown,
+            traceback_text(exc, flow.error_detail),
+        )
+        message = f"flow {flow.name!r} page {page_index}: the handler raised {shown}"
+        return JobHandlerError(message, error_text(exc))
+    return None
 
 
 def ack_success(
     job: Job, connection: redis.Redis, result: Any, *args: Any, **kwargs: Any
 ) -> Outcome:
-    """RQ success callback: acknowledge the outcomes ``run_jobs`` returned."""
+    """RQ success callback: acknowledge the outcomes ``run_jobs`` returned.
+
+    RQ then keeps the result in Redis: its failures are left there as the flow's
+    ``error_detail`` shows them (the ledger has them whole)."""
     if result.get("skipped"):
         return Outcome.NOOP  # the run was final: nothing ran, nothing to acknowledge
     completed, failed = result["completed"], result["failed"]
-    return acknowledge(connection, job, completed=completed, failed=failed)
+    try:
+        return acknowledge(connection, job, completed=completed, failed=failed)
+    finally:
+        detail = result.get("error_detail", "masked")
+        result["failed"] = {key: error_text(text, detail) for key, text in failed.items()}
 
 
 def ack_failure(
@@ -107,11 +156,15 @@ def ack_failure(
         return None
     if exc_type is AbandonedJobError or isinstance(exc, AbandonedJobError):
         error = LOST_ERROR
+    elif isinstance(exc, JobHandlerError):
+        error = exc.job_error  # the whole message, for the failed jobs' rows only
     else:
         error = error_text(exc if isinstance(exc, BaseException) else f"{exc_type}: {exc}")
     try:
-        keys = job.args[4]
+        keys = job.args[4] if rq_guard.is_package_job(job) else None
     except DeserializationError:  # not JSON: not a job of this package, nothing to count
+        keys = None
+    if keys is None:
         log.warning("job %s failed and is not a job of this package; not acknowledged", job.id)
         return None
     return acknowledge(connection, job, completed=[], failed=dict.fromkeys(keys, error))

@@ -14,20 +14,41 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
-from resources.errors import ConfigurationError, StoreUnavailableError
+from resources.errors import (
+    ConfigurationError,
+    FlowError,
+    StoreError,
+    StoreIntegrityError,
+    StoreUnavailableError,
+)
 from resources.home import ENV_FLOW_HOME, flow_home
-from resources.redaction import RESERVED_FIX, redact_text, redact_url, userinfo_problem
+from resources.redaction import (
+    RESERVED_FIX,
+    mask_personal_data,
+    redact_text,
+    redact_url,
+    userinfo_problem,
+)
 
 ENV_DATABASE_URL = "FLOW_DATABASE_URL"
 SQLITE_FILE_NAME = "flow_metrics.db"
 SQLITE_BUSY_TIMEOUT_S = 30
 PG_CONNECT_TIMEOUT_S = 5
+DRIVER_MESSAGE_CHARS = 300
 
 _DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "sqlite": ("pysqlite",)}
 _WRITE = "flow_write"  # connection execution option: SQLite takes the write lock at BEGIN
@@ -65,7 +86,7 @@ def _make_dir(path: Path, setting: str) -> None:
         raise ConfigurationError(
             f"cannot create {path} for the metrics database ({exc.strerror}); set {setting}"
             " to a writable location."
-        ) from exc
+        ) from None
 
 
 def redacted(url: str) -> str:
@@ -162,7 +183,10 @@ def cached_engine(url: str, make: Callable[[str], Engine]) -> Engine:
 def plain_engine(url: str) -> Engine:
     """A new engine with this package's timeouts only: for databases the package reads
     (SQL sources) and must not reconfigure, unlike its ledger (WAL, foreign keys)."""
-    return create_engine(url, pool_pre_ping=True, connect_args=_connect_args(make_url(url)))
+    parsed = make_url(url)
+    return create_engine(
+        url, pool_pre_ping=True, hide_parameters=True, connect_args=_connect_args(parsed)
+    )
 
 
 def _connect_args(parsed: URL) -> dict[str, Any]:
@@ -172,8 +196,10 @@ def _connect_args(parsed: URL) -> dict[str, Any]:
 
 
 def new_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> Engine:
-    """A new, uncached engine with this package's connection settings."""
+    """A new, uncached engine with this package's connection settings; its errors never
+    quote a statement's parameters (record keys)."""
     parsed = make_url(url)
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, connect_args=_connect_args(parsed), **kwargs)
     engine = create_engine(url, connect_args=_connect_args(parsed), **kwargs)
@@ -228,15 +254,60 @@ def transaction(engine: Engine, *, write: bool, retry_seconds: float) -> Iterato
     caller cannot know whether its commit landed (a compare-and-set must not run twice).
 
     Raises:
-        StoreUnavailableError: no connection within ``retry_seconds``.
+        StoreUnavailableError: no connection within ``retry_seconds``, or the connection
+            was lost during the transaction.
+        StoreIntegrityError: a statement broke a constraint.
+        StoreError: any other failed statement (a lock or statement timeout...).
     """
     conn = _connect_with_retry(engine, retry_seconds)
     try:
         conn.execution_options(**{_WRITE: write})
         with conn.begin():
             yield conn
+    except SQLAlchemyError as exc:
+        raise_unchained(_statement_error(engine, exc))
     finally:
         conn.close()
+
+
+def _statement_error(engine: Engine, exc: SQLAlchemyError) -> FlowError:
+    """A failed statement as this package's error, quoting the driver's message only."""
+    reason = f"{type(driver_error(exc)).__name__}: {driver_message(exc)}"
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        where = redacted(engine.url.render_as_string(hide_password=False))
+        return StoreUnavailableError(
+            f"the metrics database {where} lost its connection during a transaction"
+            f" ({reason}). Check that the database server is running and reachable."
+        )
+    if isinstance(exc, IntegrityError):
+        return StoreIntegrityError(reason)
+    return StoreError(reason)
+
+
+def driver_error(exc: BaseException) -> BaseException:
+    """The DB-API driver's exception SQLAlchemy wrapped, else ``exc``."""
+    return getattr(exc, "orig", None) or exc
+
+
+def driver_message(exc: BaseException, limit: int = DRIVER_MESSAGE_CHARS) -> str:
+    """The driver's message on one line, safe to show: secrets redacted, personal data
+    masked, at most ``limit`` characters. Never SQLAlchemy's text, which appends the
+    statement's parameters; of PostgreSQL's, the first line and any ``HINT`` only (its
+    ``DETAIL`` and ``CONTEXT`` may quote row and parameter values)."""
+    first, *more = str(driver_error(exc)).splitlines() or [""]
+    kept = " ".join([first, *(line for line in more if line.startswith("HINT:"))])
+    text = mask_personal_data(redact_text(" ".join(kept.split())))
+    return text if len(text) <= limit else text[: limit - 5] + "[...]"
+
+
+def raise_unchained(error: BaseException) -> NoReturn:
+    """Raise ``error`` chained to nothing: no ``__cause__``, and no ``__context__`` either
+    (Python sets it to the exception being handled, and not every tool honours
+    ``from None``)."""
+    try:
+        raise error from None
+    finally:
+        error.__context__ = None
 
 
 def _connect_with_retry(engine: Engine, retry_seconds: float) -> Connection:
@@ -285,14 +356,13 @@ def connect_with_retry(
             elapsed = time.monotonic() - started
             delay = min(0.2 * 2 ** (attempt - 1), 2.0) * random.uniform(0.5, 1.0)
             if elapsed + delay > retry_seconds:
-                raise give_up(exc, attempt, elapsed) from exc
+                raise_unchained(give_up(exc, attempt, elapsed))
             if on_retry is not None:
                 on_retry(exc, attempt, delay)
             time.sleep(delay)
 
 
 def _one_line(exc: Exception) -> str:
-    """The driver's error, redacted, on one line, ending with a full stop."""
-    orig = getattr(exc, "orig", None)
-    reason = " ".join(redact_text(str(orig or exc)).split())
+    """The driver's error, safe to show (``driver_message``), ending with a full stop."""
+    reason = driver_message(exc)
     return reason + ("" if reason.endswith((".", "?", "!")) else ".")

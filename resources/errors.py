@@ -38,3 +38,13 @@ class RunFinalError(FlowError):
             f"flow run {run_id} is already final ({status}): this step's pages are not"
             " recorded; re-execute the run to continue it"
         )
+
+
+class StoreError(FlowError):
+    """A statement on the metrics database failed: ``Type: driver message``, secrets redacted
+    and personal data masked. Chained to nothing: SQLAlchemy's text of the error quotes the
+    statement's parameters (record keys), and Dagster shows a step error's whole chain."""
+
+
+class StoreIntegrityError(StoreError):
+    """A statement broke a constraint (e.g. the pages of a run that has no row)."""

@@ -10,12 +10,11 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import IntegrityError
 
 from resources import db, flow_key_queries, job_queries, migrations, partition_queries
 from resources import store_queries as q
 from resources.counts import Counts
-from resources.redaction import redact_text
+from resources.errors import StoreIntegrityError
 from resources.run_policy import RunPolicy
 from resources.schema import FINAL_STATUSES
 from resources.store_records import (
@@ -61,8 +60,10 @@ class MetricsStore(ConfigurableResource):
     """The durable ledger of flow runs: per-run rows, per-page rows, quarantine, failures.
 
     PostgreSQL in production, a SQLite file as the embedded default. Every method is one
-    transaction and idempotent; only connecting is retried. Engines are cached per process,
-    so the resource itself holds configuration only.
+    transaction and idempotent; only connecting is retried. A failed statement raises
+    ``StoreError`` (``StoreUnavailableError`` if the connection was lost), quoting no
+    record data. Engines are cached per process, so the resource itself holds
+    configuration only.
 
     Args:
         url: SQLAlchemy URL of the database.
@@ -203,11 +204,9 @@ class MetricsStore(ConfigurableResource):
                 if recorded is None:
                     raise _unknown_run(run_id)
                 return recorded
-        except IntegrityError as exc:
-            raise ValueError(
-                f"cannot record pages of run {run_id!r}: {redact_text(str(exc.orig))}."
-                " Call start_run for the run before recording its pages."
-            ) from exc
+        except StoreIntegrityError as exc:
+            fix = "Call start_run for the run before recording its pages."
+            db.raise_unchained(ValueError(f"cannot record pages of run {run_id!r}: {exc}. {fix}"))
 
     def finish_page(self, run_id: str, page: PageRecord) -> None:
         """Record a page's outcome after ``record_pages`` wrote it in this attempt with the
@@ -266,11 +265,9 @@ class MetricsStore(ConfigurableResource):
                     job_ids = {key: job for key, job in job_ids.items() if key in owned}
                 pending = job_queries.register_jobs(conn, run_id, page.page_index, job_ids, _now())
                 return mine, pending
-        except IntegrityError as exc:
-            raise ValueError(
-                f"cannot record page {page.page_index} of run {run_id!r}:"
-                f" {redact_text(str(exc.orig))}. Call start_run for the run first."
-            ) from exc
+        except StoreIntegrityError as exc:
+            what = f"page {page.page_index} of run {run_id!r}"
+            db.raise_unchained(ValueError(f"cannot record {what}: {exc}. Call start_run first."))
 
     def mark_extraction_done(self, run_id: str) -> None:
         """Collect's hint that every step ran; the finalizer proves it from the page rows."""

@@ -311,7 +311,7 @@ class RedisCounters(ConfigurableResource):
                 f"Redis at {self.redacted_url()} is unreachable after retries"
                 f" ({type(exc).__name__}). Check that the server is running and that"
                 " FLOW_REDIS_URL points at it."
-            ) from exc
+            ) from None  # redis-py's text names the host and port, which we show redacted
 
     # --- jobs dispatched to RQ workers (dispatch="rq") ------------------------------------
 

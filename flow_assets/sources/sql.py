@@ -406,8 +406,7 @@ class SqlSource(SequentialSource):
         )
 
     def _db_error(self, index: int, exc: Exception, fix: str, context: str = "") -> SourceError:
-        """The driver's error, masked and capped (``driver_message``); raise it unchained:
-        SQLAlchemy's text of ``exc`` quotes the statement's parameters (record keys)."""
+        """The driver's error (``driver_message``): raise it unchained, as ``exc`` quotes keys."""
         name = type(driver_error(exc)).__name__
         return self._error(index, f"{name}{context}: {driver_message(exc)}", fix)
 

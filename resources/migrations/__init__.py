@@ -110,7 +110,7 @@ def migrate(url: str, revision: str, *, downgrade: bool, retry_seconds: float) -
                     f"cannot {verb} the metrics database {redacted(url)} to {revision!r}:"
                     f" {exc}. Use head, base, a revision id such as 0001, or a relative"
                     " step such as -1 (`flowctl db current` shows where it is)."
-                ) from exc
+                ) from None
             if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
                 raise RuntimeError(f"migration to {revision} left dangling foreign keys")
     finally:

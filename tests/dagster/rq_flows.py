@@ -27,6 +27,7 @@ from flow_assets.sources.files import FileSource
 from tests.dagster import settle_flows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+HANDLER = "tests.dagster.rq_flows:handle"  # the handler path of the flows below
 RQ = REPO_ROOT / ".venv" / "bin" / "rq"
 
 

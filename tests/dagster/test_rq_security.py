@@ -25,7 +25,7 @@ import redis
 from rq import Callback, Queue
 from rq.job import Job
 
-from flow_assets import rq_guard
+from flow_assets import rq_guard, rq_worker
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
@@ -244,6 +244,143 @@ def test_a_job_of_a_flow_or_handler_the_worker_did_not_load_imports_nothing(
     assert f"it names '{module}.on_failure', which this worker does not run" in failure_of(
         connection, hostile_callback
     )
+
+
+def hostile_job(connection: redis.Redis, job_id: str, data: list[Any]) -> None:
+    """A job in the flow's queue whose JSON data is ``data`` (RQ's own enqueue would not
+    write an instance it cannot import)."""
+    Queue(FLOW, connection=connection, serializer=SERIALIZER).enqueue(RUN_JOBS, job_id=job_id)
+    connection.hset(Job.key_for(job_id), "data", zlib.compress(json.dumps(data).encode()))
+
+
+@pytest.mark.parametrize("worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"])
+def test_a_job_naming_an_instance_or_another_function_runs_nothing(
+    worker_class: str,
+    started: tuple[Flow, RedisCounters, MetricsStore],
+    redis_url: str,
+    sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    """RQ calls ``getattr(instance, func_name)`` for a job whose data names an instance,
+    importing nothing: ``["upper", "pwned", [], {}]`` ran ``str.upper``. The guard refuses
+    it, and a job naming a callback as its function; the worker goes on with the page."""
+    flow, counters, store = started
+    connection = counters.rq_connection()
+    hostile_job(connection, "evil-instance", ["upper", "pwned", [], {}])
+    hostile_job(connection, "evil-empty-instance", [RUN_JOBS, "", [], {}])
+    hostile_job(connection, "evil-callback", [ACK_FAILURE, None, [None, None, None, None], {}])
+    hostile = ["evil-instance", "evil-empty-instance", "evil-callback"]
+    env = {"FLOW_DATABASE_URL": sqlite_url}
+    with rq_workers(1, FLOW, redis_url, env, tmp_path, worker_class) as workers:
+        process_page(flow, RUN_ID, Page(0, [{"id": "a"}, {"id": "b"}]), counters, store)
+        wait_until_ended(connection, hostile, workers.tail)
+        wait_for(lambda: store.page_totals([RUN_ID])[RUN_ID].counts.pending == 0, 120, "acks")
+        assert workers.alive() == [True]
+
+    assert job_states(connection, hostile) == ["failed"] * 3
+    evil = Job.fetch("evil-instance", connection=connection, serializer=SERIALIZER)
+    assert evil.return_value() is None
+    assert "it names 'upper' on an instance, which this worker does not run" in failure_of(
+        connection, "evil-instance"
+    )
+    assert f"it names '{RUN_JOBS}' on an instance" in failure_of(connection, "evil-empty-instance")
+    assert f"refused: it names '{ACK_FAILURE}', which" in failure_of(connection, "evil-callback")
+    assert store.page_totals([RUN_ID])[RUN_ID].counts == Counts(2, 2, completed=2)
+
+
+EMAIL, OTHER_EMAIL = "alice.liddell@example.com", "bob.sleigh@example.com"
+
+
+def stored_in_redis(connection: redis.Redis, job_id: str) -> str:
+    """What Redis keeps of a job but its arguments (its ``data``): the hash's other fields,
+    and its latest result (exception text, return value)."""
+    fields = connection.hgetall(Job.key_for(job_id))
+    shown = [f"{k!r}={v!r}" for k, v in fields.items() if k != b"data"]
+    result = Job.fetch(job_id, connection=connection, serializer=SERIALIZER).latest_result()
+    assert result is not None
+    return "\n".join([*shown, result.exc_string or "", json.dumps(result.return_value)])
+
+
+@pytest.mark.parametrize("worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"])
+def test_a_handler_s_error_reaches_rq_masked_and_the_failure_rows_whole(
+    worker_class: str,
+    started: tuple[Flow, RedisCounters, MetricsStore],
+    redis_url: str,
+    sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    """The handler raises for one job's record and fails another job's record: the worker's
+    log and what RQ keeps in Redis show the errors as ``error_detail="masked"`` does; the
+    failed jobs' rows keep the whole messages."""
+    flow, counters, store = started
+    connection = counters.rq_connection()
+    records = [
+        {"id": EMAIL, "raise_until": str(tmp_path / "never")},
+        {"id": "k1"},
+        {"id": OTHER_EMAIL, "fail": True},
+        {"id": "k3"},
+    ]
+    env = {"FLOW_DATABASE_URL": sqlite_url}
+    with rq_workers(1, FLOW, redis_url, env, tmp_path, worker_class) as workers:
+        process_page(flow, RUN_ID, Page(0, records), counters, store)
+        wait_for(lambda: store.page_totals([RUN_ID])[RUN_ID].counts.pending == 0, 120, "acks")
+        log = workers.tail()
+
+    raised = f"ConnectionError: downstream is down for {EMAIL}"
+    refused = f"ValueError: downstream refused {OTHER_EMAIL}"
+    assert {(f.record_key, f.error) for f in store.job_failures(RUN_ID)} == {
+        (EMAIL, raised),
+        ("k1", raised),
+        (OTHER_EMAIL, refused),
+    }
+    raised_job, failed_job = (f"{FLOW}-{RUN_ID}-p0-j{n}" for n in (0, 1))
+    assert job_states(connection, [raised_job, failed_job]) == ["failed", "finished"]
+    exc_string = failure_of(connection, raised_job)
+    assert (
+        f"JobHandlerError: flow '{FLOW}' page 0: the handler raised ConnectionError:"
+        " downstream is down for <email>"
+    ) in exc_string
+    assert "downstream is down for <email>" in log
+    result = Job.fetch(failed_job, connection=connection, serializer=SERIALIZER).return_value()
+    assert result is not None and result["failed"] == {
+        OTHER_EMAIL: "ValueError: downstream refused <email>"
+    }
+    assert "downstream" not in stored_in_redis(connection, failed_job).replace(
+        "downstream refused <email>", ""
+    )
+    assert EMAIL not in stored_in_redis(connection, raised_job)
+    assert EMAIL not in log and OTHER_EMAIL not in log
+
+
+@pytest.mark.parametrize("detail", ["masked", "full"])
+def test_a_handler_s_error_fails_the_job_as_the_flow_s_error_detail_shows_it(
+    detail: str,
+    started: tuple[Flow, RedisCounters, MetricsStore],
+    registry: dict[str, Flow],
+    tmp_path: Path,
+) -> None:
+    """The job's error (what RQ logs and keeps) is unchained; the rows get ``job_error``."""
+    flow, _, _ = started
+    rq_guard.register(
+        Flow(
+            name=FLOW,
+            source=flow.source,
+            key="id",
+            handler=rq_flows.handle,
+            dispatch="rq",
+            error_detail=detail,
+        )
+    )
+    record = {"id": EMAIL, "raise_until": str(tmp_path / "never")}
+    with pytest.raises(rq_worker.JobHandlerError) as raised:
+        rq_worker.run_jobs(rq_flows.HANDLER, FLOW, RUN_ID, 0, [EMAIL], [record])
+
+    shown = EMAIL if detail == "full" else "<email>"
+    assert str(raised.value) == (
+        f"flow '{FLOW}' page 0: the handler raised ConnectionError: downstream is down for {shown}"
+    )
+    assert raised.value.job_error == f"ConnectionError: downstream is down for {EMAIL}"
+    assert raised.value.__cause__ is None and raised.value.__context__ is None
 
 
 def test_a_spawn_worker_is_refused_at_start(redis_url: str) -> None:

@@ -4,6 +4,7 @@ one per test, from tests/conftest.py); nothing is faked."""
 from __future__ import annotations
 
 import pickle
+import traceback
 from collections.abc import Iterator
 from datetime import date, datetime
 from decimal import Decimal
@@ -333,6 +334,49 @@ def test_a_bad_sql_query_is_a_source_error(db: Engine, database_url: str) -> Non
     with pytest.raises(SourceError, match="no_such_table") as caught:
         list(source.pages(None))
     assert "Fix: check the SQL of query=" in str(caught.value)
+
+
+# A column only rows past page 0 fail to compute: page 1's query binds page 0's last key.
+FAILING_COLUMN = {
+    "postgresql": "SELECT email, CAST(n AS integer) AS n FROM contacts",
+    "sqlite": "SELECT email, json_extract(n, '$') AS n FROM contacts",
+}
+
+
+def test_a_failed_read_quotes_no_record_key_and_chains_nothing(
+    db: Engine, database_url: str
+) -> None:
+    """SQLAlchemy's error quotes the keyset parameter (an email); Dagster would store it
+    from the SourceError's ``__cause__``. The driver's message is shown, masked."""
+    table = Table("contacts", MetaData(), Column("email", String(60), primary_key=True))
+    table.append_column(Column("n", String(60)))
+    table.create(db)
+    with db.begin() as conn:
+        conn.execute(insert(table), [{"email": f"c{i}@example.com", "n": "1"} for i in range(4)])
+    source = SqlSource(
+        database_url, query=FAILING_COLUMN[db.dialect.name], key_column="email", page_size=2
+    )
+    pages = source.pages(None)
+    assert len(next(pages).records) == 2
+    with db.begin() as conn:
+        conn.execute(text("UPDATE contacts SET n = 'carol@example.com' WHERE email > 'c2'"))
+    with pytest.raises(SourceError, match="page 1") as caught:
+        next(pages)
+
+    error = caught.value
+    assert error.__cause__ is None and error.__context__ is None
+    shown = "".join(traceback.format_exception(error))
+    assert "@example.com" not in shown and "parameters" not in shown
+    if db.dialect.name == "postgresql":
+        assert 'invalid input syntax for type integer: "<email>"' in str(error)
+
+
+def test_a_long_driver_message_is_capped(postgres_url: str) -> None:
+    query = f"SELECT CAST('{'x' * 2000}' AS integer) AS id"
+    with pytest.raises(SourceError, match="InvalidTextRepresentation") as caught:
+        list(SqlSource(postgres_url, query=query, key_column="id").pages(None))
+    assert "x[...]. Fix: check the SQL of query=." in str(caught.value)
+    assert "x" * 300 not in str(caught.value) and len(str(caught.value)) < 600
 
 
 def test_a_missing_sqlite_file_is_not_created(tmp_path: Any) -> None:
