@@ -3,7 +3,7 @@
 Each run is a fresh ``bench.e2e_worker`` process (its peak RSS is its own) on a fresh
 ledger database and an empty Redis:
 
-* in-process: ``flow_assets.runner.run_flow`` (``execute_in_process`` + one finalizer
+* in-process: ``flow_assets.cli.runner.run_flow`` (``execute_in_process`` + one finalizer
   tick), on a default local Dagster instance (SQLite storage in a temp DAGSTER_HOME), as
   ``flowctl run`` does;
 * multiprocess: ``dagster.execute_job`` of a reconstructable job, forkserver, one step

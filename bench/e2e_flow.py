@@ -19,7 +19,7 @@ from typing import Any
 
 import dagster as dg
 
-import flow_assets.jobs
+import flow_assets.dagster_flow
 from bench.data import PAGE_SIZE, no_op
 from flow_assets import build
 from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
@@ -28,8 +28,8 @@ from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.redis_counters import RedisCounters
 
 FLOW_NAME = "bench_e2e"
 _TIMING_DIR: list[Path] = []  # set once per process by install_timing
@@ -57,9 +57,9 @@ def _timed_process_pages(*args: Any, **kwargs: Any) -> Counts:
 
 
 def install_timing(timing_dir: str) -> None:
-    """Time process_pages in this process: the page op looks it up in flow_assets.jobs."""
+    """Time process_pages in this process: the page op looks it up in flow_assets.dagster_flow."""
     _TIMING_DIR[:] = [Path(timing_dir)]
-    flow_assets.jobs.process_pages = _timed_process_pages
+    flow_assets.dagster_flow.process_pages = _timed_process_pages
 
 
 class TimedFileSource(FileSource):

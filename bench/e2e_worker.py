@@ -23,9 +23,9 @@ import dagster as dg
 from bench import data, e2e_flow
 from bench.memory import RssSampler
 from bench.profiling import package_breakdown, phase_breakdown, profile
-from flow_assets.runner import QUIET_RUN_CONFIG, finalize_now, run_flow
+from flow_assets.cli.runner import QUIET_RUN_CONFIG, finalize_now, run_flow
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore, RunRow
+from resources.ledger.metrics_store import MetricsStore, RunRow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "

@@ -34,8 +34,8 @@ from bench.profiling import Share, phase_breakdown, profile
 from flow_assets.build import build_definitions
 from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STORE_KEY
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.redis_counters import RedisCounters
 from sensors.finalizer import DEFAULT_BATCH_SIZE
 
 FLOW = "bench_fin"
@@ -45,14 +45,17 @@ BATCH = DEFAULT_BATCH_SIZE  # the sensor's default
 
 #: Tick phases: label -> (file suffix, function) whose cumulative time it is.
 TICK_PHASES: dict[str, tuple[str, str]] = {
-    "ledger: running_runs": ("resources/metrics_store.py", "running_runs"),
-    "ledger: page_totals": ("resources/metrics_store.py", "page_totals"),
+    "ledger: running_runs": ("resources/ledger/metrics_store.py", "running_runs"),
+    "ledger: page_totals": ("resources/ledger/metrics_store.py", "page_totals"),
     "Dagster: dagster_run_groups (2 get_run_records)": (
         "sensors/publish.py",
         "dagster_run_groups",
     ),
-    "Redis: totals_many (pipelined)": ("resources/redis_counters.py", "totals_many"),
-    "ledger: finalize_many (one transaction)": ("resources/metrics_store.py", "finalize_many"),
+    "Redis: totals_many (pipelined)": ("resources/live/redis_counters.py", "totals_many"),
+    "ledger: finalize_many (one transaction)": (
+        "resources/ledger/metrics_store.py",
+        "finalize_many",
+    ),
     "Dagster: materializations, one event-log batch per flow": (
         "sensors/publish.py",
         "store_materializations",
@@ -65,9 +68,9 @@ TICK_PHASES: dict[str, tuple[str, str]] = {
         "dagster/_core/instance/methods/run_methods.py",
         "add_run_tags",
     ),
-    "Redis: delete_runs (pipelined)": ("resources/redis_counters.py", "delete_runs"),
-    "ledger: unpublished_runs": ("resources/metrics_store.py", "unpublished_runs"),
-    "ledger: mark_published": ("resources/metrics_store.py", "mark_published"),
+    "Redis: delete_runs (pipelined)": ("resources/live/redis_counters.py", "delete_runs"),
+    "ledger: unpublished_runs": ("resources/ledger/metrics_store.py", "unpublished_runs"),
+    "ledger: mark_published": ("resources/ledger/metrics_store.py", "mark_published"),
 }
 _TICK_TOTAL = ("sensors/sensor.py", "finalize_flow_runs")
 

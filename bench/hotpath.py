@@ -21,8 +21,8 @@ from flow_assets.flow import Flow
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.redis_counters import RedisCounters
 
 WARMUP_RECORDS = 5_000
 

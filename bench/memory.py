@@ -17,7 +17,7 @@ import psutil
 from bench.environment import BenchServers
 from bench.hotpath import HotPath, HotPathRun
 from flow_assets.sources.base import Page
-from resources.keys import ALL_RUN_KEYS_PATTERN
+from resources.live.keys import ALL_RUN_KEYS_PATTERN
 from sensors.finalizer import FlowPolicy, finalize_runs
 
 

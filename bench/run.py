@@ -135,7 +135,7 @@ def e2e_section(servers: BenchServers, results: Results) -> None:
     results.methods["e2e"] = (
         "FileSource over a JSONL file (1,000-record pages, default pages_per_step), no-op"
         " handler; each run in a fresh process, fresh ledger database, empty Redis. In-process:"
-        " flow_assets.runner.run_flow on a local SQLite Dagster instance. Multiprocess:"
+        " flow_assets.cli.runner.run_flow on a local SQLite Dagster instance. Multiprocess:"
         " dagster.execute_job, forkserver, max_concurrent = cores, Dagster instance on"
         " PostgreSQL, then one finalizer tick. Dagster share = 1 - (page reads + process_pages"
         " [/ workers] + finalizer tick) / wall. Peak RSS: the process tree's summed RSS,"

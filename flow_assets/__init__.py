@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "Flow": "flow_assets.flow",
     "JobBatch": "flow_assets.dispatch",
-    "RqDispatch": "flow_assets.rq_dispatch",
+    "RqDispatch": "flow_assets.rq.dispatch",
     "build_definitions": "flow_assets.build",
     "default_resources": "flow_assets.build",
     "ConfigurationError": "flow_assets.errors",

@@ -10,12 +10,12 @@ import dagster as dg
 
 from flow_assets.checks import build_status_check
 from flow_assets.chunk_io import CHUNKS_IO_MANAGER_KEY, PageChunkIOManager, retention_days
+from flow_assets.dagster_flow import build_flow_asset, build_flow_job, build_flow_schedule
 from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.errors import ConfigurationError
 from flow_assets.flow import Flow, unique_flows
-from flow_assets.jobs import build_flow_asset, build_flow_job, build_flow_schedule
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.redis_counters import RedisCounters
 from sensors.finalizer import FlowPolicy
 from sensors.sensor import build_finalizer_sensor
 

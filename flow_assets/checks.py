@@ -8,7 +8,7 @@ import dagster as dg
 
 from flow_assets.dagster_names import STATUS_CHECK
 from flow_assets.flow import Flow
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 from sensors.publish import final_check
 
 

@@ -25,8 +25,8 @@ from flow_assets.sources.files import FileSource
 from resources.home import flow_home
 
 if TYPE_CHECKING:
-    from flow_assets.runner import Progress
-    from resources.store_records import RunRow
+    from flow_assets.cli.runner import Progress
+    from resources.ledger.records import RunRow
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 ORDERS_FILE = DEMO_DATA / "orders.jsonl"
@@ -100,7 +100,7 @@ def run_demo(progress: Progress) -> list[RunRow]:
     code location's jobs, tagged with its repository label as runs the UI launches are, so
     each job's page lists them too.
     """
-    from flow_assets import runner
+    from flow_assets.cli import runner
     from flow_assets.definitions import defs
 
     home = demo_dagster_home()

@@ -13,7 +13,7 @@ from flow_assets import dagster_names
 from flow_assets.dispatch import ERROR_DETAILS, JobBatch
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.options import is_int_at_least
-from flow_assets.rq_dispatch import RqDispatch, handler_path, resolve_dispatch
+from flow_assets.rq.dispatch import RqDispatch, handler_path, resolve_dispatch
 from flow_assets.sources.base import Source
 from resources.names import InvalidNameError, validate_name
 from resources.redaction import redact_text
@@ -67,7 +67,7 @@ class Flow:
             ``RqDispatch(...)``: page steps enqueue the jobs on an RQ queue named after the
             flow and ``rq worker`` processes run the handler (it must be a top-level
             function of an importable module); the run is finalized when the last job
-            ends. See ``flow_assets.rq_worker`` for running workers.
+            ends. See ``flow_assets.rq.worker`` for running workers.
         keep_failed_keys: with ``dedup="flow"``, keep the keys of failed jobs claimed when
             a run is final, so later runs skip them too (default False: they are released
             and the next run dispatches them again).

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 
 log = logging.getLogger(__name__)
 MAX_INTERVAL_SECONDS = 30.0

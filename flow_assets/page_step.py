@@ -26,12 +26,12 @@ import dagster as dg
 from flow_assets.dispatch import JobBatch, error_text, traceback_text
 from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
-from flow_assets.rq_dispatch import enqueue_jobs, plan_jobs
+from flow_assets.rq.dispatch import enqueue_jobs, plan_jobs
 from flow_assets.sources.base import Page
 from flow_assets.validation import validate_records
 from resources.counts import Counts
-from resources.metrics_store import JobFailure, MetricsStore, PageRecord, RejectedRecord
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import JobFailure, MetricsStore, PageRecord, RejectedRecord
+from resources.live.redis_counters import RedisCounters
 
 log = logging.getLogger(__name__)
 LOST_MID_RUN = "Redis lost the run's counters mid-run; rebuilt them from the SQL ledger"

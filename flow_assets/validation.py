@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flow_assets.dispatch import error_text
+from resources.ledger.records import RejectedRecord
 from resources.redaction import escape_unstorable, redact_text
-from resources.store_records import RejectedRecord
 
 MAX_KEY_CHARS = 512
 _SURROGATE = re.compile("[\ud800-\udfff]")

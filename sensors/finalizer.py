@@ -16,10 +16,10 @@ import dagster as dg
 
 from resources.counts import Counts
 from resources.errors import CountersUnavailableError
-from resources.metrics_store import FinalState, MetricsStore, PageTotals, RunRow
-from resources.page_ranges import missing_pages_text
+from resources.ledger.metrics_store import FinalState, MetricsStore, PageTotals, RunRow
+from resources.ledger.page_ranges import missing_pages_text
+from resources.live.redis_counters import RedisCounters
 from resources.redaction import redact_text
-from resources.redis_counters import RedisCounters
 from resources.run_policy import RunPolicy
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
 from sensors.publish import dagster_run_groups, publish_final_runs

@@ -19,9 +19,9 @@ import dagster as dg
 from flow_assets.dagster_names import ROOT_RUN_ID_TAG, STATUS_CHECK, STATUS_TAG, flow_asset_key
 from flow_assets.dagster_private import runless_materialization_entry
 from resources.errors import CountersUnavailableError
-from resources.metrics_store import MetricsStore, RunRow
+from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.live.redis_counters import RedisCounters
 from resources.redaction import redact_text
-from resources.redis_counters import RedisCounters
 
 log = logging.getLogger(__name__)
 PUBLISH_CHUNK = 250  # runs per event-log batch and per mark_published (about 1 s)

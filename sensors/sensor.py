@@ -11,9 +11,9 @@ import dagster as dg
 
 from flow_assets.chunk_io import remove_run_chunks, sweep_old_chunks
 from flow_assets.dagster_names import SENSOR_NAME, STATUS_CHECK, STATUS_TAG
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
-from resources.schema import SUCCESSFUL_STATUSES
+from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.schema import SUCCESSFUL_STATUSES
+from resources.live.redis_counters import RedisCounters
 from sensors.cleanup import remove_stray_keys
 from sensors.finalizer import DEFAULT_BATCH_SIZE, FlowPolicy, finalize_runs
 from sensors.pooling import pooled_storage_connections

@@ -5,7 +5,7 @@ of the runs that call moved out of ``running``. A ``dispatch="rq"`` run's jobs s
 waiting in its queue (its own policy names it) are cancelled
 (``rq_dispatch.cancel_run_jobs``), so a worker started later does not run them. (The keys
 of failed jobs are released inside the final write's own transaction,
-``store_queries.finalize_many``.)
+``run_queries.finalize_many``.)
 
 Idempotent, and not what correctness rests on if it never runs (the finalizer crashed
 right after committing): a worker skips any job of a final run and records an outcome
@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from flow_assets.rq_dispatch import cancel_run_jobs
-from resources.metrics_store import RunRow
+from flow_assets.rq.dispatch import cancel_run_jobs
+from resources.ledger.metrics_store import RunRow
+from resources.live.redis_counters import RedisCounters
 from resources.redaction import redact_text
-from resources.redis_counters import RedisCounters
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import pytest
 import redis
 
 from devservers import PostgresServer, RedisServer, start_postgres, start_redis
-from resources.embedded_redis import stop_embedded_redis
+from resources.live.embedded_redis import stop_embedded_redis
 
 if TYPE_CHECKING:
     import dagster as dg
 
-    from resources.metrics_store import MetricsStore
+    from resources.ledger.metrics_store import MetricsStore
 
 TESTS_DIR = Path(__file__).parent
 # Each test is marked with the tier folder it lives in; the markers are in pyproject.toml.
@@ -114,7 +114,7 @@ def flow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _fresh_engines() -> Iterator[None]:
     """Each test gets its own database: drop pooled connections to the previous ones."""
     yield
-    from resources import db
+    from resources.ledger import db
 
     db.dispose_engines()
 
@@ -122,7 +122,7 @@ def _fresh_engines() -> Iterator[None]:
 @pytest.fixture
 def store(database_url: str) -> MetricsStore:
     """A metrics store on the test's database (PostgreSQL and SQLite)."""
-    from resources.metrics_store import MetricsStore
+    from resources.ledger.metrics_store import MetricsStore
 
     return MetricsStore(url=database_url)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from resources.counts import Counts
-from resources.keys import run_keys
-from resources.redis_counters import RedisCounters
+from resources.live.keys import run_keys
+from resources.live.redis_counters import RedisCounters
 
 
 def record_page(

@@ -14,9 +14,9 @@ from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STATUS_TAG, STO
 from flow_assets.flow import Flow
 from flow_assets.sources.base import Page, PageRef
 from resources.counts import Counts
-from resources.keys import ALL_RUN_KEYS_PATTERN
-from resources.metrics_store import MetricsStore, RunRow
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.live.keys import ALL_RUN_KEYS_PATTERN
+from resources.live.redis_counters import RedisCounters
 
 
 class NoSource:

@@ -30,7 +30,8 @@ from sqlalchemy.types import NullType
 from flow_assets.errors import FlowDefinitionError, SourceError
 from flow_assets.options import require_int, require_name
 from flow_assets.sources.base import Page, SequentialSource
-from resources.db import (
+from resources.errors import ConfigurationError
+from resources.ledger.db import (
     cached_engine,
     connect_with_retry,
     dispose_engines,
@@ -41,7 +42,6 @@ from resources.db import (
     raise_unchained,
     redacted,
 )
-from resources.errors import ConfigurationError
 from resources.redaction import mask_personal_data
 
 __all__ = ["SqlSource", "dispose_engines"]

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
-from resources.embedded_redis import embedded_redis_running, socket_path, stop_embedded_redis
-from resources.metrics_store import MetricsStore
-from resources.migrations import head_revision
+from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.migrations import head_revision
+from resources.live.embedded_redis import embedded_redis_running, socket_path, stop_embedded_redis
 from tests.flowkit import run_keys_left
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def test_help_lists_every_command_and_start_up_stays_light() -> None:
     for command in COMMANDS:
         assert re.search(rf"│ {command}\s", result.stdout), f"{command} missing:\n{result.stdout}"
     # Light start-up: reading the CLI does not import Dagster (~1.5 s); commands do, lazily.
-    probe = "import sys, flow_assets.cli; print('dagster' in sys.modules)"
+    probe = "import sys, flow_assets.cli.app; print('dagster' in sys.modules)"
     imported = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )

@@ -21,7 +21,7 @@ import dagster as dg
 import pytest
 
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore, RunRow
+from resources.ledger.metrics_store import MetricsStore, RunRow
 from tests.dagster import cli_flows
 from tests.flowkit import assert_conserved, assert_counts
 

@@ -15,9 +15,9 @@ import pytest
 
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
-from resources import db, job_queries
 from resources.counts import Counts
-from resources.metrics_store import (
+from resources.ledger import db, job_queries
+from resources.ledger.metrics_store import (
     FinalState,
     JobFailure,
     MetricsStore,

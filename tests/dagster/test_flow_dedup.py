@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 from tests.dagster import dedup_flows
 from tests.dagster.dedup_flows import FLOW_NAME, IN_PROCESS, handled_keys, write_partition
 from tests.flowkit import (

@@ -22,7 +22,7 @@ from flow_assets.errors import ConfigurationError, FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.sources import HttpJsonSource, PageNumberPaginator
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 from tests.flowkit import (
     assert_conserved,
     assert_counts,

@@ -18,7 +18,7 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 from tests.flowkit import (
     assert_conserved,
     assert_counts,

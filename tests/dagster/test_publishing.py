@@ -15,8 +15,8 @@ from sqlalchemy.pool import NullPool
 from devservers import PostgresServer
 from flow_assets.dagster_private import sql_storages as _sql_storages
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.redis_counters import RedisCounters
 from sensors import publish
 from sensors.finalizer import finalize_runs
 from sensors.pooling import pooled_storage_connections

@@ -23,15 +23,15 @@ from rq.job import Job
 
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
-from flow_assets.rq_dispatch import SERIALIZER, RqDispatch
-from flow_assets.rq_worker import ack_failure, ack_success
+from flow_assets.rq.dispatch import SERIALIZER, RqDispatch
+from flow_assets.rq.worker import ack_failure, ack_success
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
-from resources import db, store_queries
 from resources.counts import Counts
-from resources.lua import Outcome
-from resources.metrics_store import FinalState, MetricsStore, RunPolicy, RunRow
-from resources.redis_counters import RedisCounters
+from resources.ledger import db, run_queries
+from resources.ledger.metrics_store import FinalState, MetricsStore, RunPolicy, RunRow
+from resources.live.lua import Outcome
+from resources.live.redis_counters import RedisCounters
 from sensors.finalizer import FlowPolicy, finalize_runs
 from tests.dagster import settle_flows
 from tests.dagster.rq_flows import rq_workers, wait_for
@@ -356,7 +356,7 @@ def test_an_ack_racing_the_final_write_waits_for_it_and_is_late(
         )
     )
     with db.transaction(store.engine(), write=True, retry_seconds=5) as conn:
-        assert store_queries.finalize_many(conn, [final]) == [run_id]
+        assert run_queries.finalize_many(conn, [final]) == [run_id]
         ack.start()
         ack.join(timeout=1.0)
         assert ack.is_alive()  # waiting for the finalizer's transaction

@@ -22,18 +22,18 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
-from flow_assets import runner
+from flow_assets.cli import runner
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
-from flow_assets.rq_dispatch import SERIALIZER, RqDispatch
-from flow_assets.rq_worker import LOST_ERROR, ack_failure, ack_success
+from flow_assets.rq.dispatch import SERIALIZER, RqDispatch
+from flow_assets.rq.worker import LOST_ERROR, ack_failure, ack_success
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.lua import Outcome
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.lua import Outcome
+from resources.live.redis_counters import RedisCounters
 from tests.dagster import rq_flows
 from tests.dagster.rq_flows import rq_workers, wait_for
 from tests.flowkit import (

@@ -1,7 +1,7 @@
 """Workers run only this package's jobs, of the flows they loaded (issue 12, "pickle on the
 wire"): anyone who can write to the Redis server can enqueue a job.
 
-Real Redis, real ``rq worker -c flow_assets.rq_settings`` processes started as the README
+Real Redis, real ``rq worker -c flow_assets.rq.settings`` processes started as the README
 starts them. The package's jobs are JSON in Redis. A pickled job, a job naming another
 callable, or a job of a flow (or handler) the worker did not load runs nothing and imports
 nothing (each would create a marker file), and the worker goes on with legitimate jobs."""
@@ -25,16 +25,17 @@ import redis
 from rq import Callback, Queue
 from rq.job import Job
 
-from flow_assets import rq_guard, rq_worker
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
-from flow_assets.rq_dispatch import ACK_FAILURE, RUN_JOBS, SERIALIZER, RqDispatch, enqueue_jobs
+from flow_assets.rq import guard as rq_guard
+from flow_assets.rq import worker as rq_worker
+from flow_assets.rq.dispatch import ACK_FAILURE, RUN_JOBS, SERIALIZER, RqDispatch, enqueue_jobs
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.redis_counters import RedisCounters
 from tests.dagster import rq_flows
 from tests.dagster.rq_flows import REPO_ROOT, RQ, rq_workers, wait_for
 from tests.flowkit import assert_counts, make_defs, row_of, run_flow, run_keys_left, tick
@@ -385,7 +386,7 @@ def test_a_handler_s_error_fails_the_job_as_the_flow_s_error_detail_shows_it(
 
 def test_a_spawn_worker_is_refused_at_start(redis_url: str) -> None:
     """Its work horses run in fresh interpreters that never load the settings' guard."""
-    command = [str(RQ), "worker", "-c", "flow_assets.rq_settings", "--url", redis_url]
+    command = [str(RQ), "worker", "-c", "flow_assets.rq.settings", "--url", redis_url]
     command += ["-w", "rq.worker.SpawnWorker", "--burst", FLOW]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "FLOW_RQ_PRELOAD": rq_flows.__name__}
     done = subprocess.run(

@@ -26,7 +26,7 @@ from dagster._core.remote_origin import (  # a queued run's origin: no public co
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.sources import FileSource
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 from tests.flowkit import make_defs, row_of, run_flow, tick
 
 FLOW = "nightly"

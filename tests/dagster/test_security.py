@@ -30,10 +30,10 @@ from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.sources import HttpJsonSource, PageNumberPaginator
 from resources.counts import Counts
-from resources.keys import run_key
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.keys import run_key
+from resources.live.redis_counters import RedisCounters
 from resources.names import InvalidNameError
-from resources.redis_counters import RedisCounters
 from tests.flowkit import assert_conserved, assert_counts, make_defs, row_of, run_flow, tick
 from tests.httpfixture import ServedApi, serve_records
 

@@ -19,7 +19,7 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.sources import HttpJsonSource, JSONCursorPaginator, PageNumberPaginator
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 from tests.flowkit import assert_counts, make_defs, row_of, run_flow, tick
 from tests.httpfixture import serve_records
 

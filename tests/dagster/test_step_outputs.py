@@ -16,8 +16,8 @@ import pytest
 from upath import UPath
 
 from flow_assets.chunk_io import RETENTION_ENV, _ChunkFiles, chunks_root, sweep_old_chunks
+from flow_assets.dagster_flow import PageChunk
 from flow_assets.errors import ConfigurationError, SourceError
-from flow_assets.jobs import PageChunk
 from flow_assets.sources.base import Page
 from resources.counts import Counts
 from tests.dagster import chunk_flows

@@ -28,8 +28,8 @@ from flow_assets.build import build_definitions
 from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.redis_counters import RedisCounters
 from tests.flowkit import tick
 from tests.unit.test_url_secrets import USER, assert_clean, passwords
 

@@ -23,7 +23,7 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 from tests.dagster.test_security import ledger_outputs, visible_outputs
 from tests.flowkit import assert_conserved, make_defs, row_of, run_flow, tick
 

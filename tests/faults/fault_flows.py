@@ -24,7 +24,7 @@ from flow_assets.flow import Flow
 from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
+from resources.ledger.metrics_store import MetricsStore
 from tests.flowkit import make_defs
 
 FLOW_NAME = "fault_orders"

@@ -31,15 +31,15 @@ import sqlalchemy
 
 from devservers import PostgresServer
 from flow_assets.build import build_definitions
+from flow_assets.cli.runner import QUIET_RUN_CONFIG
 from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow, Handler
-from flow_assets.runner import QUIET_RUN_CONFIG
 from flow_assets.sources import FileSource
 from resources.counts import Counts
 from resources.errors import StoreUnavailableError
-from resources.metrics_store import MetricsStore, RunRow
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.live.redis_counters import RedisCounters
 from sensors.finalizer import FinalizeReport, FlowPolicy, finalize_runs
 from tests.flowkit import (
     assert_conserved,

@@ -17,8 +17,8 @@ import dagster as dg
 import pytest
 import redis
 
-from flow_assets import cli_render
 from flow_assets.build import build_definitions
+from flow_assets.cli import render as cli_render
 from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STORE_KEY
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow, Handler
@@ -27,9 +27,9 @@ from flow_assets.sources import FileSource
 from flow_assets.sources.base import Page
 from resources.counts import Counts
 from resources.errors import RunFinalError
-from resources.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_keys
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_keys
+from resources.live.redis_counters import RedisCounters
 from sensors.cleanup import StrayRun
 from sensors.sensor import CLEANUP_EVERY_TICKS
 from tests.counters_helpers import record_page, ttl_report

@@ -49,11 +49,11 @@ from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
 from flow_assets.page_step import process_page, process_pages
 from flow_assets.sources.base import Page, PageRef
-from resources import db
 from resources.counts import Counts
-from resources.keys import run_key, run_keys
-from resources.metrics_store import MetricsStore, PageRecord, PageTotals
-from resources.redis_counters import RedisCounters
+from resources.ledger import db
+from resources.ledger.metrics_store import MetricsStore, PageRecord, PageTotals
+from resources.live.keys import run_key, run_keys
+from resources.live.redis_counters import RedisCounters
 from sensors.classify import RunSnapshot, RunState, Tolerance, classify
 from sensors.finalizer import FlowPolicy, finalize_runs
 from tests.counters_helpers import ttl_report

@@ -28,10 +28,10 @@ from flow_assets.dagster_names import COUNTERS_KEY, ROOT_RUN_ID_TAG, STORE_KEY
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.page_step import LOST_MID_RUN
-from resources import lua_pages
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore, RunRow
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.live import lua_pages
+from resources.live.redis_counters import RedisCounters
 from tests.faults import fault_flows
 from tests.faults.fault_flows import (
     MAX_FAILED_JOBS,
@@ -538,7 +538,7 @@ def test_postgres_outage_shorter_than_the_connect_retry_is_bridged(
             restarter.append(threading.Thread(target=restart_after_refusal, daemon=True))
             restarter[0].start()
 
-    db_log = logging.getLogger("resources.db")
+    db_log = logging.getLogger("resources.ledger.db")
     db_log.addHandler(refused)
     defs = postgres_defs(make_flow(handler, records), postgres_url, redis_url, retry_s=60)
     try:

@@ -25,8 +25,8 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.sources import FileSource
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.redis_counters import RedisCounters
 from sensors.finalizer import finalize_runs
 from tests.faults import recovery_flows
 from tests.flowkit import (

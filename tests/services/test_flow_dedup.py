@@ -17,9 +17,9 @@ from flow_assets.flow import Flow
 from flow_assets.page_step import process_page
 from flow_assets.sources.base import Page
 from resources.counts import Counts
-from resources.metrics_store import MetricsStore
-from resources.redis_counters import RedisCounters
-from resources.schema import flow_dispatched_keys
+from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.schema import flow_dispatched_keys
+from resources.live.redis_counters import RedisCounters
 from tests.flowkit import NoSource
 
 FLOW = "orders"

@@ -16,10 +16,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from resources import db
 from resources.counts import Counts
 from resources.errors import StoreError, StoreUnavailableError
-from resources.metrics_store import MetricsStore, PageRecord
+from resources.ledger import db
+from resources.ledger.metrics_store import MetricsStore, PageRecord
 
 pytestmark = pytest.mark.services
 

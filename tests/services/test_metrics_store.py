@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import text
 
 from devservers import PostgresServer, free_port
-from resources import db, store_queries
 from resources.counts import Counts
 from resources.errors import ConfigurationError, RunFinalError, StoreUnavailableError
-from resources.metrics_store import (
+from resources.ledger import db, run_queries
+from resources.ledger.metrics_store import (
     FinalState,
     JobFailure,
     MetricsStore,
@@ -22,7 +22,7 @@ from resources.metrics_store import (
     PageTotals,
     RejectedRecord,
 )
-from resources.store_queries import MAX_RAW_RECORD_BYTES
+from resources.ledger.page_queries import MAX_RAW_RECORD_BYTES
 
 pytestmark = pytest.mark.services
 
@@ -360,7 +360,7 @@ def test_finalize_many_writes_only_running_runs_in_one_call(store: MetricsStore)
 def test_concurrent_batch_finalizers_give_each_run_one_winner(
     store: MetricsStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_queries, "IN_LIST_SIZE", 8)  # several lock batches per call
+    monkeypatch.setattr(run_queries, "IN_LIST_SIZE", 8)  # several lock batches per call
     run_ids = [f"run-{n}" for n in range(40)]
     for run_id in run_ids:
         store.start_run(run_id, "orders", None, T0)

@@ -11,11 +11,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from resources import db, migrations
 from resources.counts import Counts
 from resources.errors import ConfigurationError
-from resources.metrics_store import MetricsStore, PageRecord, RejectedRecord
-from resources.schema import FINAL_STATUSES, VERSION_TABLE, metadata
+from resources.ledger import db, migrations
+from resources.ledger.metrics_store import MetricsStore, PageRecord, RejectedRecord
+from resources.ledger.schema import FINAL_STATUSES, VERSION_TABLE, metadata
 
 pytestmark = pytest.mark.services
 

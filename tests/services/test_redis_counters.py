@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devservers import free_port
-from resources import lua, lua_pages, lua_rq
 from resources.counts import COUNT_FIELDS, Counts
-from resources.embedded_redis import ensure_embedded_redis, socket_path, stop_embedded_redis
 from resources.errors import ConfigurationError, CountersUnavailableError
-from resources.keys import ALL_RUN_KEYS_PATTERN, run_key, run_keys
-from resources.redis_counters import RedisCounters
+from resources.live import lua, lua_pages, lua_rq
+from resources.live.embedded_redis import ensure_embedded_redis, socket_path, stop_embedded_redis
+from resources.live.keys import ALL_RUN_KEYS_PATTERN, run_key, run_keys
+from resources.live.redis_counters import RedisCounters
 from tests.counters_helpers import record_page, ttl_report
 
 FLOW = "orders_api"
@@ -461,7 +461,7 @@ def test_stopped_embedded_server_is_restarted_and_the_run_reported_lost(
 def test_processes_racing_to_start_share_one_server(embedded_home: Path) -> None:
     script = (
         "import sys; from pathlib import Path; import redis;"
-        "from resources.embedded_redis import ensure_embedded_redis;"
+        "from resources.live.embedded_redis import ensure_embedded_redis;"
         "url = ensure_embedded_redis(Path(sys.argv[1]));"
         "client = redis.Redis.from_url(url); client.incr('racers');"
         "print(url)"

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flow_assets import cli_render
+from flow_assets.cli import render as cli_render
 from resources.counts import Counts
 from resources.errors import FlowError
 

@@ -23,9 +23,9 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import NullPool
 
 from flow_assets import dagster_names, dagster_private
+from flow_assets.dagster_flow import build_flow_job
 from flow_assets.dagster_private import runless_materialization_entry, set_engine, sql_storages
 from flow_assets.flow import Flow
-from flow_assets.jobs import build_flow_job
 from flow_assets.sources import FileSource
 from sensors.pooling import pooled_storage_connections
 

@@ -1,4 +1,4 @@
-"""Redis key naming (resources/keys.py); pure functions, nothing real or faked."""
+"""Redis key naming (resources/live/keys.py); pure functions, nothing real or faked."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import fnmatch
 import pytest
 from redis.crc import key_slot
 
-from resources.keys import (
+from resources.live.keys import (
     ALL_RUN_KEYS_PATTERN,
     KINDS,
     parse_run_key,

@@ -27,12 +27,12 @@ from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
 from flow_assets.sources.sql import SqlSource
-from resources import db
-from resources.embedded_redis import configured_redis_url
 from resources.errors import ConfigurationError
-from resources.metrics_store import MetricsStore
+from resources.ledger import db
+from resources.ledger.metrics_store import MetricsStore
+from resources.live.embedded_redis import configured_redis_url
+from resources.live.redis_counters import RedisCounters
 from resources.redaction import redact_text, redact_url, userinfo_problem
-from resources.redis_counters import RedisCounters
 
 # Rare letters, none of them a hex digit (run ids and hashes are hex): lower case for
 # passwords, upper case for user names, so that a user name shown beside *** is no leak.

@@ -19,7 +19,7 @@ from flow_assets.errors import FlowDefinitionError
 from resources.errors import ConfigurationError, FlowError
 from resources.redaction import redact_text
 
-# flowctl's exit codes (documented in flow_assets/cli.py and the README).
+# flowctl's exit codes (documented in flow_assets/cli/app.py and the README).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # Piped output (CI logs, `| less`) gets room for the whole table instead of 80 columns.

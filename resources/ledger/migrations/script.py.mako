@@ -4,7 +4,7 @@ Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 
-Migrations are frozen history: define tables here, never import resources.schema.
+Migrations are frozen history: define tables here, never import resources.ledger.schema.
 Use op.batch_alter_table for every ALTER so SQLite works (it recreates the table).
 """
 

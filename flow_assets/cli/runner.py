@@ -35,7 +35,7 @@ from flow_assets.dagster_names import (
     job_name,
 )
 from flow_assets.errors import ConfigurationError, FlowError
-from resources.metrics_store import MetricsStore, RunRow
+from resources.ledger.metrics_store import MetricsStore, RunRow
 
 # Dagster's events (step failures with their tracebacks included) belong in the UI and the
 # event log; on a terminal the finalized row and its one-line reason say what happened.
@@ -324,8 +324,8 @@ def embedded_redis_session() -> Iterator[None]:
     if os.environ.get("FLOW_REDIS_URL"):
         yield
         return
-    from resources.embedded_redis import embedded_redis_running, stop_embedded_redis
     from resources.home import flow_home
+    from resources.live.embedded_redis import embedded_redis_running, stop_embedded_redis
 
     home = flow_home()
     was_running = embedded_redis_running(home)

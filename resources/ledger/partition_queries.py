@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import Connection, select
 
-from resources.schema import flow_metrics
+from resources.ledger.schema import flow_metrics
 
 _fm = flow_metrics
 

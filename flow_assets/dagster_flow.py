@@ -34,10 +34,10 @@ from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef, SourceDownError
 from flow_assets.step_errors import outward_errors
 from resources.errors import StoreUnavailableError
-from resources.metrics_store import MetricsStore
-from resources.page_ranges import missing_pages_text
-from resources.redis_counters import RedisCounters
-from resources.schema import SUCCESSFUL_STATUSES
+from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.page_ranges import missing_pages_text
+from resources.ledger.schema import SUCCESSFUL_STATUSES
+from resources.live.redis_counters import RedisCounters
 
 T = TypeVar("T")
 # A partition's Dagster run in one of these is in progress: its schedule does not launch it.

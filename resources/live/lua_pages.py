@@ -1,7 +1,7 @@
 """Lua scripts of a page step, with their typed wrappers: claim a page, record pages.
 
 One round trip per page, atomic on the server. The rules every run-counter script follows
-(the state check, 'LOST', the TTL refresh, the hash tag) are in ``resources.lua``.
+(the state check, 'LOST', the TTL refresh, the hash tag) are in ``resources.live.lua``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Literal
 import redis
 
 from resources.counts import Counts
-from resources.keys import run_keys
-from resources.lua import Outcome, outcome, registered, reply_text
+from resources.live.keys import run_keys
+from resources.live.lua import Outcome, outcome, registered, reply_text
 
 #: Claim a page's record keys; which of them the page owns.
 #:
@@ -31,7 +31,7 @@ from resources.lua import Outcome, outcome, registered, reply_text
 #: it). A key is owned if it was new, or if this page already owns it (a retried page must
 #: not see its own keys as duplicates) and it did not appear earlier in this same call.
 CLAIM_PAGE = """
--- intact() and refresh(ttl): the same in every run-counter script (see resources/lua.py)
+-- intact() and refresh(ttl): the same in every run-counter script (see resources/live/lua.py)
 local function intact()
     if redis.call('EXISTS', KEYS[1]) == 0 then
         return false
@@ -123,7 +123,7 @@ def claim_page(
 #: (resources.counts.COUNT_FIELDS); a unit test keeps them equal.
 RECORD_PAGE = """
 -- intact(), refresh(ttl), unpack_counts(packed): the same in every run-counter script
--- (see resources/lua.py)
+-- (see resources/live/lua.py)
 local function intact()
     if redis.call('EXISTS', KEYS[1]) == 0 then
         return false

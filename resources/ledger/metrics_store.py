@@ -11,13 +11,18 @@ from dagster import ConfigurableResource
 from pydantic import Field
 from sqlalchemy import Connection, Engine
 
-from resources import db, flow_key_queries, job_queries, migrations, partition_queries
-from resources import store_queries as q
 from resources.counts import Counts
 from resources.errors import StoreIntegrityError
-from resources.run_policy import RunPolicy
-from resources.schema import FINAL_STATUSES
-from resources.store_records import (
+from resources.ledger import (
+    db,
+    flow_key_queries,
+    job_queries,
+    migrations,
+    page_queries,
+    partition_queries,
+    run_queries,
+)
+from resources.ledger.records import (
     FinalState,
     JobFailure,
     PageRecord,
@@ -27,6 +32,8 @@ from resources.store_records import (
     StoredFailure,
     StoredReject,
 )
+from resources.ledger.schema import FINAL_STATUSES
+from resources.run_policy import RunPolicy
 
 __all__ = [
     "FinalState",
@@ -155,35 +162,35 @@ class MetricsStore(ConfigurableResource):
         _aware(started_at, "started_at")
         with self._tx(write=True) as conn:
             policy_json = policy.to_json() if policy is not None else None
-            q.insert_run(conn, run_id, flow_name, partition_key, started_at, policy_json)
+            run_queries.insert_run(conn, run_id, flow_name, partition_key, started_at, policy_json)
 
     def record_plan(self, run_id: str, pages_total: int, reported_total: int | None) -> None:
         """The plan fanned out pages ``0 .. pages_total - 1`` (extraction is done when each
         has a row); ``reported_total``: the record count the source reported, if any."""
         with self._tx(write=True) as conn:
-            if q.record_plan(conn, run_id, pages_total, reported_total, _now()) == 0:
+            if run_queries.record_plan(conn, run_id, pages_total, reported_total, _now()) == 0:
                 raise _unknown_run(run_id)
 
     def missing_pages(self, run_id: str) -> list[int] | None:
         """Planned pages without a row in the ledger; None while no plan is recorded."""
         with self._tx(write=False) as conn:
-            return q.missing_pages(conn, run_id)
+            return page_queries.missing_pages(conn, run_id)
 
     def heartbeat(self, run_id: str) -> bool:
         """A step of the run is alive (the finalizer's deadline counts from the last one)."""
         with self._tx(write=True) as conn:
-            return q.heartbeat(conn, run_id, _now()) == 1
+            return run_queries.heartbeat(conn, run_id, _now()) == 1
 
     def note_source_down(self, run_id: str, attempt: str, message: str) -> bool:
         """A step of Dagster run ``attempt`` found the source down (retries spent): the
         attempt's other steps fail fast. A re-execution is a new attempt and tries again."""
         with self._tx(write=True) as conn:
-            return q.note_source_down(conn, run_id, attempt, message) == 1
+            return run_queries.note_source_down(conn, run_id, attempt, message) == 1
 
     def source_down(self, run_id: str, attempt: str) -> str | None:
         """The error with which a step of Dagster run ``attempt`` found the source down."""
         with self._tx(write=False) as conn:
-            return q.source_down(conn, run_id, attempt)
+            return run_queries.source_down(conn, run_id, attempt)
 
     def record_pages(self, run_id: str, pages: Sequence[PageRecord]) -> list[PageRecord]:
         """Record page outcomes, replacing any earlier attempt of the same pages; the pages
@@ -200,7 +207,7 @@ class MetricsStore(ConfigurableResource):
             return []
         try:
             with self._tx(write=True) as conn:
-                recorded = q.replace_pages(conn, run_id, pages, _now())
+                recorded = page_queries.replace_pages(conn, run_id, pages, _now())
                 if recorded is None:
                     raise _unknown_run(run_id)
                 return recorded
@@ -218,7 +225,7 @@ class MetricsStore(ConfigurableResource):
         if not pages:
             return
         with self._tx(write=True) as conn:
-            if missing := q.finish_pages(conn, run_id, pages, _now()):
+            if missing := page_queries.finish_pages(conn, run_id, pages, _now()):
                 raise ValueError(
                     f"pages {missing} of run {run_id!r} were not recorded in this attempt;"
                     " call record_pages for them before finish_pages"
@@ -256,7 +263,7 @@ class MetricsStore(ConfigurableResource):
             raise ValueError(f"page {page.page_index}: outcomes of async jobs come from acks")
         try:
             with self._tx(write=True) as conn:
-                recorded = q.replace_pages(conn, run_id, [page], _now())
+                recorded = page_queries.replace_pages(conn, run_id, [page], _now())
                 if recorded is None:
                     raise _unknown_run(run_id)
                 [mine] = recorded
@@ -272,7 +279,7 @@ class MetricsStore(ConfigurableResource):
     def mark_extraction_done(self, run_id: str) -> None:
         """Collect's hint that every step ran; the finalizer proves it from the page rows."""
         with self._tx(write=True) as conn:
-            if q.mark_extraction_done(conn, run_id, _now()) == 0:
+            if run_queries.mark_extraction_done(conn, run_id, _now()) == 0:
                 raise _unknown_run(run_id)
 
     def finalize(
@@ -316,23 +323,23 @@ class MetricsStore(ConfigurableResource):
         if not finals:
             return []
         with self._tx(write=True) as conn:
-            return q.finalize_many(conn, finals)
+            return run_queries.finalize_many(conn, finals)
 
     def note_counter_mismatch(self, run_id: str, note: str) -> bool:
         """Record on a running run that Redis disagreed with the ledger (first note kept)."""
         with self._tx(write=True) as conn:
-            return q.note_counter_mismatch(conn, run_id, note) == 1
+            return run_queries.note_counter_mismatch(conn, run_id, note) == 1
 
     def reopen(self, run_id: str) -> bool:
         """A failed or cancelled run is being re-executed: make it ``running`` again so the
         finalizer classifies the re-execution's outcome. True if the row changed."""
         with self._tx(write=True) as conn:
-            return q.reopen(conn, run_id, _now()) == 1
+            return run_queries.reopen(conn, run_id, _now()) == 1
 
     def awaiting_dagster_runs(self, limit: int) -> list[RunRow]:
         """Runs finalized as stalled while their Dagster run was still in progress."""
         with self._tx(write=False) as conn:
-            return q.awaiting_dagster_runs(conn, limit)
+            return run_queries.awaiting_dagster_runs(conn, limit)
 
     def mark_published(self, run_ids: Sequence[str], at: datetime) -> int:
         """Mark final runs as reported to Dagster; returns how many rows changed."""
@@ -340,61 +347,61 @@ class MetricsStore(ConfigurableResource):
         if not run_ids:
             return 0
         with self._tx(write=True) as conn:
-            return q.mark_published(conn, run_ids, at)
+            return run_queries.mark_published(conn, run_ids, at)
 
     # --- reads -------------------------------------------------------------------------
 
     def running_runs(self, limit: int) -> list[RunRow]:
         """Runs still ``running``, least recently updated first."""
         with self._tx(write=False) as conn:
-            return q.running_runs(conn, limit)
+            return run_queries.running_runs(conn, limit)
 
     def unpublished_runs(self, limit: int) -> list[RunRow]:
         """Final runs not yet reported to Dagster, oldest finish first."""
         with self._tx(write=False) as conn:
-            return q.unpublished_runs(conn, limit)
+            return run_queries.unpublished_runs(conn, limit)
 
     def page_totals(self, run_ids: Sequence[str]) -> dict[str, PageTotals]:
         """Each run's counts summed over its page rows; a run without pages gets zeros."""
         if not run_ids:
             return {}
         with self._tx(write=False) as conn:
-            return q.page_totals(conn, run_ids)
+            return page_queries.page_totals(conn, run_ids)
 
     def claimed_keys(self, run_id: str) -> dict[str, int]:
         """Record key -> index of the page that owns it, as the ledger decided (to rebuild
         Redis)."""
         with self._tx(write=False) as conn:
-            return q.claimed_keys(conn, run_id)
+            return page_queries.claimed_keys(conn, run_id)
 
     def page_counts(self, run_id: str) -> dict[int, Counts]:
         """Page index -> that page's counts (to rebuild Redis)."""
         with self._tx(write=False) as conn:
-            return q.page_counts(conn, run_id)
+            return page_queries.page_counts(conn, run_id)
 
     def runs(
         self, flow_name: str | None = None, run_id: str | None = None, limit: int = 50
     ) -> list[RunRow]:
         """Runs, newest first, optionally of one flow or one run id."""
         with self._tx(write=False) as conn:
-            return q.runs(conn, flow_name, run_id, limit)
+            return run_queries.runs(conn, flow_name, run_id, limit)
 
     def statuses(self, run_ids: Sequence[str]) -> dict[str, str]:
         """``flow_status`` of each known run id (unknown ids are left out)."""
         if not run_ids:
             return {}
         with self._tx(write=False) as conn:
-            return q.statuses(conn, run_ids)
+            return run_queries.statuses(conn, run_ids)
 
     def rejected_records(self, run_id: str, limit: int = 100) -> list[StoredReject]:
         """A run's quarantined records, by page and position."""
         with self._tx(write=False) as conn:
-            return q.rejected_records(conn, run_id, limit)
+            return page_queries.rejected_records(conn, run_id, limit)
 
     def job_failures(self, run_id: str, limit: int = 100) -> list[StoredFailure]:
         """A run's failed jobs, by page and record key."""
         with self._tx(write=False) as conn:
-            return q.job_failures(conn, run_id, limit)
+            return page_queries.job_failures(conn, run_id, limit)
 
     def partition_runs(
         self,

@@ -5,7 +5,7 @@ Revises:
 Create Date: 2025-01-06
 
 Migrations are frozen history: tables are defined here, never imported from
-resources.schema. Every ALTER goes through op.batch_alter_table so SQLite works.
+resources.ledger.schema. Every ALTER goes through op.batch_alter_table so SQLite works.
 """
 
 from __future__ import annotations

@@ -12,9 +12,8 @@ from functools import cache
 from sqlalchemy import Connection, Insert, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from resources import job_queries
-from resources.run_policy import RunPolicy
-from resources.schema import (
+from resources.ledger import job_queries
+from resources.ledger.schema import (
     flow_async_jobs,
     flow_dispatched_keys,
     flow_job_failures,
@@ -22,6 +21,7 @@ from resources.schema import (
     flow_page_progress,
     flow_run_keys,
 )
+from resources.run_policy import RunPolicy
 
 _dispatched, _fm = flow_dispatched_keys, flow_metrics
 _RUNS_PER_SELECT = 500
@@ -96,7 +96,7 @@ def release_failed_keys(conn: Connection, run_ids: Sequence[str]) -> int:
     run owns now.
 
     Idempotent, safe to repeat after a crash. Locks the runs' rows (run id order, as
-    ``store_queries.finalize_many``), so a late ack of the same run (``job_queries``) is
+    ``run_queries.finalize_many``), so a late ack of the same run (``job_queries``) is
     applied wholly before or after. Call it inside the transaction that finalizes the runs
     to release exactly when they become final.
     """

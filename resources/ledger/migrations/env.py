@@ -1,9 +1,9 @@
 """Alembic environment of the metrics ledger.
 
-``resources.migrations.migrate`` hands in an open connection (already inside a locked transaction)
-through ``config.attributes["connection"]``. Without one (a developer running the
-``alembic`` CLI, or ``--sql`` offline mode) the URL comes from ``sqlalchemy.url`` or the
-same settings as ``MetricsStore``.
+``resources.ledger.migrations.migrate`` hands in an open connection (already inside a
+locked transaction) through ``config.attributes["connection"]``. Without one (a developer
+running the ``alembic`` CLI, or ``--sql`` offline mode) the URL comes from
+``sqlalchemy.url`` or the same settings as ``MetricsStore``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from resources.db import resolve_url
-from resources.migrations import migration_options
+from resources.ledger.db import resolve_url
+from resources.ledger.migrations import migration_options
 
 config = context.config
 

@@ -8,8 +8,8 @@ from datetime import datetime
 from typing import Any
 
 from resources.counts import Counts
+from resources.ledger.schema import PAGE_STATUSES
 from resources.run_policy import RunPolicy
-from resources.schema import PAGE_STATUSES
 
 
 def _json_value(value: object) -> object:

@@ -3,12 +3,12 @@
 Start workers with the package importable and the ledger's URL in the environment::
 
     FLOW_DATABASE_URL=postgresql+psycopg://... \\
-        rq worker --url redis://redis-host:6379/0 orders -c flow_assets.rq_settings
+        rq worker --url redis://redis-host:6379/0 orders -c flow_assets.rq.settings
 
-(``orders`` is the flow's queue; ``-c flow_assets.rq_settings`` preloads this module, and
+(``orders`` is the flow's queue; ``-c flow_assets.rq.settings`` preloads this module, and
 the modules in ``FLOW_RQ_PRELOAD``, so the work horse RQ forks per job starts warm, and
 makes the worker refuse any job that is not one of the loaded flows: see
-``flow_assets.rq_guard``). The
+``flow_assets.rq.guard``). The
 forking worker isolates each job but pays a fork and a database connection per job;
 ``-w rq.worker.SimpleWorker`` runs jobs in the worker process, several times faster for
 short jobs. Add workers on any machine that reaches the Redis server and the database to
@@ -42,13 +42,14 @@ from rq.exceptions import AbandonedJobError, DeserializationError
 from rq.job import Job
 from rq.timeouts import BaseTimeoutException
 
-from flow_assets import rq_guard
 from flow_assets.dispatch import JobBatch, error_text, traceback_text
 from flow_assets.errors import HandlerError
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
-from resources import db, flow_key_queries, job_queries, lua_rq, migrations, store_queries
-from resources.lua import Outcome
-from resources.metrics_store import MetricsStore
+from flow_assets.rq import guard as rq_guard
+from resources.ledger import db, flow_key_queries, job_queries, migrations, run_queries
+from resources.ledger.metrics_store import MetricsStore
+from resources.live import lua_rq
+from resources.live.lua import Outcome
 from resources.run_policy import RunPolicy
 
 if TYPE_CHECKING:
@@ -221,7 +222,7 @@ def acknowledge(
             # The ledger has the outcome; the next page step (or the finalizer) rebuilds
             # the counters from it. Note it on the run while it is running.
             with _ledger() as conn:
-                store_queries.note_counter_mismatch(conn, run_id, COUNTERS_LOST)
+                run_queries.note_counter_mismatch(conn, run_id, COUNTERS_LOST)
             break
     return outcome
 

@@ -3,9 +3,9 @@
 The page step enqueues one RQ job per record (or per ``batch_size`` records) on a queue
 named after the flow, with deterministic job ids (``<flow>-<run>-p<page>-j<n>``), after
 the page and its pending jobs are in the ledger. Jobs are JSON (``SERIALIZER``), never
-pickle. ``rq worker`` processes run ``flow_assets.rq_worker.run_jobs``, which calls the
-handler of the flow the job names, as the worker loaded it (``flow_assets.rq_guard``), and
-acknowledge each outcome through the same ledger (see ``flow_assets.rq_worker``). When the
+pickle. ``rq worker`` processes run ``flow_assets.rq.worker.run_jobs``, which calls the
+handler of the flow the job names, as the worker loaded it (``flow_assets.rq.guard``), and
+acknowledge each outcome through the same ledger (see ``flow_assets.rq.worker``). When the
 run is final its jobs still queued are cancelled (``cancel_run_jobs``).
 """
 
@@ -22,9 +22,9 @@ from flow_assets.options import is_int_at_least
 if TYPE_CHECKING:
     import redis
 
-RUN_JOBS = "flow_assets.rq_worker.run_jobs"
-ACK_SUCCESS = "flow_assets.rq_worker.ack_success"
-ACK_FAILURE = "flow_assets.rq_worker.ack_failure"
+RUN_JOBS = "flow_assets.rq.worker.run_jobs"
+ACK_SUCCESS = "flow_assets.rq.worker.ack_success"
+ACK_FAILURE = "flow_assets.rq.worker.ack_failure"
 # RQ's JSON serializer for every job of the package: records are JSON already, and reading
 # JSON runs no code (reading a pickle can). Pass it to anything reading the jobs.
 SERIALIZER = "json"
@@ -139,7 +139,7 @@ def cancel_run_jobs(
     from rq import Queue  # imported here: a Flow import stays light
     from rq.job import Job, JobStatus
 
-    from resources.lua_rq import remove_queued
+    from resources.live.lua_rq import remove_queued
 
     queue_key = Queue(queue, connection=connection).key
     removed = remove_queued(connection, queue_key, run_job_prefix(flow, run_id))

@@ -3,7 +3,7 @@
 Redis claims keys first, as the fast path. Its claims are lost with it (FLUSHALL, restart,
 eviction), and a rebuild from the ledger cannot restore the claims of pages not yet
 recorded, so two pages may then both believe they own a key. From the run's first loss on,
-the page pre-write (``store_queries.replace_pages``) claims each page's keys again here,
+the page pre-write (``page_queries.replace_pages``) claims each page's keys again here,
 and the first page recorded keeps the key: a key reaches the handler at most once per run
 whatever Redis loses. A ``dedup="flow"`` run, which claims every key in the ledger anyway,
 claims them here from its first page. (Otherwise, before a loss, Redis alone decides and

@@ -4,9 +4,9 @@ A page whose jobs run elsewhere is recorded once at dispatch, with its jobs pend
 job's outcome then arrives as an ack from a worker. RECORD_DISPATCHED_PAGE and ACK_JOBS
 keep the run's Redis state equal to the SQL ledger: the page's packed counts (``pages``)
 and the run totals (``totals``) move together, so a rebuild from the ledger gives the same
-numbers. They follow the rules of every run-counter script (``resources.lua``).
+numbers. They follow the rules of every run-counter script (``resources.live.lua``).
 
-The SQL ack (``resources.job_queries.ack_jobs``) is the per-job guard: it returns only
+The SQL ack (``resources.ledger.job_queries.ack_jobs``) is the per-job guard: it returns only
 transitions that really happened, and only those are sent here. ACK_JOBS adds its own
 guard: a page's pending count never goes negative and its failed count never below zero,
 whatever a confused caller sends. REMOVE_QUEUED takes a final run's waiting jobs out of
@@ -18,8 +18,8 @@ from __future__ import annotations
 import redis
 
 from resources.counts import Counts
-from resources.keys import run_keys
-from resources.lua import Outcome, outcome, registered, reply_text
+from resources.live.keys import run_keys
+from resources.live.lua import Outcome, outcome, registered, reply_text
 
 #: Record a page's counts at dispatch, keeping the job outcomes already acked.
 #:
@@ -34,7 +34,7 @@ from resources.lua import Outcome, outcome, registered, reply_text
 #: (new - old) per field, as with lua_pages.RECORD_PAGE.
 RECORD_DISPATCHED_PAGE = """
 -- intact(), refresh(ttl), unpack_counts(packed): the same in every run-counter script
--- (see resources/lua.py)
+-- (see resources/live/lua.py)
 local function intact()
     if redis.call('EXISTS', KEYS[1]) == 0 then
         return false
@@ -111,7 +111,7 @@ def record_dispatched_page(
 #: 'DONE' (applied, jobs of the run still pending).
 ACK_JOBS = """
 -- intact(), refresh(ttl), unpack_counts(packed): the same in every run-counter script
--- (see resources/lua.py)
+-- (see resources/live/lua.py)
 local function intact()
     if redis.call('EXISTS', KEYS[1]) == 0 then
         return false

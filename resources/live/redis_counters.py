@@ -3,8 +3,8 @@
 Redis is a cache of the SQL ledger. Each method is idempotent, so a call retried after a
 dropped connection is harmless; a run whose keys Redis lost is reported as lost (None or
 False) and rebuilt from the ledger with :meth:`RedisCounters.rebuild`. The Lua scripts
-behind the page methods live with their wrappers in ``resources.lua_pages`` and
-``resources.lua_rq``.
+behind the page methods live with their wrappers in ``resources.live.lua_pages`` and
+``resources.live.lua_rq``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from pydantic import Field
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from resources import lua_pages, lua_rq
 from resources.counts import COUNT_FIELDS, Counts
-from resources.embedded_redis import configured_redis_url, ensure_embedded_redis
 from resources.errors import CountersUnavailableError
 from resources.home import flow_home
-from resources.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_key, run_keys
-from resources.lua import Outcome
+from resources.live import lua_pages, lua_rq
+from resources.live.embedded_redis import configured_redis_url, ensure_embedded_redis
+from resources.live.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_key, run_keys
+from resources.live.lua import Outcome
 from resources.redaction import redact_url
 
 _T = TypeVar("_T")
@@ -51,7 +51,7 @@ class RedisCounters(ConfigurableResource):
         .. code-block:: python
 
             from dagster import Definitions, op
-            from resources.redis_counters import RedisCounters
+            from resources.live.redis_counters import RedisCounters
 
             @op
             def page_step(context, counters: RedisCounters):

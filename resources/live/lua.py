@@ -2,15 +2,15 @@
 
 The scripts live next to their typed wrappers, one module per concern:
 
-- ``resources.lua_pages``: a page step claims a page's record keys and records its counts;
-- ``resources.lua_rq``: pages whose jobs go to RQ workers (dispatch="rq"): the page's
+- ``resources.live.lua_pages``: a page step claims a page's record keys and records its counts;
+- ``resources.live.lua_rq``: pages whose jobs go to RQ workers (dispatch="rq"): the page's
   counts at dispatch, the workers' acks, and the removal of a final run's queued jobs.
 
 Every script is a literal module constant, its KEYS/ARGV/return contract in the comment
 right above it. The run-counter scripts share these rules:
 
 - KEYS[1..4] are the run's ``meta``, ``seen``, ``pages`` and ``totals`` keys
-  (``resources.keys.run_keys``). They share the run's hash tag, so the scripts also run on
+  (``resources.live.keys.run_keys``). They share the run's hash tag, so the scripts also run on
   Redis Cluster.
 - First they check the run's state: ``meta`` must exist and agree with the sizes of
   ``seen`` and ``pages`` (meta keeps how many fields each should hold). When it does not,
@@ -51,7 +51,7 @@ class Outcome(enum.Enum):
     ZERO = "ZERO"  # an ack applied, and no job of the run is pending any more
     # Not a script's answer: an RQ ack of a run that was final when it came. Its outcome is
     # recorded as late in the ledger (job_queries.record_late), never counted; Redis is not
-    # touched (see flow_assets.rq_worker.acknowledge).
+    # touched (see flow_assets.rq.worker.acknowledge).
     LATE = "LATE"
 
 

@@ -36,14 +36,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from resources.batching import IN_LIST_SIZE, batched
-from resources.run_policy import RunPolicy
-from resources.schema import (
+from resources.ledger.schema import (
     PAGE_COUNT_COLUMNS,
     RUNNING_PREDICATE,
     flow_async_jobs,
     flow_metrics,
     flow_page_progress,
 )
+from resources.run_policy import RunPolicy
 
 _jobs, _fm, _pages = flow_async_jobs, flow_metrics, flow_page_progress
 # Acks move the run's updated_at (its last progress, which the finalizer's deadline

@@ -19,7 +19,8 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from resources.db import (
+from resources.errors import ConfigurationError
+from resources.ledger.db import (
     get_engine,
     new_engine,
     redacted,
@@ -27,8 +28,7 @@ from resources.db import (
     set_schema_ready,
     transaction,
 )
-from resources.errors import ConfigurationError
-from resources.schema import VERSION_TABLE, metadata
+from resources.ledger.schema import VERSION_TABLE, metadata
 
 MIGRATIONS_DIR = Path(__file__).parent
 # Serializes concurrent `upgrade` calls across processes (PostgreSQL advisory lock key).
@@ -69,7 +69,7 @@ def _scripts() -> ScriptDirectory:
 def head_revision() -> str:
     """The newest migration this package ships."""
     head = _scripts().get_current_head()
-    assert head is not None, "resources/migrations/versions holds no migration"
+    assert head is not None, "resources/ledger/migrations/versions holds no migration"
     return head
 
 

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flow_assets import cli_render
-from flow_assets.cli_render import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+from flow_assets.cli import render as cli_render
+from flow_assets.cli.render import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 
 if TYPE_CHECKING:
-    from resources.store_records import RunRow
+    from resources.ledger.records import RunRow
 
 app = typer.Typer(
     help="Run flows, see their metrics, manage the ledger's schema.",
@@ -140,7 +140,7 @@ def run(
     not final after --wait, 2 usage or configuration error. With DAGSTER_HOME set the run
     is kept there with its step outputs, so `flowctl rerun` can recover it if it fails.
     """
-    from flow_assets.runner import load_definitions, run_flow
+    from flow_assets.cli.runner import load_definitions, run_flow
 
     defs = load_definitions(module)
     row = run_flow(
@@ -182,7 +182,7 @@ def rerun(
     The re-execution continues the same flow run (same run id and ledger row); exit codes
     as for `flowctl run`.
     """
-    from flow_assets.runner import rerun_flow
+    from flow_assets.cli.runner import rerun_flow
 
     row = rerun_flow(
         run_id,
@@ -216,7 +216,7 @@ def status(
     limit: Annotated[int, typer.Option(min=1, help="Most recent runs to show.")] = 20,
 ) -> None:
     """Show flow runs from the ledger (newest first)."""
-    from resources.metrics_store import MetricsStore
+    from resources.ledger.metrics_store import MetricsStore
 
     store = MetricsStore()
     rows = store.runs(flow_name=flow, run_id=run_id, limit=limit)
@@ -246,8 +246,8 @@ def cleanup(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, remove nothing.")] = False,
 ) -> None:
     """List and remove Redis keys left behind by finished runs."""
-    from resources.metrics_store import MetricsStore
-    from resources.redis_counters import RedisCounters
+    from resources.ledger.metrics_store import MetricsStore
+    from resources.live.redis_counters import RedisCounters
     from sensors.cleanup import remove_stray_keys
 
     strays = remove_stray_keys(MetricsStore(), RedisCounters(), dry_run=dry_run)
@@ -257,7 +257,7 @@ def cleanup(
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Upgrade the schema (default: to the newest revision)."""
-    from resources.metrics_store import MetricsStore
+    from resources.ledger.metrics_store import MetricsStore
 
     store = MetricsStore(auto_migrate=False)
     store.upgrade(revision)
@@ -267,7 +267,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target, e.g. -1 or 0001.")]) -> None:
     """Downgrade the schema; rows are converted, never dropped, where a status disappears."""
-    from resources.metrics_store import MetricsStore
+    from resources.ledger.metrics_store import MetricsStore
 
     store = MetricsStore(auto_migrate=False)
     store.downgrade(revision)
@@ -277,7 +277,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target, e.g. -1 o
 @db_app.command("current")
 def db_current() -> None:
     """Print the schema revision of the metrics database."""
-    from resources.metrics_store import MetricsStore
+    from resources.ledger.metrics_store import MetricsStore
 
     store = MetricsStore(auto_migrate=False)
     typer.echo(f"{store.redacted_url()}: schema at {store.current_revision()}")
@@ -286,8 +286,8 @@ def db_current() -> None:
 @redis_app.command("status")
 def redis_status() -> None:
     """Say whether the embedded Redis server under FLOW_HOME is running."""
-    from resources.embedded_redis import embedded_redis_running, socket_path
     from resources.home import flow_home
+    from resources.live.embedded_redis import embedded_redis_running, socket_path
 
     home = flow_home()
     state = "running" if embedded_redis_running(home) else "not running"
@@ -298,8 +298,8 @@ def redis_status() -> None:
 def redis_stop() -> None:
     """Stop the embedded Redis server under FLOW_HOME (live counters are rebuilt from the
     ledger when a running flow next touches them)."""
-    from resources.embedded_redis import stop_embedded_redis
     from resources.home import flow_home
+    from resources.live.embedded_redis import stop_embedded_redis
 
     stopped = stop_embedded_redis(flow_home())
     typer.echo("embedded Redis stopped" if stopped else "embedded Redis was not running")

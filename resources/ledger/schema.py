@@ -1,6 +1,6 @@
 """The SQL ledger's tables (SQLAlchemy Core), identical on PostgreSQL and SQLite.
 
-Alembic migrations in ``resources/migrations`` build exactly this schema; a test checks
+Alembic migrations in ``resources/ledger/migrations`` build exactly this schema; a test checks
 that ``upgrade head`` and this module agree on both dialects.
 """
 
@@ -236,7 +236,7 @@ flow_async_jobs = Table(
     metadata,
     # dispatch="rq": one row per record dispatched to a worker, its state a guarded
     # transition (pending -> completed | failed, failed -> completed). Page rows keep the
-    # counts known at dispatch; run totals add these outcomes (store_queries.page_totals).
+    # counts known at dispatch; run totals add these outcomes (page_queries.page_totals).
     _run_id_key(),
     Column("record_key", Text, primary_key=True),
     Column("page_index", Integer, nullable=False),
