@@ -71,6 +71,22 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
     each the resource whose key is the parameter's name (``STORE_KEY``, ``COUNTERS_KEY``).
     """
     tags = {FLOW_TAG: flow.name}
+    plan, process, collect = _plan_op(flow, tags), _pages_op(flow, tags), _collect_op(flow, tags)
+
+    @dg.graph(name=f"{flow.name}_graph", description=flow.description)
+    def flow_graph() -> None:
+        collect(plan().map(process).collect())
+
+    return flow_graph.to_job(
+        name=flow.job_name,
+        partitions_def=flow.partitions,
+        tags=tags,
+        description=flow.description,
+    )
+
+
+def _plan_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
+    """The plan op: records the run and its policy, fans the pages out in chunks."""
 
     @dg.op(
         name=f"{flow.name}_plan",
@@ -101,6 +117,12 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
             # Dagster starts the mapped steps once this op has returned: the plan is in the
             # ledger before any page is, and extraction is done when each page has its row.
             metrics_store.record_plan(run_id, pages_total, max(reported_totals, default=None))
+
+    return plan
+
+
+def _pages_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
+    """The mapped page op: fetches (or takes) a chunk's pages and processes them."""
 
     @dg.op(
         name=f"{flow.name}_pages",
@@ -135,6 +157,12 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
                 )
         return len(chunk)
 
+    return process
+
+
+def _collect_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
+    """The collect op: extraction is done once every planned page has its row."""
+
     @dg.op(
         name=f"{flow.name}_collect",
         description="Check that every planned page has its row in the ledger.",
@@ -159,16 +187,7 @@ def build_flow_job(flow: Flow) -> dg.JobDefinition:
             metrics_store.mark_extraction_done(run_id)
             context.log.info(f"flow {flow.name}: extraction done, {sum(pages_per_chunk)} pages")
 
-    @dg.graph(name=f"{flow.name}_graph", description=flow.description)
-    def flow_graph() -> None:
-        collect(plan().map(process).collect())
-
-    return flow_graph.to_job(
-        name=flow.job_name,
-        partitions_def=flow.partitions,
-        tags=tags,
-        description=flow.description,
-    )
+    return collect
 
 
 def join_flow_run(

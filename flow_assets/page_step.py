@@ -37,24 +37,6 @@ log = logging.getLogger(__name__)
 LOST_MID_RUN = "Redis lost the run's counters mid-run; rebuilt them from the SQL ledger"
 
 
-def process_page(
-    flow: Flow,
-    run_id: str,
-    page: Page,
-    counters: RedisCounters,
-    store: MetricsStore,
-    *,
-    final_attempt: bool = False,
-) -> Counts:
-    """Process one page; its counts as recorded in the ledger (dispatch="rq": at dispatch).
-
-    A handler that raises fails the step with a redacted ``HandlerError``, so Dagster
-    retries it; on the ``final_attempt`` the page's unfinished jobs are first recorded as
-    failed with that error, so none is left pending.
-    """
-    return process_pages(flow, run_id, [page], counters, store, final_attempt=final_attempt)
-
-
 @dataclass(frozen=True)
 class _ClaimedPage:
     """A page after validation and dedup: the jobs it owns, before its handler runs."""

@@ -6,30 +6,25 @@ same data gives the same pages. The key must be unique, or made unique with a ti
 rows sharing a key across a page boundary would be skipped by ``key > :last``, so that case is
 detected and raises instead.
 
-Values are made JSON-friendly: date/time -> ISO 8601 string, Decimal -> str (exact: a float
-would round money), timedelta -> seconds (float), bytes -> base64 string, UUID and any other
-non-JSON type -> str.
+Values are made JSON-friendly (``flow_assets.sources.sql_values``).
 """
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Iterator, Sequence
-from datetime import date, datetime, timedelta
-from datetime import time as dt_time
-from decimal import Decimal, InvalidOperation
+from decimal import InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlalchemy.sql.selectable import SelectBase
-from sqlalchemy.types import NullType
 
 from flow_assets.errors import FlowDefinitionError, SourceError
 from flow_assets.options import require_int, require_name
 from flow_assets.sources.base import Page, SequentialSource
+from flow_assets.sources.sql_values import jsonable, partition_condition
 from resources.errors import ConfigurationError
 from resources.ledger.db import (
     cached_engine,
@@ -48,34 +43,6 @@ __all__ = ["SqlSource", "dispose_engines"]
 
 SHOWN_QUERY_CHARS = 80
 _SUBQUERY = "flow_source"
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as JSON types (see the module docstring for the conversions)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (datetime, date, dt_time)):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return str(value)
-
-
-_PARTITION_TYPES: dict[type, Any] = {
-    datetime: datetime.fromisoformat,
-    date: date.fromisoformat,
-    int: int,
-    float: float,
-    Decimal: Decimal,
-}
 
 
 class SqlSource(SequentialSource):
@@ -227,7 +194,7 @@ class SqlSource(SequentialSource):
             if extra and self._cursor(extra[0]) == last:
                 raise self._tie_error(index)
             first = self._cursor(records[0])[0]
-            keys = f"{_jsonable(first)}..{_jsonable(last[0])}"
+            keys = f"{jsonable(first)}..{jsonable(last[0])}"
             # For logs and errors: a key may be personal data (an email).
             label = f"{self.name}: {self.key_column} {mask_personal_data(keys)}"
             yield Page(index, [self._record(row, wanted) for row in records], label)
@@ -253,7 +220,7 @@ class SqlSource(SequentialSource):
 
     def _record(self, row: sa.Row[Any], wanted: Sequence[str]) -> dict[str, Any]:
         mapping = row._mapping
-        return {c: _jsonable(mapping[c]) for c in (*wanted, *self._order_names())}
+        return {c: jsonable(mapping[c]) for c in (*wanted, *self._order_names())}
 
     def _reflect(self, conn: sa.Connection, index: int) -> sa.FromClause:
         """The table (reflected) or query (as a subquery) with its columns checked."""
@@ -305,18 +272,7 @@ class SqlSource(SequentialSource):
             )
         col = source.c[self.partition_column]
         try:
-            python_type = col.type.python_type
-        except NotImplementedError:
-            python_type = object
-        if python_type is str:
-            return [col == partition_key]
-        convert = _PARTITION_TYPES.get(python_type)
-        if convert is None:
-            # Untyped (a SQL string query) or exotic: an untyped parameter lets the
-            # database cast the key to the column's type (PostgreSQL: date = varchar fails).
-            return [col == sa.bindparam("partition_key", partition_key, type_=NullType())]
-        try:
-            return [col == convert(partition_key)]
+            return [partition_condition(col, partition_key)]
         except (ValueError, InvalidOperation):
             raise self._error(
                 None,
@@ -395,9 +351,7 @@ class SqlSource(SequentialSource):
     # -- errors ----------------------------------------------------------------------------
 
     def _where(self) -> str:
-        if self._env_var is not None:
-            return f"${self._env_var}"
-        return redacted(self._url or "")
+        return f"${self._env_var}" if self._env_var is not None else redacted(self._url or "")
 
     def _error(self, index: int | None, problem: str, fix: str) -> SourceError:
         page = "" if index is None else f", page {index}"

@@ -133,19 +133,14 @@ class MetricsStore(ConfigurableResource):
         )
 
     def current_revision(self) -> str | None:
-        with db.transaction(
-            self.engine(), write=False, retry_seconds=self.connect_retry_seconds
-        ) as conn:
+        engine, retry = self.engine(), self.connect_retry_seconds
+        with db.transaction(engine, write=False, retry_seconds=retry) as conn:
             return migrations.current_revision(conn)
 
     def _tx(self, *, write: bool) -> AbstractContextManager[Connection]:
-        url = self.resolved_url()
-        migrations.ensure_schema(
-            url, auto_migrate=self.auto_migrate, retry_seconds=self.connect_retry_seconds
-        )
-        return db.transaction(
-            db.get_engine(url), write=write, retry_seconds=self.connect_retry_seconds
-        )
+        url, retry = self.resolved_url(), self.connect_retry_seconds
+        migrations.ensure_schema(url, auto_migrate=self.auto_migrate, retry_seconds=retry)
+        return db.transaction(db.get_engine(url), write=write, retry_seconds=retry)
 
     # --- writes ------------------------------------------------------------------------
 
@@ -215,13 +210,9 @@ class MetricsStore(ConfigurableResource):
             fix = "Call start_run for the run before recording its pages."
             db.raise_unchained(ValueError(f"cannot record pages of run {run_id!r}: {exc}. {fix}"))
 
-    def finish_page(self, run_id: str, page: PageRecord) -> None:
-        """Record a page's outcome after ``record_pages`` wrote it in this attempt with the
-        same keys and rejects (the hot path: counts, status and failures only)."""
-        self.finish_pages(run_id, [page])
-
     def finish_pages(self, run_id: str, pages: Sequence[PageRecord]) -> None:
-        """``finish_page`` for several pages in one transaction (a step's pages)."""
+        """Record the outcomes of a step's pages, which ``record_pages`` wrote in this attempt
+        with the same keys and rejects (counts, status and failures), in one transaction."""
         if not pages:
             return
         with self._tx(write=True) as conn:
@@ -281,31 +272,6 @@ class MetricsStore(ConfigurableResource):
         with self._tx(write=True) as conn:
             if run_queries.mark_extraction_done(conn, run_id, _now()) == 0:
                 raise _unknown_run(run_id)
-
-    def finalize(
-        self,
-        run_id: str,
-        *,
-        status: str,
-        counts: Counts,
-        pages_done: int,
-        finished_at: datetime,
-        failure_reason: str | None = None,
-        counter_mismatch: str | None = None,
-        runtime_ms: int | None = None,
-    ) -> bool:
-        """Write the final state if the run is still ``running``; True only for the winner."""
-        final = FinalState(
-            run_id,
-            status,
-            counts,
-            pages_done,
-            finished_at,
-            failure_reason,
-            counter_mismatch,
-            runtime_ms,
-        )
-        return self.finalize_many([final]) == [run_id]
 
     def finalize_many(self, finals: Sequence[FinalState]) -> list[str]:
         """Write each final state whose run is still ``running``, in one transaction.
@@ -417,21 +383,9 @@ class MetricsStore(ConfigurableResource):
 
     # --- after a run is final: failed keys, late outcomes (issue 10) --------------------
 
-    def release_failed_keys(self, run_ids: Sequence[str]) -> int:
-        """``dedup="flow"``: release the keys of the failed (and lost) jobs of final runs,
-        so the next run dispatches them again; how many. Leaves runs that keep them
-        (``keep_failed_keys``), running runs and runs awaiting their Dagster run.
-        Idempotent (see ``flow_key_queries.release_failed_keys``)."""
-        if not run_ids:
-            return 0
-        with self._tx(write=True) as conn:
-            return flow_key_queries.release_failed_keys(conn, run_ids)
-
     def late_jobs(self, run_ids: Sequence[str]) -> dict[str, int]:
-        """Run id -> jobs whose outcome arrived after the run was final (0 if none).
-
-        Recorded, never counted: the final row keeps equal to the ledger's totals. Shown on
-        the run (``flowctl status --run ID``)."""
+        """Run id -> jobs whose outcome arrived after the run was final (0 if none): recorded,
+        never counted, shown by ``flowctl status --run ID``."""
         if not run_ids:
             return {}
         with self._tx(write=False) as conn:

@@ -27,6 +27,7 @@ from resources.ledger.metrics_store import (
 from tests.dagster import settle_flows
 from tests.dagster.settle_flows import handled_keys, write_jsonl
 from tests.flowkit import assert_conserved, assert_counts, make_defs, row_of, run_flow, tick
+from tests.ledger_helpers import release_failed_keys
 
 FLOW = "retry_orders"
 IDS = [f"o{n:03d}" for n in range(120)]  # 6 pages of 20, 2 pages a step
@@ -171,12 +172,12 @@ def _claimable(store: MetricsStore, keys: list[str]) -> list[str]:
 def test_release_frees_exactly_the_failed_and_lost_keys_once(store: MetricsStore) -> None:
     keys = _ledger_run(store, "run-a")
     everything = sorted(keys["completed"] + keys["failed"])
-    assert store.release_failed_keys(["run-a"]) == 0  # still running: nothing to release
+    assert release_failed_keys(store, ["run-a"]) == 0  # still running: nothing to release
 
     _finalize(store, "run-a")  # the final write releases them in its own transaction
-    assert store.release_failed_keys(["run-a"]) == 0  # idempotent
+    assert release_failed_keys(store, ["run-a"]) == 0  # idempotent
     assert _claimable(store, ["a1", "b0"]) == ["a1", "b0"]  # another run claims two of them
-    assert store.release_failed_keys(["run-a"]) == 0  # and keeps them
+    assert release_failed_keys(store, ["run-a"]) == 0  # and keeps them
     assert _claimable(store, everything) == ["b1", "c1", "c2"]
 
 
@@ -190,7 +191,7 @@ def test_release_leaves_runs_whose_policy_keeps_their_keys(
 ) -> None:
     _ledger_run(store, "run-k", **policy)
     _finalize(store, "run-k")
-    assert store.release_failed_keys(["run-k"]) == 0
+    assert release_failed_keys(store, ["run-k"]) == 0
 
 
 def test_a_stalled_run_whose_dagster_run_still_works_keeps_its_keys_until_it_ends(
@@ -201,7 +202,7 @@ def test_a_stalled_run_whose_dagster_run_still_works_keeps_its_keys_until_it_end
     keys = _ledger_run(store, "run-w")
     everything = sorted(keys["completed"] + keys["failed"])
     _finalize(store, "run-w", awaiting=True)
-    assert store.release_failed_keys(["run-w"]) == 0
+    assert release_failed_keys(store, ["run-w"]) == 0
     assert _claimable(store, everything) == []  # nothing released while steps may write
     # Its Dagster run ended: the finalizer reopens the run and decides it again.
     assert store.reopen("run-w")

@@ -22,6 +22,7 @@ from sensors.finalizer import finalize_runs
 from sensors.pooling import pooled_storage_connections
 from sensors.publish import publish_final_runs, store_materializations
 from tests.flowkit import run_keys_left, status_tag
+from tests.ledger_helpers import finalize
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 # flow -> the final statuses of its runs, in the order they finish.
@@ -48,7 +49,8 @@ def seed_final_runs(
             instance.add_run(dg.DagsterRun(job_name=f"{flow}_job", run_id=run_id))
             minute += 1
             counts = Counts(source=10, dispatched=10, completed=10 - n, failed=n)
-            store.finalize(
+            finalize(
+                store,
                 run_id,
                 status=statuses[n],
                 counts=counts,

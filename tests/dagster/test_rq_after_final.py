@@ -37,6 +37,7 @@ from tests.dagster import settle_flows
 from tests.dagster.rq_flows import rq_workers, wait_for
 from tests.dagster.settle_flows import handled_keys, write_jsonl
 from tests.flowkit import NoSource, assert_counts, make_defs, row_of, run_flow, tick
+from tests.ledger_helpers import release_failed_keys
 
 FLOW = "late_orders"
 KEYS = [f"r{n:02d}" for n in range(20)]  # two pages of 10, one RQ job per record
@@ -308,7 +309,7 @@ def test_an_ack_after_the_run_is_final_is_late_visible_and_not_counted(
 
     # dedup="flow": the final write released every lost key; b and c did complete late, so
     # their acks claimed them again; d, e, f stay released (nothing is left to release).
-    assert store.release_failed_keys([run_id]) == 0
+    assert release_failed_keys(store, [run_id]) == 0
     store.start_run("probe", FLOW, None, datetime.now(timezone.utc), RunPolicy(dedup="flow"))
     claimed = store.claim_flow_keys(FLOW, "probe", 0, list("abcdef"))
     assert [key for key, mine in zip("abcdef", claimed, strict=True) if mine] == ["d", "e", "f"]
@@ -321,11 +322,11 @@ def test_a_late_success_after_the_release_claims_its_key_again(
     still running completes: its record was handled, so the next run must not dispatch it."""
     run_id, counters, store, (ab, _, _) = dispatched
     finalize_by_hand(store, run_id)  # the final write releases the 6 lost keys itself
-    assert store.release_failed_keys([run_id]) == 0
+    assert release_failed_keys(store, [run_id]) == 0
     assert ack_success(ab, counters.rq_connection(), {"completed": ["a", "b"], "failed": {}}) is (
         Outcome.LATE
     )
-    assert store.release_failed_keys([run_id]) == 0
+    assert release_failed_keys(store, [run_id]) == 0
     store.start_run("probe", FLOW, None, datetime.now(timezone.utc), RunPolicy(dedup="flow"))
     claimed = store.claim_flow_keys(FLOW, "probe", 0, list("abcdef"))
     assert [key for key, mine in zip("abcdef", claimed, strict=True) if mine] == list("cdef")

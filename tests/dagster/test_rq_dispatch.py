@@ -25,7 +25,6 @@ from rq.registry import FailedJobRegistry
 from flow_assets.cli import runner
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
-from flow_assets.page_step import process_page
 from flow_assets.rq.dispatch import SERIALIZER, RqDispatch
 from flow_assets.rq.worker import LOST_ERROR, ack_failure, ack_success
 from flow_assets.sources.base import Page
@@ -45,6 +44,7 @@ from tests.flowkit import (
     run_keys_left,
     tick,
 )
+from tests.ledger_helpers import process_page
 
 FLOW = "rq_orders"
 

@@ -14,13 +14,13 @@ from sqlalchemy import select
 from flow_assets.dispatch import JobBatch
 from flow_assets.errors import FlowDefinitionError, HandlerError
 from flow_assets.flow import Flow
-from flow_assets.page_step import process_page
 from flow_assets.sources.base import Page
 from resources.counts import Counts
 from resources.ledger.metrics_store import MetricsStore
 from resources.ledger.schema import flow_dispatched_keys
 from resources.live.redis_counters import RedisCounters
 from tests.flowkit import NoSource
+from tests.ledger_helpers import process_page
 
 FLOW = "orders"
 

@@ -23,6 +23,7 @@ from resources.ledger.metrics_store import (
     RejectedRecord,
 )
 from resources.ledger.page_queries import MAX_RAW_RECORD_BYTES
+from tests.ledger_helpers import finalize, finish_page
 
 pytestmark = pytest.mark.services
 
@@ -102,7 +103,7 @@ def test_finish_page_updates_the_pre_written_page_only(store: MetricsStore) -> N
         rejects=rejects,
         failures=[JobFailure("p0-k1", "HTTP 500")],
     )
-    store.finish_page("run-1", done)
+    finish_page(store, "run-1", done)
 
     totals = store.page_totals(["run-1"])["run-1"]
     assert totals == PageTotals(done.counts, pages_done=1, pages_seen=1)
@@ -110,7 +111,7 @@ def test_finish_page_updates_the_pre_written_page_only(store: MetricsStore) -> N
     assert [r.reason for r in store.rejected_records("run-1")] == ["missing id"]
     assert [(f.record_key, f.error) for f in store.job_failures("run-1")] == [("p0-k1", "HTTP 500")]
     with pytest.raises(ValueError, match=r"pages \[1\] of run 'run-1' were not recorded"):
-        store.finish_page("run-1", _page(1, Counts(source=1, dispatched=1, completed=1)))
+        finish_page(store, "run-1", _page(1, Counts(source=1, dispatched=1, completed=1)))
 
 
 def test_finish_pages_records_a_steps_pages_at_once_or_none_of_them(store: MetricsStore) -> None:
@@ -273,7 +274,8 @@ def test_finalize_is_a_compare_and_set(store: MetricsStore) -> None:
     store.start_run("run-1", "orders", None, T0)
     final = Counts(source=4, dispatched=3, skipped=1, completed=3)
 
-    won = store.finalize(
+    won = finalize(
+        store,
         "run-1",
         status="partial_success",
         counts=final,
@@ -282,8 +284,13 @@ def test_finalize_is_a_compare_and_set(store: MetricsStore) -> None:
         failure_reason="1 duplicate skipped",
         counter_mismatch="redis source=5, ledger source=4",
     )
-    again = store.finalize(
-        "run-1", status="failed", counts=Counts(), pages_done=0, finished_at=T0 + timedelta(hours=1)
+    again = finalize(
+        store,
+        "run-1",
+        status="failed",
+        counts=Counts(),
+        pages_done=0,
+        finished_at=T0 + timedelta(hours=1),
     )
 
     assert (won, again) == (True, False)
@@ -295,13 +302,13 @@ def test_finalize_is_a_compare_and_set(store: MetricsStore) -> None:
     assert row.failure_reason == "1 duplicate skipped"
     assert row.counter_mismatch == "redis source=5, ledger source=4"
     assert (
-        store.finalize(
-            "no-such-run", status="failed", counts=Counts(), pages_done=0, finished_at=T0
+        finalize(
+            store, "no-such-run", status="failed", counts=Counts(), pages_done=0, finished_at=T0
         )
         is False
     )
     with pytest.raises(ValueError, match="not final"):
-        store.finalize("run-1", status="running", counts=Counts(), pages_done=0, finished_at=T0)
+        finalize(store, "run-1", status="running", counts=Counts(), pages_done=0, finished_at=T0)
 
 
 def test_concurrent_finalizers_write_one_final_state(store: MetricsStore) -> None:
@@ -311,13 +318,13 @@ def test_concurrent_finalizers_write_one_final_state(store: MetricsStore) -> Non
     barrier = threading.Barrier(len(statuses))
     results: dict[str, bool] = {}
 
-    def finalize(status: str, n: int) -> None:
+    def race(status: str, n: int) -> None:
         barrier.wait()
-        results[f"{status}-{n}"] = store.finalize(
-            "run-1", status=status, counts=Counts(), pages_done=0, finished_at=T0
+        results[f"{status}-{n}"] = finalize(
+            store, "run-1", status=status, counts=Counts(), pages_done=0, finished_at=T0
         )
 
-    threads = [threading.Thread(target=finalize, args=(s, n)) for n, s in enumerate(statuses)]
+    threads = [threading.Thread(target=race, args=(s, n)) for n, s in enumerate(statuses)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -334,7 +341,7 @@ def test_concurrent_finalizers_write_one_final_state(store: MetricsStore) -> Non
 def test_finalize_many_writes_only_running_runs_in_one_call(store: MetricsStore) -> None:
     for n in range(3):
         store.start_run(f"run-{n}", "orders", None, T0)
-    store.finalize("run-1", status="failed", counts=Counts(), pages_done=0, finished_at=T0)
+    finalize(store, "run-1", status="failed", counts=Counts(), pages_done=0, finished_at=T0)
     finals = [
         FinalState(
             f"run-{n}",
@@ -397,7 +404,7 @@ def test_running_runs_oldest_progress_first_with_limit(store: MetricsStore) -> N
         store.start_run(f"run-{n}", "orders", None, T0 + timedelta(minutes=n))
     # Progress on run-0 makes it the most recently updated one.
     store.record_pages("run-0", [_page(0, Counts(source=1, dispatched=1), "dispatched")])
-    store.finalize("run-2", status="completed", counts=Counts(), pages_done=0, finished_at=T0)
+    finalize(store, "run-2", status="completed", counts=Counts(), pages_done=0, finished_at=T0)
 
     assert [r.run_id for r in store.running_runs(10)] == ["run-1", "run-3", "run-0"]
     assert [r.run_id for r in store.running_runs(2)] == ["run-1", "run-3"]
@@ -407,7 +414,8 @@ def test_unpublished_runs_until_marked_published(store: MetricsStore) -> None:
     for n in range(3):
         store.start_run(f"run-{n}", "orders", None, T0)
     for n in (1, 0):
-        store.finalize(
+        finalize(
+            store,
             f"run-{n}",
             status="completed",
             counts=Counts(),
@@ -558,7 +566,7 @@ def test_a_connection_refused_while_the_server_restarts_is_retried(
     logger.addHandler(handler)
     try:
         postgres_server.stop()
-        store.finalize("run-1", status="completed", counts=Counts(), pages_done=0, finished_at=T0)
+        finalize(store, "run-1", status="completed", counts=Counts(), pages_done=0, finished_at=T0)
     finally:
         logger.removeHandler(handler)
         postgres_server.start()

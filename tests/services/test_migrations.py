@@ -16,6 +16,7 @@ from resources.errors import ConfigurationError
 from resources.ledger import db, migrations
 from resources.ledger.metrics_store import MetricsStore, PageRecord, RejectedRecord
 from resources.ledger.schema import FINAL_STATUSES, VERSION_TABLE, metadata
+from tests.ledger_helpers import finalize
 
 pytestmark = pytest.mark.services
 
@@ -52,7 +53,7 @@ def _fill_every_status(store: MetricsStore) -> None:
         store.start_run(run_id, "orders", None, T0 + timedelta(minutes=n))
         store.record_pages(run_id, [page])
         if status != "running":
-            store.finalize(run_id, status=status, counts=page.counts, pages_done=1, finished_at=T0)
+            finalize(store, run_id, status=status, counts=page.counts, pages_done=1, finished_at=T0)
 
 
 def test_upgrade_downgrade_upgrade_keeps_every_row(store: MetricsStore) -> None:
@@ -82,8 +83,13 @@ def test_upgrade_downgrade_upgrade_keeps_every_row(store: MetricsStore) -> None:
     assert _count(store, "flow_page_progress") == 5
     [row] = store.runs(run_id="run-partial_success")
     assert (row.flow_status, row.counts.rejected, row.counter_mismatch) == ("completed", 1, None)
-    assert store.finalize(
-        "run-running", status="partial_success", counts=Counts(), pages_done=0, finished_at=T0
+    assert finalize(
+        store,
+        "run-running",
+        status="partial_success",
+        counts=Counts(),
+        pages_done=0,
+        finished_at=T0,
     )
 
 
