@@ -1,7 +1,7 @@
 """What an RQ worker of this package runs, and what it refuses.
 
 Anyone who can write to the Redis server can put a job in a queue. A worker started with
-``rq worker -c flow_assets.rq.settings`` therefore trusts no job's content:
+``rq worker -c flow_assets.rq_settings`` therefore trusts no job's content:
 
 - it reads JSON only: a pickled job (RQ's default format, whose reading can run code) fails
   to deserialize, so nothing of it runs (``install``);

@@ -1,4 +1,4 @@
-"""Settings for ``rq worker -c flow_assets.rq.settings <queue>...`` (RQ reads UPPERCASE names).
+"""Settings for ``rq worker -c flow_assets.rq_settings <queue>...`` (RQ reads UPPERCASE names).
 
 - Makes the worker refuse what is not a job of this package (``flow_assets.rq.guard``): it
   reads JSON only, imports only this package's job function and callbacks, and runs only
@@ -38,7 +38,7 @@ def _refuse_spawn_worker() -> None:
     worker_class = import_attribute(name) if isinstance(name, str) else None
     if isinstance(worker_class, type) and issubclass(worker_class, SpawnWorker):
         raise ConfigurationError(
-            f"flow_assets.rq.settings cannot guard {name}: its work horses do not load these"
+            f"flow_assets.rq_settings cannot guard {name}: its work horses do not load these"
             " settings. Fix: use rq.worker.Worker (the default) or rq.worker.SimpleWorker"
         )
 

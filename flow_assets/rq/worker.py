@@ -3,9 +3,9 @@
 Start workers with the package importable and the ledger's URL in the environment::
 
     FLOW_DATABASE_URL=postgresql+psycopg://... \\
-        rq worker --url redis://redis-host:6379/0 orders -c flow_assets.rq.settings
+        rq worker --url redis://redis-host:6379/0 orders -c flow_assets.rq_settings
 
-(``orders`` is the flow's queue; ``-c flow_assets.rq.settings`` preloads this module, and
+(``orders`` is the flow's queue; ``-c flow_assets.rq_settings`` preloads this module, and
 the modules in ``FLOW_RQ_PRELOAD``, so the work horse RQ forks per job starts warm, and
 makes the worker refuse any job that is not one of the loaded flows: see
 ``flow_assets.rq.guard``). The

@@ -129,7 +129,7 @@ def rq_workers(
             log = log_dir / f"worker{n}.log"
             logs.append(log)
             command = [
-                str(RQ), "worker", "-c", "flow_assets.rq.settings", "--url", redis_url,
+                str(RQ), "worker", "-c", "flow_assets.rq_settings", "--url", redis_url,
                 "-w", worker_class,
                 "--name", f"{queue}-w{n}-{os.getpid()}", "--maintenance-interval", "2",
                 "--job-monitoring-interval", "2", "--worker-ttl", "20", queue,

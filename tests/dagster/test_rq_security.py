@@ -1,7 +1,7 @@
 """Workers run only this package's jobs, of the flows they loaded (issue 12, "pickle on the
 wire"): anyone who can write to the Redis server can enqueue a job.
 
-Real Redis, real ``rq worker -c flow_assets.rq.settings`` processes started as the README
+Real Redis, real ``rq worker -c flow_assets.rq_settings`` processes started as the README
 starts them. The package's jobs are JSON in Redis. A pickled job, a job naming another
 callable, or a job of a flow (or handler) the worker did not load runs nothing and imports
 nothing (each would create a marker file), and the worker goes on with legitimate jobs."""
@@ -386,7 +386,7 @@ def test_a_handler_s_error_fails_the_job_as_the_flow_s_error_detail_shows_it(
 
 def test_a_spawn_worker_is_refused_at_start(redis_url: str) -> None:
     """Its work horses run in fresh interpreters that never load the settings' guard."""
-    command = [str(RQ), "worker", "-c", "flow_assets.rq.settings", "--url", redis_url]
+    command = [str(RQ), "worker", "-c", "flow_assets.rq_settings", "--url", redis_url]
     command += ["-w", "rq.worker.SpawnWorker", "--burst", FLOW]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "FLOW_RQ_PRELOAD": rq_flows.__name__}
     done = subprocess.run(
