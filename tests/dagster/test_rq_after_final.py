@@ -22,7 +22,6 @@ from rq import Queue
 from rq.job import Job
 
 from flow_assets.flow import Flow
-from flow_assets.page_step import process_page
 from flow_assets.rq.dispatch import SERIALIZER, RqDispatch
 from flow_assets.rq.worker import ack_failure, ack_success
 from flow_assets.sources.base import Page
@@ -37,7 +36,7 @@ from tests.dagster import settle_flows
 from tests.dagster.rq_flows import rq_workers, wait_for
 from tests.dagster.settle_flows import handled_keys, write_jsonl
 from tests.flowkit import NoSource, assert_counts, make_defs, row_of, run_flow, tick
-from tests.ledger_helpers import release_failed_keys
+from tests.ledger_helpers import process_page, release_failed_keys
 
 FLOW = "late_orders"
 KEYS = [f"r{n:02d}" for n in range(20)]  # two pages of 10, one RQ job per record

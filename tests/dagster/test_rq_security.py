@@ -27,7 +27,6 @@ from rq.job import Job
 
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
-from flow_assets.page_step import process_page
 from flow_assets.rq import guard as rq_guard
 from flow_assets.rq import worker as rq_worker
 from flow_assets.rq.dispatch import ACK_FAILURE, RUN_JOBS, SERIALIZER, RqDispatch, enqueue_jobs
@@ -39,6 +38,7 @@ from resources.live.redis_counters import RedisCounters
 from tests.dagster import rq_flows
 from tests.dagster.rq_flows import REPO_ROOT, RQ, rq_workers, wait_for
 from tests.flowkit import assert_counts, make_defs, row_of, run_flow, run_keys_left, tick
+from tests.ledger_helpers import process_page
 
 FLOW = "rq_orders"  # a flow the workers load (rq_flows.WORKER_FLOWS)
 RUN_ID = "run-guarded-1"

@@ -22,7 +22,6 @@ from flow_assets.cli import render as cli_render
 from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STORE_KEY
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow, Handler
-from flow_assets.page_step import process_page
 from flow_assets.sources import FileSource
 from flow_assets.sources.base import Page
 from resources.counts import Counts
@@ -43,6 +42,7 @@ from tests.flowkit import (
     status_tag,
     tick,
 )
+from tests.ledger_helpers import process_page
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOWCTL = REPO_ROOT / ".venv" / "bin" / "flowctl"

@@ -47,7 +47,7 @@ from devservers import PostgresServer
 from flow_assets.dispatch import JobBatch
 from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
-from flow_assets.page_step import process_page, process_pages
+from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef
 from resources.counts import Counts
 from resources.ledger import db
@@ -58,6 +58,7 @@ from sensors.classify import RunSnapshot, RunState, Tolerance, classify
 from sensors.finalizer import FlowPolicy, finalize_runs
 from tests.counters_helpers import ttl_report
 from tests.faults.model_profiles import MODEL_SUMMARY, DeepRun, deep_run
+from tests.ledger_helpers import process_page
 
 FLOW = "model_flow"
 DEADLINE = timedelta(hours=1)
