@@ -34,6 +34,7 @@ from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef, SourceDownError
 from flow_assets.step_errors import outward_errors
 from resources.errors import StoreUnavailableError
+from resources.flow_run import FlowRun
 from resources.ledger.metrics_store import MetricsStore
 from resources.ledger.page_ranges import missing_pages_text
 from resources.ledger.schema import SUCCESSFUL_STATUSES
@@ -226,7 +227,8 @@ def join_flow_run(
     if counters.totals(flow.name, root) is None and (
         reopened or any(row.revision for row in store.runs(run_id=root))
     ):
-        counters.rebuild(flow.name, root, store.claimed_keys(root), store.page_counts(root))
+        # Its own finalization removed them: restored, not a loss (no counter-mismatch note).
+        FlowRun(flow.name, root, store, counters).rebuild(note=None)
     return root
 
 

@@ -6,12 +6,9 @@ every attempt, and the Redis dedup claim is owned by the page index, so a retrie
 re-claims its own keys instead of seeing them as duplicates. With ``dedup="flow"`` the keys
 Redis gave the page are then claimed in the flow's durable key table, against other runs.
 
-Redis is the fast path, the ledger decides: Redis may lose the run between a page's claim
-and its pre-write, and a rebuild from the ledger cannot know that claim, so a later page
-may get the same key. Once a run lost Redis, the pre-write claims the keys Redis gave each
-page in the run's key table (``flow_run_keys``), a key another page owns there is skipped,
-and only the keys the ledger gave a page reach its handler (or its RQ jobs): each key at
-most once per run.
+Redis is the fast path, the ledger decides (``resources.flow_run.FlowRun`` owns that rule):
+only the keys the ledger gave a page reach its handler (or its RQ jobs), each key at most
+once per run, even if Redis lost the run between a page's claim and its pre-write.
 """
 
 from __future__ import annotations
@@ -30,11 +27,12 @@ from flow_assets.rq.dispatch import enqueue_jobs, plan_jobs
 from flow_assets.sources.base import Page
 from flow_assets.validation import validate_records
 from resources.counts import Counts
+from resources.flow_run import LOST_MID_RUN, FlowRun
 from resources.ledger.metrics_store import JobFailure, MetricsStore, PageRecord, RejectedRecord
 from resources.live.redis_counters import RedisCounters
 
+__all__ = ["LOST_MID_RUN", "process_pages"]
 log = logging.getLogger(__name__)
-LOST_MID_RUN = "Redis lost the run's counters mid-run; rebuilt them from the SQL ledger"
 
 
 @dataclass(frozen=True)
@@ -67,19 +65,17 @@ def process_pages(
     retry replaces every page). On the final attempt the page's unfinished jobs are failed
     with the error, the remaining pages still run, and the step fails at the end.
     """
-    claimed = [_claim_page(flow, run_id, page, counters, store) for page in pages]
+    run = FlowRun(flow.name, run_id, store, counters)
+    claimed = [_claim_page(flow, run, page) for page in pages]
     if flow.rq is not None:
-        return sum(
-            (_dispatch_to_workers(flow, run_id, page, counters, store) for page in claimed),
-            Counts(),
-        )
+        return sum((_dispatch_to_workers(flow, run, page) for page in claimed), Counts())
     # Written before the handler runs, to the ledger and then to Redis (its mirror), so
     # that a crash mid-step leaves its jobs visible as pending (counted as lost if the run
     # then fails) instead of invisible.
     pending = [PageRecord(p.index, p.counts, "dispatched", p.keys, p.rejects) for p in claimed]
-    recorded = store.record_pages(run_id, pending)
-    claimed = _owned_by_ledger(flow, run_id, claimed, recorded, counters, store)
-    _mirror(flow, run_id, recorded, counters, store)
+    recorded = run.prewrite(pending)
+    claimed = _owned_by_ledger(run, claimed, recorded)
+    run.mirror(recorded)
 
     done: list[PageRecord] = []
     first_error: HandlerError | None = None
@@ -87,25 +83,23 @@ def process_pages(
         outcome, error = _run_handler(flow, page, final_attempt)
         if outcome is None:
             assert error is not None  # only a raising handler leaves a page unfinished
-            _finish(flow, run_id, done, counters, store)
+            run.finish(done)
             raise error from None  # Dagster retries the step; the retry replaces its pages
         done.append(outcome)
         first_error = first_error or error
-    _finish(flow, run_id, done, counters, store)
+    run.finish(done)
     if first_error is not None:
         # The last attempt: unfinished jobs are failed, the error kept; the step fails.
         raise first_error from None
     return sum((page.counts for page in done), Counts())
 
 
-def _claim_page(
-    flow: Flow, run_id: str, page: Page, counters: RedisCounters, store: MetricsStore
-) -> _ClaimedPage:
+def _claim_page(flow: Flow, run: FlowRun, page: Page) -> _ClaimedPage:
     """Validate a page and claim its record keys: the jobs it owns (the rest skipped)."""
     valid = validate_records(page.records, flow.key, flow.max_record_bytes)
-    owned = _claim(flow, run_id, page.index, valid.keys, counters, store)
+    owned = run.claim_page(page.index, valid.keys)
     if flow.dedup == "flow":
-        owned = _claim_in_flow(flow, run_id, page.index, valid.keys, owned, store)
+        owned = run.claim_in_flow(page.index, valid.keys, owned)
     keys = [key for key, mine in zip(valid.keys, owned, strict=True) if mine]
     records = [record for record, mine in zip(valid.records, owned, strict=True) if mine]
     counts = Counts(
@@ -118,12 +112,7 @@ def _claim_page(
 
 
 def _owned_by_ledger(
-    flow: Flow,
-    run_id: str,
-    claimed: list[_ClaimedPage],
-    recorded: Sequence[PageRecord],
-    counters: RedisCounters,
-    store: MetricsStore,
+    run: FlowRun, claimed: list[_ClaimedPage], recorded: Sequence[PageRecord]
 ) -> list[_ClaimedPage]:
     """The claimed pages narrowed to the keys the ledger gave them (see ``record_pages``).
 
@@ -133,7 +122,7 @@ def _owned_by_ledger(
     by_index = {page.page_index: page for page in recorded}
     owned = [_narrow(page, by_index[page.index]) for page in claimed]
     if any(mine is not page for mine, page in zip(owned, claimed, strict=True)):
-        _realign(flow, run_id, counters, store)
+        run.realign()
     return owned
 
 
@@ -175,31 +164,6 @@ def _run_handler(
     return PageRecord(page.index, counts, "done", page.keys, page.rejects, failures), error
 
 
-def _finish(
-    flow: Flow,
-    run_id: str,
-    pages: list[PageRecord],
-    counters: RedisCounters,
-    store: MetricsStore,
-) -> None:
-    if pages:
-        store.finish_pages(run_id, pages)
-        _mirror(flow, run_id, pages, counters, store)
-
-
-def _mirror(
-    flow: Flow,
-    run_id: str,
-    pages: Sequence[PageRecord],
-    counters: RedisCounters,
-    store: MetricsStore,
-) -> None:
-    """Mirror pages the ledger holds in the live counters (rebuilt if Redis lost them)."""
-    counts = [(page.page_index, page.counts) for page in pages]
-    if not counters.record_pages(flow.name, run_id, counts):
-        _rebuild(flow, run_id, counters, store)
-
-
 def _handler_error(flow: Flow, page_index: int, exc: Exception) -> HandlerError:
     """The handler's exception as ours, never chained: its class and message, secrets
     redacted and personal data masked unless the flow asks for ``error_detail="full"``
@@ -215,30 +179,24 @@ def _handler_error(flow: Flow, page_index: int, exc: Exception) -> HandlerError:
     return HandlerError(f"flow {flow.name!r} page {page_index}: the handler raised {shown}")
 
 
-def _dispatch_to_workers(
-    flow: Flow,
-    run_id: str,
-    page: _ClaimedPage,
-    counters: RedisCounters,
-    store: MetricsStore,
-) -> Counts:
+def _dispatch_to_workers(flow: Flow, run: FlowRun, page: _ClaimedPage) -> Counts:
     """dispatch="rq": ledger first (page and pending jobs), then Redis, then the queue, so
     that every ack finds its job and page; returns the page's counts at dispatch."""
     assert flow.rq is not None and flow.queue_name and flow.handler_path
-    job_ids = plan_jobs(flow.name, run_id, page.index, page.keys, flow.rq.batch_size)
+    job_ids = plan_jobs(flow.name, run.run_id, page.index, page.keys, flow.rq.batch_size)
     status = "dispatched" if page.keys else "done"
     record = PageRecord(page.index, page.counts, status, page.keys, page.rejects)
-    recorded, pending = store.record_async_page(run_id, record, job_ids)
-    [page] = _owned_by_ledger(flow, run_id, [page], [recorded], counters, store)
-    if not counters.record_dispatched_page(flow.name, run_id, page.index, page.counts):
-        _rebuild(flow, run_id, counters, store)  # the ledger already holds this page
+    recorded, pending = run.dispatch_page(record, job_ids)
+    [page] = _owned_by_ledger(run, [page], [recorded])
+    run.mirror_dispatched(page.index, page.counts)
+    counters = run.counters
     enqueue_jobs(
         counters.rq_connection(),
         flow.rq,
         queue=flow.queue_name,
         handler=flow.handler_path,
         flow=flow.name,
-        run_id=run_id,
+        run_id=run.run_id,
         page_index=page.index,
         records=dict(zip(page.keys, page.records, strict=True)),
         job_ids={key: job_ids[key] for key in page.keys},
@@ -246,75 +204,3 @@ def _dispatch_to_workers(
         key_ttl_seconds=counters.key_ttl_seconds,
     )
     return page.counts
-
-
-def _claim(
-    flow: Flow,
-    run_id: str,
-    page_index: int,
-    keys: list[str],
-    counters: RedisCounters,
-    store: MetricsStore,
-) -> list[bool]:
-    owned = counters.claim_page(flow.name, run_id, page_index, keys)
-    if owned is None:
-        _rebuild(flow, run_id, counters, store)
-        owned = counters.claim_page(flow.name, run_id, page_index, keys)
-    if owned is None:
-        raise RuntimeError(
-            f"flow {flow.name!r} run {run_id}: Redis lost the run's state again right after it"
-            " was rebuilt from the ledger; check the Redis server's maxmemory policy and restarts"
-        )
-    return owned
-
-
-def _claim_in_flow(
-    flow: Flow,
-    run_id: str,
-    page_index: int,
-    keys: list[str],
-    owned: list[bool],
-    store: MetricsStore,
-) -> list[bool]:
-    """Narrow the run's claim to keys no other run of the flow dispatched (between pages of
-    the run, the pre-write decides)."""
-    candidates = [key for key, mine in zip(keys, owned, strict=True) if mine]
-    flags = iter(store.claim_flow_keys(flow.name, run_id, page_index, candidates))
-    return [mine and next(flags) for mine in owned]
-
-
-def _realign(flow: Flow, run_id: str, counters: RedisCounters, store: MetricsStore) -> None:
-    """Redis gave a page keys the ledger gave another: rewrite its claims from the ledger.
-
-    Forced, since Redis holds the run (rebuilt from an older snapshot of the ledger);
-    without it a retry of the ledger's owner would find the key taken in Redis. If
-    another step rewrites the run meanwhile, Redis keeps that rewrite, as the ledger
-    decides anyway.
-    """
-    log.warning(
-        "flow %s run %s: Redis gave pages keys the ledger gave other pages (it lost the run"
-        " mid-step); realigning its claims with the SQL ledger",
-        flow.name,
-        run_id,
-    )
-    store.note_counter_mismatch(run_id, LOST_MID_RUN)  # already noted by the loss
-    counters.rebuild(
-        flow.name, run_id, store.claimed_keys(run_id), store.page_counts(run_id), force=True
-    )
-
-
-def _rebuild(flow: Flow, run_id: str, counters: RedisCounters, store: MetricsStore) -> None:
-    """Redis lost the run's keys: restore dedup claims and live totals from the ledger.
-
-    The loss is noted on the run *before* the ledger is read: from the note on, every page
-    pre-write claims its keys in the ledger (``MetricsStore.record_pages``), since this
-    rebuild cannot know the claims of pages not yet recorded; a pre-write that did not see
-    the note committed before it, so this read has its keys.
-    """
-    log.warning(
-        "flow %s run %s: Redis lost the run's state; rebuilding it from the SQL ledger",
-        flow.name,
-        run_id,
-    )
-    store.note_counter_mismatch(run_id, LOST_MID_RUN)
-    counters.rebuild(flow.name, run_id, store.claimed_keys(run_id), store.page_counts(run_id))
