@@ -335,6 +335,10 @@ def claimed_keys(conn: Connection, run_id: str) -> dict[str, int]:
     for page_index, keys in conn.execute(stmt):
         for key in json.loads(keys):
             owners.setdefault(key, page_index)
+    # Once the ledger decides (after a loss, or dedup="flow"), a key stays with the page
+    # that claimed it first in flow_run_keys, even when that page's latest attempt did not
+    # take it (Redis refused it then): a rebuild must not hand it to another page.
+    owners.update(run_key_queries.run_key_owners(conn, run_id))
     return owners
 
 

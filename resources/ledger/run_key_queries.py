@@ -103,3 +103,10 @@ def _lost_claims(
     for page, key, owner in conn.execute(stmt, params):
         lost.setdefault(int(page), {})[key] = int(owner)
     return lost
+
+
+def run_key_owners(conn: Connection, run_id: str) -> dict[str, int]:
+    """Record key -> the page that owns it in ``flow_run_keys`` (empty until the ledger
+    decides the run's keys)."""
+    stmt = text("SELECT record_key, page_index FROM flow_run_keys WHERE run_id = :run_id")
+    return {key: page_index for key, page_index in conn.execute(stmt, {"run_id": run_id})}

@@ -218,6 +218,24 @@ def test_the_ledger_gives_a_key_to_the_first_page_that_records_it(store: Metrics
     assert (recorded.claimed_keys, recorded.counts.skipped, pending) == (["f"], 1, {"f"})
 
 
+def test_a_key_the_ledger_gave_a_page_stays_its_own_in_a_rebuild(store: MetricsStore) -> None:
+    """Found by the deep model test (seed 319918886): after a loss, page 2 claimed g in the
+    ledger; a retry of page 2 that Redis refused g (a stale Redis said page 4 had it) left
+    g on no page row. A rebuild from the ledger must still give g to page 2 (which owns it
+    in flow_run_keys), or Redis hands it to page 4, the ledger refuses it there, and g ends
+    up dispatched by no page while counted skipped twice."""
+    store.start_run("run-1", "orders", None, T0)
+    assert store.note_counter_mismatch("run-1", "Redis lost the run")
+    owner = _page(2, Counts(source=2, dispatched=2), "dispatched", keys=["f", "g"])
+    refused = _page(2, Counts(source=2, dispatched=1, skipped=1), "dispatched", keys=["f"])
+    store.record_pages("run-1", [owner])
+    store.record_pages("run-1", [refused])
+
+    assert store.claimed_keys("run-1") == {"f": 2, "g": 2}
+    stale = _page(4, Counts(source=1, dispatched=1), "dispatched", keys=["g"])
+    assert store.record_pages("run-1", [stale])[0].claimed_keys == []
+
+
 def test_while_redis_held_the_run_pages_are_recorded_as_given(store: MetricsStore) -> None:
     """Before any loss Redis alone decides (no two pages get a key): no key table rows."""
     store.start_run("run-1", "orders", None, T0)
