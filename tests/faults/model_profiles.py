@@ -11,7 +11,7 @@ Two tests run the same state machine:
 Environment variables (docs/testing.md has the recipes):
 
 ``FLOW_MODEL_PROFILE``
-    ``default`` (unset): both tests, the deep one for ``FLOW_MODEL_BUDGET_S`` seconds (75).
+    ``default`` (unset): both tests, the deep one for ``FLOW_MODEL_BUDGET_S`` seconds (50).
     ``fast``: the deep test is skipped. ``deep``: a long exploration, 30 minutes by default,
     40 steps per example, failures shrunk.
 ``FLOW_MODEL_BUDGET_S``
@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import pytest
 
 PROFILES = ("default", "fast", "deep")
-DEFAULT_BUDGET_S = {"default": 75.0, "deep": 1800.0}
+# make test runs the whole suite in under 15 minutes: the exploration gets 50 s of it.
+DEFAULT_BUDGET_S = {"default": 50.0, "deep": 1800.0}
 DEFAULT_STEPS = {"default": 25, "deep": 40}
 DEFAULT_BATCH = 25
 TEST = "tests/faults/test_model.py -k deep"
