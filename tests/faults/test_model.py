@@ -13,7 +13,7 @@ time, so the order is the schedule's and the run is deterministic.
 Two profiles (tests/faults/model_profiles.py, docs/testing.md): the fast test replays the
 same 40 examples on a SQLite ledger on every run; the deep test draws fresh random seeds on a
 PostgreSQL ledger, a batch of examples per seed (each printed with the command that replays
-it), until its time budget is spent: 75 s in ``make test``, more on demand."""
+it), until its time budget is spent: 50 s in ``make test``, more on demand."""
 
 from __future__ import annotations
 
