@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from resources.redaction import mask_personal_data, redact_text
 
+log = logging.getLogger(__name__)
 PENDING, COMPLETED, FAILED = "pending", "completed", "failed"
 MAX_ERROR_CHARS = 2000
 # How much of a handler's error is shown outside the failed jobs' rows (Flow.error_detail).
@@ -125,3 +127,17 @@ def traceback_text(exc: BaseException, detail: str) -> str:
         return redact_text("".join(traceback.format_exception(exc)))
     frames = "".join(traceback.format_tb(exc.__traceback__))
     return redact_text(f"Traceback (most recent call last):\n{frames}")
+
+
+def handler_error_text(flow_name: str, page_index: int, exc: Exception, detail: str) -> str:
+    """What a handler's exception shows outside the failed jobs' rows, logged with its
+    traceback as ``detail`` allows: ``flow 'x' page N: the handler raised Type: message``."""
+    shown = error_text(exc, detail)
+    log.error(
+        "flow %s page %d: the handler raised %s\n%s",
+        flow_name,
+        page_index,
+        shown,
+        traceback_text(exc, detail),
+    )
+    return f"flow {flow_name!r} page {page_index}: the handler raised {shown}"

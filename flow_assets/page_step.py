@@ -13,14 +13,13 @@ once per run, even if Redis lost the run between a page's claim and its pre-writ
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
 
-from flow_assets.dispatch import JobBatch, error_text, traceback_text
+from flow_assets.dispatch import JobBatch, error_text, handler_error_text
 from flow_assets.errors import HandlerError
 from flow_assets.flow import Flow
 from flow_assets.rq.dispatch import enqueue_jobs, plan_jobs
@@ -32,7 +31,6 @@ from resources.ledger.metrics_store import JobFailure, MetricsStore, PageRecord,
 from resources.live.redis_counters import RedisCounters
 
 __all__ = ["LOST_MID_RUN", "process_pages"]
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -168,15 +166,7 @@ def _handler_error(flow: Flow, page_index: int, exc: Exception) -> HandlerError:
     """The handler's exception as ours, never chained: its class and message, secrets
     redacted and personal data masked unless the flow asks for ``error_detail="full"``
     (the failed jobs' rows keep the whole message either way)."""
-    shown = error_text(exc, flow.error_detail)
-    log.error(
-        "flow %s page %d: the handler raised %s\n%s",
-        flow.name,
-        page_index,
-        shown,
-        traceback_text(exc, flow.error_detail),
-    )
-    return HandlerError(f"flow {flow.name!r} page {page_index}: the handler raised {shown}")
+    return HandlerError(handler_error_text(flow.name, page_index, exc, flow.error_detail))
 
 
 def _dispatch_to_workers(flow: Flow, run: FlowRun, page: _ClaimedPage) -> Counts:

@@ -42,7 +42,7 @@ from rq.exceptions import AbandonedJobError, DeserializationError
 from rq.job import Job
 from rq.timeouts import BaseTimeoutException
 
-from flow_assets.dispatch import JobBatch, error_text, traceback_text
+from flow_assets.dispatch import JobBatch, error_text, handler_error_text
 from flow_assets.errors import HandlerError
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from flow_assets.rq import guard as rq_guard
@@ -118,15 +118,7 @@ def _call_handler(flow: Flow, page_index: int, batch: JobBatch) -> JobHandlerErr
     except BaseTimeoutException:
         raise
     except Exception as exc:
-        shown = error_text(exc, flow.error_detail)
-        log.error(
-            "flow %s page %d: the handler raised %s\n%s",
-            flow.name,
-            page_index,
-            shown,
-            traceback_text(exc, flow.error_detail),
-        )
-        message = f"flow {flow.name!r} page {page_index}: the handler raised {shown}"
+        message = handler_error_text(flow.name, page_index, exc, flow.error_detail)
         return JobHandlerError(message, error_text(exc))
     return None
 
