@@ -25,7 +25,8 @@ from bench.memory import RssSampler
 from bench.profiling import package_breakdown, phase_breakdown, profile
 from flow_assets.cli.runner import QUIET_RUN_CONFIG, finalize_now, run_flow
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import RunRow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
@@ -82,7 +83,7 @@ def _multiprocess(
     started = time.perf_counter()
     finalize_now(defs, instance)
     out["finalize_s"] = time.perf_counter() - started
-    return MetricsStore(url=spec["database_url"]).runs(run_id=out["run_id"])[0]
+    return Ledger(url=spec["database_url"]).runs(run_id=out["run_id"])[0]
 
 
 def _open_instance(spec: dict[str, Any]) -> dg.DagsterInstance:
@@ -126,7 +127,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         spec["database_url"], spec["redis_url"], spec["data_path"], spec["timing_dir"]
     )
     # The schema is created once per database, not per run: not part of the timing.
-    MetricsStore(url=spec["database_url"]).upgrade()
+    Ledger(url=spec["database_url"]).upgrade()
     launch = _in_process if spec["mode"] == "in_process" else _multiprocess
     out: dict[str, Any] = {"mode": spec["mode"], "records": spec["records"]}
     with _open_instance(spec) as instance, RssSampler() as sampler:

@@ -8,7 +8,7 @@ publish into equally empty Dagster storage and differ only in the ledger; a fres
 database with ``history`` older finished and published runs (a ``flow_metrics`` row and a
 page row each, inserted server-side from ``generate_series``) plus the ready runs
 (``running``, extraction done, one ``done`` page row; COPY), and their live counters in
-Redis (``RedisCounters``). An untimed warm-up tick on the instance goes first.
+Redis (``LiveCounters``). An untimed warm-up tick on the instance goes first.
 
 Timed: real sensor ticks, as the daemon evaluates them, until every run is final and
 published, at most ``max_ticks`` per scenario (the goal's horizon for finalizing is 2
@@ -34,7 +34,9 @@ from bench.profiling import Share, phase_breakdown, profile
 from flow_assets.build import build_definitions
 from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STORE_KEY
 from resources.counts import Counts
+from resources.ledger.ledger import Ledger
 from resources.ledger.metrics_store import MetricsStore
+from resources.live.counters import LiveCounters
 from resources.live.redis_counters import RedisCounters
 from sensors.finalizer import DEFAULT_BATCH_SIZE
 
@@ -161,7 +163,7 @@ def add_dagster_runs(instance: dg.DagsterInstance, run_ids: list[str]) -> None:
 
 def _seed_ledger(servers: BenchServers, run_ids: list[str], history: int, label: str) -> str:
     url = servers.new_database(f"bench_fin_{label}")
-    MetricsStore(url=url).upgrade()
+    Ledger(url=url).upgrade()
     now = datetime.now(timezone.utc)
     with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
         if history:
@@ -178,7 +180,7 @@ def _seed_ledger(servers: BenchServers, run_ids: list[str], history: int, label:
         conn.execute("ANALYZE flow_metrics")
         conn.execute("ANALYZE flow_page_progress")
     servers.flush_redis()
-    counters = RedisCounters(url=servers.redis_url)
+    counters = LiveCounters(url=servers.redis_url)
     for run_id in run_ids:
         counters.start_run(FLOW, run_id)
         counters.record_pages(FLOW, run_id, [(0, PAGE)])
@@ -208,7 +210,7 @@ def ledger_reads_ms(url: str, repeats: int = 5) -> float:
     """The ledger reads one tick makes (running runs, their page totals, unpublished runs):
     the only part of a tick that could grow with the finished history. Fastest of
     ``repeats``, in ms; Dagster and Redis are left out, so the figure is steadier."""
-    store = MetricsStore(url=url)
+    store = Ledger(url=url)
     store.running_runs(1)  # engine, pool and schema check first
     best = float("inf")
     for _ in range(repeats):

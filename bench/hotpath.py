@@ -21,8 +21,8 @@ from flow_assets.flow import Flow
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 
 WARMUP_RECORDS = 5_000
 
@@ -46,13 +46,13 @@ class HotPath:
     """The flow, ledger and counters the hot-path runs share (one database, one Redis)."""
 
     flow: Flow
-    store: MetricsStore
-    counters: RedisCounters
+    store: Ledger
+    counters: LiveCounters
 
     @classmethod
     def on(cls, servers: BenchServers) -> HotPath:
-        store = MetricsStore(url=servers.new_database("bench_hot"))
-        return cls(data.hot_path_flow(), store, RedisCounters(url=servers.redis_url))
+        store = Ledger(url=servers.new_database("bench_hot"))
+        return cls(data.hot_path_flow(), store, LiveCounters(url=servers.redis_url))
 
     def open_run(self) -> str:
         """Start a run in the ledger and in Redis, as the plan op does (not timed)."""

@@ -58,7 +58,7 @@ def hot_path(servers: BenchServers, results: Results) -> None:
     results.methods["accounting_records_per_s"] = (
         "process_pages over pre-built pages of 1,000 records, 8 pages a call as a page step makes"
         " it (1 % duplicate ids), no-op handler,"
-        " RedisCounters + MetricsStore on PostgreSQL, a fresh run and an empty Redis per timed"
+        " LiveCounters + Ledger on PostgreSQL, a fresh run and an empty Redis per timed"
         f" run; fastest of {sizes.repeats} runs per size; the largest size gives the figure"
     )
     results.methods["redis_bytes_per_record"] = (

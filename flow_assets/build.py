@@ -14,7 +14,9 @@ from flow_assets.dagster_flow import build_flow_asset, build_flow_job, build_flo
 from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.errors import ConfigurationError
 from flow_assets.flow import Flow, unique_flows
+from resources.ledger.ledger import Ledger
 from resources.ledger.metrics_store import MetricsStore
+from resources.live.counters import LiveCounters
 from resources.live.redis_counters import RedisCounters
 from sensors.finalizer import FlowPolicy
 from sensors.sensor import build_finalizer_sensor
@@ -71,8 +73,8 @@ def default_resources() -> dict[str, Any]:
     URLs are passed as ``EnvVar``s, so the Dagster UI shows the variable, not the secret.
     """
     # Fail at load, naming the variable, rather than in the first run's first step.
-    MetricsStore().resolved_url()
-    RedisCounters().redacted_url()
+    Ledger().resolved_url()
+    LiveCounters().redacted_url()
     retention_days()
     return {
         STORE_KEY: MetricsStore(url=_env_var("FLOW_DATABASE_URL")),

@@ -21,7 +21,7 @@ def build_status_check(flow: Flow) -> dg.AssetChecksDefinition:
     def flow_status(metrics_store: MetricsStore) -> dg.AssetCheckResult:
         finished = [
             r
-            for r in metrics_store.runs(flow_name=flow.name, limit=50)
+            for r in metrics_store.ledger().runs(flow_name=flow.name, limit=50)
             if r.flow_status != "running"
         ]
         if not finished:

@@ -14,6 +14,9 @@ They stay there only while they may be needed:
   its re-execution group has been idle (no Dagster run in progress or updated) for
   ``FLOW_CHUNK_RETENTION_DAYS`` days (default 7); the finalizer's periodic sweep then
   removes them.
+
+This module stores and removes chunks; when to remove them is the finalizer's, in
+``sensors/chunk_cleanup.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,6 @@ CHUNKS_IO_MANAGER_KEY = "flow_chunks_io_manager"
 CHUNKS_DIR = "flow_chunks"
 RETENTION_ENV = "FLOW_CHUNK_RETENTION_DAYS"
 DEFAULT_RETENTION_DAYS = 7.0
-_IN_PROGRESS = {
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-}
 
 
 def chunks_root(instance: dg.DagsterInstance) -> Path:
@@ -49,7 +44,7 @@ def chunks_root(instance: dg.DagsterInstance) -> Path:
     return Path(instance.storage_directory()) / CHUNKS_DIR
 
 
-class _ChunkFiles(dg.UPathIOManager):
+class ChunkFiles(dg.UPathIOManager):
     """One pickle file per chunk: ``<root>/<run id>/<step key>/result/<mapping key>``.
 
     Pickle, as Dagster's own filesystem IO manager: records keep their Python types (dates,
@@ -91,11 +86,11 @@ class PageChunkIOManager(dg.ConfigurableIOManagerFactory):  # type: ignore[type-
     """Keeps the plan step's page chunks under the instance's storage, for the finalizer
     to remove (see the module docstring)."""
 
-    def create_io_manager(self, context: dg.InitResourceContext) -> _ChunkFiles:
+    def create_io_manager(self, context: dg.InitResourceContext) -> ChunkFiles:
         instance = context.instance
         if instance is None:  # only outside a run, e.g. building resources by hand
             raise ConfigurationError(f"{CHUNKS_IO_MANAGER_KEY} needs a Dagster instance")
-        return _ChunkFiles(base_path=UPath(chunks_root(instance)))
+        return ChunkFiles(base_path=UPath(chunks_root(instance)))
 
 
 def remove_run_chunks(instance: dg.DagsterInstance, dagster_run_ids: Iterable[str]) -> int:
@@ -108,40 +103,6 @@ def remove_run_chunks(instance: dg.DagsterInstance, dagster_run_ids: Iterable[st
             shutil.rmtree(directory, ignore_errors=True)
             removed += 1
     return removed
-
-
-def sweep_old_chunks(instance: dg.DagsterInstance, *, now: float | None = None) -> int:
-    """Remove the chunks of re-execution groups idle for longer than the retention: none of
-    their Dagster runs in progress or updated since. Return how many runs' chunks went.
-
-    A group, not a run: a re-execution from failure reads its parent's chunks."""
-    from sensors.finalizer import dagster_run_groups  # the sensor package imports this one
-
-    cutoff = (now if now is not None else time.time()) - retention_days() * 86400
-    root = chunks_root(instance)
-    if not root.is_dir():
-        return 0
-    old = [d.name for d in root.iterdir() if d.is_dir() and d.stat().st_mtime < cutoff]
-    if not old:
-        return 0
-    runs = {run.run_id: run for run in instance.get_runs(dg.RunsFilter(run_ids=old))}
-    root_of = {run_id: _root(runs.get(run_id)) or run_id for run_id in old}
-    groups = dagster_run_groups(instance, sorted(set(root_of.values())))
-    busy = {
-        group_root
-        for group_root, records in groups.items()
-        if any(_busy(record, cutoff) for record in records)
-    }
-    return remove_run_chunks(instance, [run_id for run_id in old if root_of[run_id] not in busy])
-
-
-def _root(run: dg.DagsterRun | None) -> str | None:
-    return None if run is None else run.root_run_id or run.run_id
-
-
-def _busy(record: dg.RunRecord, cutoff: float) -> bool:
-    updated = record.update_timestamp.timestamp() if record.update_timestamp else 0.0
-    return record.dagster_run.status in _IN_PROGRESS or updated >= cutoff
 
 
 def retention_days() -> float:

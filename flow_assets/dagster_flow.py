@@ -11,11 +11,9 @@ Dagster's per-step cost is paid once per chunk, not once per page. Chunks go thr
 ``flow_assets.chunk_io``, which the finalizer empties once a run is final and successful.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import islice
-from typing import TypeVar
 
 import dagster as dg
 
@@ -33,14 +31,16 @@ from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef, SourceDownError
 from flow_assets.step_errors import outward_errors
+from resources.batching import batched
 from resources.errors import StoreUnavailableError
 from resources.flow_run import FlowRun
+from resources.ledger.ledger import Ledger
 from resources.ledger.metrics_store import MetricsStore
 from resources.ledger.page_ranges import missing_pages_text
 from resources.ledger.schema import SUCCESSFUL_STATUSES
+from resources.live.counters import LiveCounters
 from resources.live.redis_counters import RedisCounters
 
-T = TypeVar("T")
 # A partition's Dagster run in one of these is in progress: its schedule does not launch it.
 ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -103,13 +103,12 @@ def _plan_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
         context: dg.OpExecutionContext, metrics_store: MetricsStore, redis_counters: RedisCounters
     ) -> Iterator[dg.DynamicOutput[PageChunk]]:
         with outward_errors(flow, "plan"):
+            store, counters = metrics_store.ledger(), redis_counters.counters()
             partition_key = context.partition_key if context.has_partition_key else None
-            run_id = join_flow_run(context, flow, metrics_store, redis_counters)
+            run_id = join_flow_run(context, flow, store, counters)
             policy = flow.run_policy(_code_location(context.run))
-            metrics_store.start_run(
-                run_id, flow.name, partition_key, datetime.now(timezone.utc), policy
-            )
-            redis_counters.start_run(flow.name, run_id)
+            store.start_run(run_id, flow.name, partition_key, datetime.now(timezone.utc), policy)
+            counters.start_run(flow.name, run_id)
             pages_total, reported_totals = 0, []
             for chunk in _chunks(flow, partition_key):
                 pages_total += len(chunk)
@@ -117,7 +116,7 @@ def _plan_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
                 yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
             # Dagster starts the mapped steps once this op has returned: the plan is in the
             # ledger before any page is, and extraction is done when each page has its row.
-            metrics_store.record_plan(run_id, pages_total, max(reported_totals, default=None))
+            store.record_plan(run_id, pages_total, max(reported_totals, default=None))
 
     return plan
 
@@ -138,24 +137,23 @@ def _pages_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
         redis_counters: RedisCounters,
     ) -> int:
         with outward_errors(flow, "pages"):
-            run_id = join_flow_run(context, flow, metrics_store, redis_counters)
+            store, counters = metrics_store.ledger(), redis_counters.counters()
+            run_id = join_flow_run(context, flow, store, counters)
             attempt = context.run_id  # a re-execution is a new attempt: it tries the source again
-            if chunk.refs and (down := _known_source_down(metrics_store, run_id, attempt)):
+            if chunk.refs and (down := _known_source_down(store, run_id, attempt)):
                 raise _source_down(flow, down)  # found by another step of this attempt
             # Dagster will not retry this attempt: a handler error then fails the page's jobs.
             final_attempt = context.retry_number >= flow.retry_policy.max_retries
-            with heartbeat(metrics_store, run_id, heartbeat_interval(flow.deadline)):
+            with heartbeat(store, run_id, heartbeat_interval(flow.deadline)):
                 try:
                     pages = chunk.pages or [flow.source.fetch(ref) for ref in chunk.refs]
                 except SourceDownError as exc:
                     # Every step would wait out its retries on it again: record it, fail fast.
-                    metrics_store.note_source_down(run_id, attempt, str(exc))
+                    store.note_source_down(run_id, attempt, str(exc))
                     raise _source_down(
-                        flow, metrics_store.source_down(run_id, attempt) or str(exc)
+                        flow, store.source_down(run_id, attempt) or str(exc)
                     ) from None  # the message says it all; what it wraps may quote a URL
-                process_pages(
-                    flow, run_id, pages, redis_counters, metrics_store, final_attempt=final_attempt
-                )
+                process_pages(flow, run_id, pages, counters, store, final_attempt=final_attempt)
         return len(chunk)
 
     return process
@@ -176,8 +174,9 @@ def _collect_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
         redis_counters: RedisCounters,
     ) -> None:
         with outward_errors(flow, "collect"):
-            run_id = join_flow_run(context, flow, metrics_store, redis_counters)
-            missing = metrics_store.missing_pages(run_id)
+            store = metrics_store.ledger()
+            run_id = join_flow_run(context, flow, store, redis_counters.counters())
+            missing = store.missing_pages(run_id)
             if missing:
                 # A re-execution from failure re-runs failed steps only: steps that never
                 # started (orchestrator died, run terminated) are out of its reach.
@@ -185,14 +184,14 @@ def _collect_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
                     f"flow {flow.name}: {missing_pages_text(missing)} of the plan never ran in"
                     " this run; re-execute all steps (not from failure) to read them"
                 )
-            metrics_store.mark_extraction_done(run_id)
+            store.mark_extraction_done(run_id)
             context.log.info(f"flow {flow.name}: extraction done, {sum(pages_per_chunk)} pages")
 
     return collect
 
 
 def join_flow_run(
-    context: dg.OpExecutionContext, flow: Flow, store: MetricsStore, counters: RedisCounters
+    context: dg.OpExecutionContext, flow: Flow, store: Ledger, counters: LiveCounters
 ) -> str:
     """Join the op's Dagster run to its flow run; return the flow run's id: the root of a
     re-execution group, else this Dagster run's id.
@@ -248,17 +247,10 @@ def _chunks(flow: Flow, partition_key: str | None) -> Iterator[PageChunk]:
     refs = flow.source.plan(partition_key)
     if refs is not None:
         for group in batched(refs, flow.pages_per_step):
-            yield PageChunk(refs=tuple(group))
+            yield PageChunk(refs=group)
     else:
-        for group in batched(flow.source.pages(partition_key), flow.pages_per_step):
-            yield PageChunk(pages=tuple(group))
-
-
-def batched(items: Iterable[T], size: int) -> Iterator[tuple[T, ...]]:
-    """``itertools.batched`` (Python 3.12+), for 3.10 and 3.11."""
-    iterator = iter(items)
-    while group := tuple(islice(iterator, size)):
-        yield group
+        for pages in batched(flow.source.pages(partition_key), flow.pages_per_step):
+            yield PageChunk(pages=pages)
 
 
 def build_flow_asset(flow: Flow) -> dg.AssetSpec:
@@ -309,7 +301,7 @@ def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinit
             return dg.SkipReason(
                 f"{partition} has a run in progress: Dagster run {active[0].run_id} ({status})"
             )
-        ledger = metrics_store.partition_runs(
+        ledger = metrics_store.ledger().partition_runs(
             flow.name, key, ("running", *SUCCESSFUL_STATUSES), limit=10
         )
         running = [(run_id, status) for run_id, status in ledger if status == "running"]
@@ -327,7 +319,7 @@ def build_flow_schedule(flow: Flow, job: dg.JobDefinition) -> dg.ScheduleDefinit
     return latest_partition
 
 
-def _known_source_down(store: MetricsStore, run_id: str, attempt: str) -> str | None:
+def _known_source_down(store: Ledger, run_id: str, attempt: str) -> str | None:
     """The source-down note of this attempt; None also when the ledger cannot be read now:
     failing fast is a shortcut, and the step's own writes say whether the ledger is down."""
     try:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 
 log = logging.getLogger(__name__)
 MAX_INTERVAL_SECONDS = 30.0
@@ -24,7 +24,7 @@ def heartbeat_interval(deadline: timedelta) -> float:
 
 
 @contextmanager
-def heartbeat(store: MetricsStore, run_id: str, interval_seconds: float) -> Iterator[None]:
+def heartbeat(store: Ledger, run_id: str, interval_seconds: float) -> Iterator[None]:
     """Beat every ``interval_seconds`` in a daemon thread while the block runs.
 
     A failed beat (the ledger briefly unreachable) is logged and retried at the next one:

@@ -27,8 +27,9 @@ from flow_assets.sources.base import Page
 from flow_assets.validation import validate_records
 from resources.counts import Counts
 from resources.flow_run import LOST_MID_RUN, FlowRun
-from resources.ledger.metrics_store import JobFailure, MetricsStore, PageRecord, RejectedRecord
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import JobFailure, PageRecord, RejectedRecord
+from resources.live.counters import LiveCounters
 
 __all__ = ["LOST_MID_RUN", "process_pages"]
 
@@ -48,8 +49,8 @@ def process_pages(
     flow: Flow,
     run_id: str,
     pages: Sequence[Page],
-    counters: RedisCounters,
-    store: MetricsStore,
+    counters: LiveCounters,
+    store: Ledger,
     *,
     final_attempt: bool = False,
 ) -> Counts:

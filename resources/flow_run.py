@@ -5,7 +5,7 @@ rebuilt from the ledger whenever it lost the run.
 Redis may lose the run between a page's claim and its pre-write, and a rebuild from the
 ledger cannot know that claim, so a later page may get the same key. So a loss is noted on
 the run *before* the ledger is read: from the note on, every pre-write claims its keys in
-the ledger (``MetricsStore.record_pages``), and a key another page owns there is skipped.
+the ledger (``Ledger.record_pages``), and a key another page owns there is skipped.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore, PageRecord
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import PageRecord
+from resources.live.counters import LiveCounters
 
 log = logging.getLogger(__name__)
 LOST_MID_RUN = "Redis lost the run's counters mid-run; rebuilt them from the SQL ledger"
@@ -28,8 +29,8 @@ class FlowRun:
 
     flow_name: str
     run_id: str
-    store: MetricsStore
-    counters: RedisCounters
+    store: Ledger
+    counters: LiveCounters
 
     def claim_page(self, page_index: int, keys: list[str]) -> list[bool]:
         """Claim a page's keys in Redis (rebuilt first if it lost the run): which it owns."""

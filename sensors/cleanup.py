@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from resources.ledger.metrics_store import MetricsStore
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class StrayRun:
         return self.flow_status is not None
 
 
-def find_stray_runs(store: MetricsStore, counters: RedisCounters) -> list[StrayRun]:
+def find_stray_runs(store: Ledger, counters: LiveCounters) -> list[StrayRun]:
     """Runs with Redis keys whose ledger row is final, or missing."""
     pairs = counters.stray_runs()
     statuses = store.statuses([run_id for _, run_id in pairs])
@@ -35,7 +35,7 @@ def find_stray_runs(store: MetricsStore, counters: RedisCounters) -> list[StrayR
 
 
 def remove_stray_keys(
-    store: MetricsStore, counters: RedisCounters, *, dry_run: bool = False
+    store: Ledger, counters: LiveCounters, *, dry_run: bool = False
 ) -> list[StrayRun]:
     """Delete the keys of every stray run whose ledger row is final; return what was found."""
     strays = find_stray_runs(store, counters)

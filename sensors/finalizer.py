@@ -16,9 +16,10 @@ import dagster as dg
 
 from resources.counts import Counts
 from resources.errors import CountersUnavailableError
-from resources.ledger.metrics_store import FinalState, MetricsStore, PageTotals, RunRow
+from resources.ledger.ledger import Ledger
 from resources.ledger.page_ranges import missing_pages_text
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.records import FinalState, PageTotals, RunRow
+from resources.live.counters import LiveCounters
 from resources.redaction import redact_text
 from resources.run_policy import RunPolicy
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
@@ -58,7 +59,7 @@ class FinalizeReport:
 
     finalized: dict[str, str] = field(default_factory=dict)  # run_id -> status
     waiting: dict[str, str] = field(default_factory=dict)  # run_id -> why not final
-    published: list[str] = field(default_factory=list)
+    published: list[RunRow] = field(default_factory=list)
     reopened: list[str] = field(default_factory=list)  # stalled runs whose Dagster run ended
     not_ours: list[str] = field(default_factory=list)  # runs with no policy this finalizer knows
     stray_keys_removed: int = 0
@@ -83,8 +84,8 @@ class FinalizeReport:
 
 def finalize_runs(
     instance: dg.DagsterInstance,
-    store: MetricsStore,
-    counters: RedisCounters,
+    store: Ledger,
+    counters: LiveCounters,
     policies: Mapping[str, FlowPolicy],
     *,
     now: datetime | None = None,
@@ -131,7 +132,7 @@ class _Decision:
 
 def _decide(
     instance: dg.DagsterInstance,
-    store: MetricsStore,
+    store: Ledger,
     rows: list[RunRow],
     groups: Mapping[str, list[dg.RunRecord]],
     policies: Mapping[str, FlowPolicy],
@@ -186,7 +187,7 @@ def _extraction_done(row: RunRow, totals: PageTotals) -> bool:
     return row.pages_total is not None and totals.pages_seen >= row.pages_total
 
 
-def _extraction_gap(store: MetricsStore, row: RunRow, totals: PageTotals) -> str | None:
+def _extraction_gap(store: Ledger, row: RunRow, totals: PageTotals) -> str | None:
     """What is missing of the extraction, and how to recover (None: nothing is)."""
     if row.pages_total is None:
         return "the plan step never finished (no page plan recorded); re-execute the run"
@@ -222,9 +223,7 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
-def _reopen_late_successes(
-    instance: dg.DagsterInstance, store: MetricsStore, limit: int
-) -> list[str]:
+def _reopen_late_successes(instance: dg.DagsterInstance, store: Ledger, limit: int) -> list[str]:
     """Runs finalized as stalled while their Dagster run still worked are decided again once
     that Dagster run has ended, whatever its outcome (its steps may have finished pages
     meanwhile): reopened here, classified anew this tick from the settled ledger. A run
@@ -282,7 +281,7 @@ def _run_state(run: dg.DagsterRun | None) -> RunState:
 
 
 def _final_states(
-    counters: RedisCounters, ready: list[_Decision], now: datetime
+    counters: LiveCounters, ready: list[_Decision], now: datetime
 ) -> list[FinalState]:
     mismatches = _counter_mismatches(counters, [(d.row, d.totals.counts) for d in ready])
     finals = []
@@ -328,7 +327,7 @@ def _may_still_move(row: RunRow, decision: _Decision) -> bool:
 
 
 def _counter_mismatches(
-    counters: RedisCounters, ledgers: list[tuple[RunRow, Counts]]
+    counters: LiveCounters, ledgers: list[tuple[RunRow, Counts]]
 ) -> dict[str, str | None]:
     """Compare Redis's live totals with the ledger's; the ledger wins, the gap is recorded."""
     try:

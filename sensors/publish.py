@@ -19,8 +19,9 @@ import dagster as dg
 from flow_assets.dagster_names import ROOT_RUN_ID_TAG, STATUS_CHECK, STATUS_TAG, flow_asset_key
 from flow_assets.dagster_private import runless_materialization_entry
 from resources.errors import CountersUnavailableError
-from resources.ledger.metrics_store import MetricsStore, RunRow
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import RunRow
+from resources.live.counters import LiveCounters
 from resources.redaction import redact_text
 
 log = logging.getLogger(__name__)
@@ -34,34 +35,33 @@ _SEVERITY = {
 
 def publish_final_runs(
     instance: dg.DagsterInstance,
-    store: MetricsStore,
-    counters: RedisCounters,
+    store: Ledger,
+    counters: LiveCounters,
     now: datetime,
     limit: int,
     *,
     until: float | None = None,
-) -> list[str]:
-    """Publish up to ``limit`` final, unpublished runs; return their run ids.
+) -> list[RunRow]:
+    """Publish up to ``limit`` final, unpublished runs; return their rows as published.
 
     Runs go out in chunks of ``PUBLISH_CHUNK``, each marked published once done. After
     the first chunk, none starts past ``until`` (a ``time.monotonic()`` value; None: no
     limit), so a large backlog spreads over several ticks instead of running into
     Dagster's sensor timeout.
     """
-    published: list[str] = []
+    published: list[RunRow] = []
     rows = store.unpublished_runs(limit)
     for start in range(0, len(rows), PUBLISH_CHUNK):
         if start and until is not None and time.monotonic() >= until:
             break  # the first chunk always goes: every call makes progress
         chunk = _still_final(store, rows[start : start + PUBLISH_CHUNK])
         _publish_chunk(instance, counters, chunk)
-        run_ids = [row.run_id for row in chunk]
-        store.mark_published(run_ids, now)
-        published.extend(run_ids)
+        store.mark_published([row.run_id for row in chunk], now)
+        published.extend(chunk)
     return published
 
 
-def _still_final(store: MetricsStore, rows: Sequence[RunRow]) -> list[RunRow]:
+def _still_final(store: Ledger, rows: Sequence[RunRow]) -> list[RunRow]:
     """The rows whose run is still as read: one reopened meanwhile (a re-execution) is
     neither tagged with its old status nor stripped of the Redis keys its steps now use."""
     current = store.statuses([row.run_id for row in rows])
@@ -69,7 +69,7 @@ def _still_final(store: MetricsStore, rows: Sequence[RunRow]) -> list[RunRow]:
 
 
 def _publish_chunk(
-    instance: dg.DagsterInstance, counters: RedisCounters, rows: Sequence[RunRow]
+    instance: dg.DagsterInstance, counters: LiveCounters, rows: Sequence[RunRow]
 ) -> None:
     by_flow: dict[str, list[RunRow]] = defaultdict(list)
     for row in rows:
@@ -129,7 +129,7 @@ def store_materializations(
         instance.event_log_storage.store_event_batch(entries)
 
 
-def _forget_run_keys(counters: RedisCounters, rows: Sequence[RunRow]) -> None:
+def _forget_run_keys(counters: LiveCounters, rows: Sequence[RunRow]) -> None:
     try:
         counters.delete_runs([(row.flow_name, row.run_id) for row in rows])
     except CountersUnavailableError as exc:

@@ -9,15 +9,15 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from flow_assets.chunk_io import remove_run_chunks, sweep_old_chunks
 from flow_assets.dagster_names import SENSOR_NAME, STATUS_CHECK, STATUS_TAG
+from resources.ledger.ledger import Ledger
 from resources.ledger.metrics_store import MetricsStore
-from resources.ledger.schema import SUCCESSFUL_STATUSES
+from resources.live.counters import LiveCounters
 from resources.live.redis_counters import RedisCounters
+from sensors.chunk_cleanup import remove_successful_chunks, sweep_old_chunks
 from sensors.cleanup import remove_stray_keys
-from sensors.finalizer import DEFAULT_BATCH_SIZE, FlowPolicy, finalize_runs
+from sensors.finalizer import DEFAULT_BATCH_SIZE, FinalizeReport, FlowPolicy, finalize_runs
 from sensors.pooling import pooled_storage_connections
-from sensors.publish import dagster_run_groups
 
 # Scanning Redis for stray keys costs O(keys on the server): every 20th tick is enough
 # for keys that also expire by their TTL.
@@ -65,45 +65,39 @@ def build_finalizer_sensor(
         metrics_store: MetricsStore,
         redis_counters: RedisCounters,
     ) -> dg.SensorResult:
+        ledger, counters = metrics_store.ledger(), redis_counters.counters()
         with pooled_storage_connections(context.instance):
             report = finalize_runs(
                 context.instance,
-                metrics_store,
-                redis_counters,
+                ledger,
+                counters,
                 policies,
                 batch_size=batch_size,
                 time_budget_seconds=tick_budget_seconds,
             )
-            _remove_successful_chunks(context.instance, metrics_store, report.published)
-        state = json.loads(context.cursor or "{}")
-        ticks = state.get("ticks", 0) + 1
-        if ticks % CLEANUP_EVERY_TICKS == 0:
-            removed = [s for s in remove_stray_keys(metrics_store, redis_counters) if s.removable]
-            report.stray_keys_removed = len(removed)
-            sweep_old_chunks(context.instance)
-        context.log.info(report.summary())
-        cursor = json.dumps(
-            {
-                "ticks": ticks,
-                "finalized_total": state.get("finalized_total", 0) + len(report.finalized),
-            }
-        )
-        if not report.finalized and not report.published:
-            return dg.SensorResult(skip_reason=dg.SkipReason(report.summary()), cursor=cursor)
-        return dg.SensorResult(cursor=cursor)
+            remove_successful_chunks(context.instance, report.published)
+        return _tick_result(context, report, ledger, counters)
 
     return finalize_flow_runs
 
 
-def _remove_successful_chunks(
-    instance: dg.DagsterInstance, store: MetricsStore, published: list[str]
-) -> None:
-    """Remove the page chunks (records of sequential sources) of the runs just published as
-    ``completed`` or ``partial_success``: nothing will re-execute from them. Failed and
-    cancelled runs keep theirs for a re-execution from failure (``sweep_old_chunks``)."""
-    statuses = store.statuses(published) if published else {}
-    done = [run_id for run_id, status in statuses.items() if status in SUCCESSFUL_STATUSES]
-    if done:
-        groups = dagster_run_groups(instance, done)
-        runs = [record.dagster_run.run_id for records in groups.values() for record in records]
-        remove_run_chunks(instance, runs)
+def _tick_result(
+    context: dg.SensorEvaluationContext,
+    report: FinalizeReport,
+    ledger: Ledger,
+    counters: LiveCounters,
+) -> dg.SensorResult:
+    """Count the tick in the cursor, clean up every ``CLEANUP_EVERY_TICKS``th tick, and
+    skip the tick (no run requested either way) when it finalized and published nothing."""
+    state = json.loads(context.cursor or "{}")
+    ticks = state.get("ticks", 0) + 1
+    if ticks % CLEANUP_EVERY_TICKS == 0:
+        removed = [stray for stray in remove_stray_keys(ledger, counters) if stray.removable]
+        report.stray_keys_removed = len(removed)
+        sweep_old_chunks(context.instance)
+    context.log.info(report.summary())
+    finalized_total = state.get("finalized_total", 0) + len(report.finalized)
+    cursor = json.dumps({"ticks": ticks, "finalized_total": finalized_total})
+    if not report.finalized and not report.published:
+        return dg.SensorResult(skip_reason=dg.SkipReason(report.summary()), cursor=cursor)
+    return dg.SensorResult(cursor=cursor)

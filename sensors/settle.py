@@ -1,6 +1,6 @@
 """Cancel the queued RQ jobs of runs the finalizer just made final.
 
-``cancel_queued_jobs`` is called right after ``MetricsStore.finalize_many`` with the rows
+``cancel_queued_jobs`` is called right after ``Ledger.finalize_many`` with the rows
 of the runs that call moved out of ``running``. A ``dispatch="rq"`` run's jobs still
 waiting in its queue (its own policy names it) are cancelled
 (``rq_dispatch.cancel_run_jobs``), so a worker started later does not run them. (The keys
@@ -19,14 +19,14 @@ import logging
 from collections.abc import Sequence
 
 from flow_assets.rq.dispatch import cancel_run_jobs
-from resources.ledger.metrics_store import RunRow
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.records import RunRow
+from resources.live.counters import LiveCounters
 from resources.redaction import redact_text
 
 log = logging.getLogger(__name__)
 
 
-def cancel_queued_jobs(counters: RedisCounters, rows: Sequence[RunRow]) -> dict[str, int]:
+def cancel_queued_jobs(counters: LiveCounters, rows: Sequence[RunRow]) -> dict[str, int]:
     """Cancel the queued RQ jobs of the final runs ``rows``; run id -> jobs cancelled."""
     cancelled: dict[str, int] = {}
     for row in rows:

@@ -21,7 +21,7 @@ from resources.live.embedded_redis import stop_embedded_redis
 if TYPE_CHECKING:
     import dagster as dg
 
-    from resources.ledger.metrics_store import MetricsStore
+    from resources.ledger.ledger import Ledger
 
 TESTS_DIR = Path(__file__).parent
 # Each test is marked with the tier folder it lives in; the markers are in pyproject.toml.
@@ -120,11 +120,11 @@ def _fresh_engines() -> Iterator[None]:
 
 
 @pytest.fixture
-def store(database_url: str) -> MetricsStore:
-    """A metrics store on the test's database (PostgreSQL and SQLite)."""
-    from resources.ledger.metrics_store import MetricsStore
+def store(database_url: str) -> Ledger:
+    """A ledger on the test's database (PostgreSQL and SQLite)."""
+    from resources.ledger.ledger import Ledger
 
-    return MetricsStore(url=database_url)
+    return Ledger(url=database_url)
 
 
 @pytest.fixture

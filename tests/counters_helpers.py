@@ -1,20 +1,20 @@
-"""Test-only shorthands over ``RedisCounters`` (production code calls ``record_pages``)."""
+"""Test-only shorthands over ``LiveCounters`` (production code calls ``record_pages``)."""
 
 from __future__ import annotations
 
 from resources.counts import Counts
+from resources.live.counters import LiveCounters
 from resources.live.keys import run_keys
-from resources.live.redis_counters import RedisCounters
 
 
 def record_page(
-    counters: RedisCounters, flow: str, run_id: str, page_index: int, counts: Counts
+    counters: LiveCounters, flow: str, run_id: str, page_index: int, counts: Counts
 ) -> bool:
     """Store one page's counts, replacing its earlier ones; False when Redis lost the run."""
     return counters.record_pages(flow, run_id, [(page_index, counts)])
 
 
-def ttl_report(counters: RedisCounters, flow: str, run_id: str) -> dict[str, int]:
+def ttl_report(counters: LiveCounters, flow: str, run_id: str) -> dict[str, int]:
     """Seconds to live of each existing key of the run (-1: no TTL)."""
     keys = run_keys(flow, run_id)
     pipe = counters.client().pipeline(transaction=False)

@@ -14,7 +14,9 @@ from flow_assets.dagster_names import COUNTERS_KEY, SENSOR_NAME, STATUS_TAG, STO
 from flow_assets.flow import Flow
 from flow_assets.sources.base import Page, PageRef
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.ledger.ledger import Ledger
+from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.records import RunRow
 from resources.live.keys import ALL_RUN_KEYS_PATTERN
 from resources.live.redis_counters import RedisCounters
 
@@ -65,7 +67,7 @@ def tick(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.SensorResult:
 
 
 def row_of(database_url: str, run_id: str) -> RunRow:
-    rows = MetricsStore(url=database_url).runs(run_id=run_id)
+    rows = Ledger(url=database_url).runs(run_id=run_id)
     assert len(rows) == 1, f"expected one flow_metrics row for {run_id}, got {rows}"
     return rows[0]
 

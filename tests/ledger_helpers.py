@@ -10,19 +10,19 @@ from flow_assets.flow import Flow
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page
 from resources.counts import Counts
-from resources.ledger import flow_key_queries
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger import db, flow_key_queries
+from resources.ledger.ledger import Ledger
 from resources.ledger.records import FinalState, PageRecord
-from resources.live.redis_counters import RedisCounters
+from resources.live.counters import LiveCounters
 
 
-def finish_page(store: MetricsStore, run_id: str, page: PageRecord) -> None:
+def finish_page(store: Ledger, run_id: str, page: PageRecord) -> None:
     """``finish_pages`` for one page."""
     store.finish_pages(run_id, [page])
 
 
 def finalize(
-    store: MetricsStore,
+    store: Ledger,
     run_id: str,
     *,
     status: str,
@@ -47,12 +47,12 @@ def finalize(
     return store.finalize_many([final]) == [run_id]
 
 
-def release_failed_keys(store: MetricsStore, run_ids: Sequence[str]) -> int:
+def release_failed_keys(store: Ledger, run_ids: Sequence[str]) -> int:
     """Release the failed jobs' keys of final ``dedup="flow"`` runs (what the final write
     does in its own transaction); how many."""
     if not run_ids:
         return 0
-    with store._tx(write=True) as conn:
+    with db.transaction(store.engine(), write=True, retry_seconds=0) as conn:
         return flow_key_queries.release_failed_keys(conn, run_ids)
 
 
@@ -60,8 +60,8 @@ def process_page(
     flow: Flow,
     run_id: str,
     page: Page,
-    counters: RedisCounters,
-    store: MetricsStore,
+    counters: LiveCounters,
+    store: Ledger,
     *,
     final_attempt: bool = False,
 ) -> Counts:

@@ -216,9 +216,9 @@ def status(
     limit: Annotated[int, typer.Option(min=1, help="Most recent runs to show.")] = 20,
 ) -> None:
     """Show flow runs from the ledger (newest first)."""
-    from resources.ledger.metrics_store import MetricsStore
+    from resources.ledger.ledger import Ledger
 
-    store = MetricsStore()
+    store = Ledger()
     rows = store.runs(flow_name=flow, run_id=run_id, limit=limit)
     if run_id and not rows:
         raise typer.BadParameter(
@@ -246,20 +246,20 @@ def cleanup(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, remove nothing.")] = False,
 ) -> None:
     """List and remove Redis keys left behind by finished runs."""
-    from resources.ledger.metrics_store import MetricsStore
-    from resources.live.redis_counters import RedisCounters
+    from resources.ledger.ledger import Ledger
+    from resources.live.counters import LiveCounters
     from sensors.cleanup import remove_stray_keys
 
-    strays = remove_stray_keys(MetricsStore(), RedisCounters(), dry_run=dry_run)
+    strays = remove_stray_keys(Ledger(), LiveCounters(), dry_run=dry_run)
     cli_render.print_strays(strays, dry_run=dry_run)
 
 
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Upgrade the schema (default: to the newest revision)."""
-    from resources.ledger.metrics_store import MetricsStore
+    from resources.ledger.ledger import Ledger
 
-    store = MetricsStore(auto_migrate=False)
+    store = Ledger(auto_migrate=False)
     store.upgrade(revision)
     typer.echo(f"{store.redacted_url()}: schema at {store.current_revision()}")
 
@@ -267,9 +267,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target, e.g. -1 or 0001.")]) -> None:
     """Downgrade the schema; rows are converted, never dropped, where a status disappears."""
-    from resources.ledger.metrics_store import MetricsStore
+    from resources.ledger.ledger import Ledger
 
-    store = MetricsStore(auto_migrate=False)
+    store = Ledger(auto_migrate=False)
     store.downgrade(revision)
     typer.echo(f"{store.redacted_url()}: schema at {store.current_revision()}")
 
@@ -277,9 +277,9 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target, e.g. -1 o
 @db_app.command("current")
 def db_current() -> None:
     """Print the schema revision of the metrics database."""
-    from resources.ledger.metrics_store import MetricsStore
+    from resources.ledger.ledger import Ledger
 
-    store = MetricsStore(auto_migrate=False)
+    store = Ledger(auto_migrate=False)
     typer.echo(f"{store.redacted_url()}: schema at {store.current_revision()}")
 
 

@@ -35,7 +35,8 @@ from flow_assets.dagster_names import (
     job_name,
 )
 from flow_assets.errors import ConfigurationError, FlowError
-from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import RunRow
 
 # Dagster's events (step failures with their tracebacks included) belong in the UI and the
 # event log; on a terminal the finalized row and its one-line reason say what happened.
@@ -151,72 +152,96 @@ def rerun_flow(
         ConfigurationError: ``DAGSTER_HOME`` is unset, or the run cannot be re-executed
             (unknown, not a flow run, in progress, or its flow run already succeeded).
     """
-    if not os.environ.get("DAGSTER_HOME"):
-        raise ConfigurationError(
-            "flowctl rerun needs DAGSTER_HOME: set it to the Dagster instance directory the"
-            " failed run was recorded in (a temporary instance keeps no step outputs to"
-            " re-execute from, so run flows with DAGSTER_HOME set to be able to recover them)"
-        )
-    instance = dg.DagsterInstance.get()
-    run = instance.get_run_by_id(run_id)
-    home = os.environ["DAGSTER_HOME"]
-    if run is None:
-        raise ConfigurationError(
-            f"no Dagster run {run_id!r} in DAGSTER_HOME={home}; pass the run id"
-            " `flowctl run` printed (or `flowctl status` lists)"
-        )
-    flow_name = run.tags.get(FLOW_TAG)
-    if not flow_name:
-        raise ConfigurationError(f"run {run_id} (job {run.job_name}) is not a flow run")
-    root = run.root_run_id or run.run_id
-    newest = instance.get_runs(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: root}), limit=1)
-    parent = newest[0] if newest else (instance.get_run_by_id(root) or run)
+    instance = _persistent_instance()
+    flow_name, root, parent = _reexecution_parent(instance, run_id)
     module = module or parent.tags.get(MODULE_TAG) or DEFAULT_MODULE
     defs = load_definitions(module)
     _job(defs, flow_name)
-    with resolved_store(defs) as store:
+    with resolved_ledger(defs) as store:
         rows = store.runs(run_id=root)
     if rows and rows[0].flow_status in ("completed", "partial_success"):
         raise ConfigurationError(
             f"flow {flow_name!r} run {root} already ended {rows[0].flow_status}: there is"
             f" nothing to recover; `flowctl run {flow_name}` starts a new run"
         )
-    if parent.status not in (_FINISHED if all_steps else _RERUNNABLE):
-        which = "its Dagster run" if parent.run_id == root else f"its re-execution {parent.run_id}"
-        hint = (
-            "wait for it to end"
-            if parent.status not in _FINISHED
-            else "from failure needs a failed run; --all-steps re-executes every step (a run"
-            " that failed on its failed jobs alone)"
-        )
-        raise ConfigurationError(
-            f"cannot re-execute flow {flow_name!r} run {root}: {which} is"
-            f" {parent.status.value.lower()}; {hint}"
-        )
+    _check_reexecutable(flow_name, root, parent, all_steps=all_steps)
     label = f"flow {flow_name} run {root}"
     options = (
         dg.ReexecutionOptions(parent_run_id=parent.run_id)
         if all_steps
         else dg.ReexecutionOptions.from_failure(parent.run_id, instance)
     )
-    # Dagster copies no tags to a re-execution: keep the partition and our own, and tag it
-    # with its group (as the UI does) so the finalizer finds the group's newest run.
-    tags = {
-        key: value
-        for key, value in parent.tags.items()
-        if key != STATUS_TAG and (not key.startswith(DAGSTER_TAG_PREFIX) or "partition" in key)
-    }
-    tags.update({ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: parent.run_id, MODULE_TAG: module})
     what = "all steps" if all_steps else "from failure"
     with progress(f"re-executing {label} ({what})"):
         dg.execute_job(
             _reconstructable(module, flow_name),
             instance=instance,
             run_config=PERSISTENT_RUN_CONFIG,
-            tags=tags,
+            tags=_reexecution_tags(parent, root, module),
             reexecution_options=options,
         )
     return _finalized_row(defs, instance, flow_name, root, label, progress, wait_seconds)
+
+
+def _persistent_instance() -> dg.DagsterInstance:
+    """The instance of ``DAGSTER_HOME``, where failed runs keep their step outputs."""
+    if not os.environ.get("DAGSTER_HOME"):
+        raise ConfigurationError(
+            "flowctl rerun needs DAGSTER_HOME: set it to the Dagster instance directory the"
+            " failed run was recorded in (a temporary instance keeps no step outputs to"
+            " re-execute from, so run flows with DAGSTER_HOME set to be able to recover them)"
+        )
+    return dg.DagsterInstance.get()
+
+
+def _reexecution_parent(
+    instance: dg.DagsterInstance, run_id: str
+) -> tuple[str, str, dg.DagsterRun]:
+    """``(flow name, root run id, parent)`` of a re-execution of ``run_id``'s group: the
+    newest run of the group is the parent, so a recovery that failed again goes on."""
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        raise ConfigurationError(
+            f"no Dagster run {run_id!r} in DAGSTER_HOME={os.environ['DAGSTER_HOME']}; pass"
+            " the run id `flowctl run` printed (or `flowctl status` lists)"
+        )
+    flow_name = run.tags.get(FLOW_TAG)
+    if not flow_name:
+        raise ConfigurationError(f"run {run_id} (job {run.job_name}) is not a flow run")
+    root = run.root_run_id or run.run_id
+    newest = instance.get_runs(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: root}), limit=1)
+    return flow_name, root, newest[0] if newest else (instance.get_run_by_id(root) or run)
+
+
+def _check_reexecutable(
+    flow_name: str, root: str, parent: dg.DagsterRun, *, all_steps: bool
+) -> None:
+    """Refuse a parent Dagster cannot re-execute this way, saying what to do instead."""
+    if parent.status in (_FINISHED if all_steps else _RERUNNABLE):
+        return
+    which = "its Dagster run" if parent.run_id == root else f"its re-execution {parent.run_id}"
+    hint = (
+        "wait for it to end"
+        if parent.status not in _FINISHED
+        else "from failure needs a failed run; --all-steps re-executes every step (a run"
+        " that failed on its failed jobs alone)"
+    )
+    raise ConfigurationError(
+        f"cannot re-execute flow {flow_name!r} run {root}: {which} is"
+        f" {parent.status.value.lower()}; {hint}"
+    )
+
+
+def _reexecution_tags(parent: dg.DagsterRun, root: str, module: str) -> dict[str, str]:
+    """Dagster copies no tags to a re-execution: keep the partition and our own, and tag it
+    with its group (as the UI does) so the finalizer finds the group's newest run."""
+    tags = {
+        key: value
+        for key, value in parent.tags.items()
+        if key != STATUS_TAG and (not key.startswith(DAGSTER_TAG_PREFIX) or "partition" in key)
+    }
+    tags.update({ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: parent.run_id, MODULE_TAG: module})
+    return tags
 
 
 def flow_job(module_name: str, flow_name: str) -> dg.JobDefinition:
@@ -264,7 +289,7 @@ def _finalized_row(
 ) -> RunRow:
     with progress(f"finalizing {label}"):
         finalize_now(defs, instance)
-    with resolved_store(defs) as store:
+    with resolved_ledger(defs) as store:
         row = _row(store, flow_name, run_id)
         if row.flow_status == "running" and wait_seconds > 0:
             with progress(f"waiting up to {wait_seconds:g} s for the jobs of {label}"):
@@ -272,7 +297,7 @@ def _finalized_row(
     return row
 
 
-def _row(store: MetricsStore, flow_name: str, run_id: str) -> RunRow:
+def _row(store: Ledger, flow_name: str, run_id: str) -> RunRow:
     rows = store.runs(run_id=run_id)
     if not rows:
         raise FlowError(
@@ -285,7 +310,7 @@ def _row(store: MetricsStore, flow_name: str, run_id: str) -> RunRow:
 def _wait_for_jobs(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
-    store: MetricsStore,
+    store: Ledger,
     row: RunRow,
     wait_seconds: float,
 ) -> RunRow:
@@ -312,10 +337,10 @@ def finalize_now(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
 
 
 @contextmanager
-def resolved_store(defs: dg.Definitions) -> Iterator[MetricsStore]:
-    """The definitions' metrics store with its configuration (EnvVars) resolved."""
+def resolved_ledger(defs: dg.Definitions) -> Iterator[Ledger]:
+    """The ledger of the definitions' metrics store, its configuration (EnvVars) resolved."""
     with dg.build_resources({STORE_KEY: (defs.resources or {})[STORE_KEY]}) as resources:
-        yield getattr(resources, STORE_KEY)
+        yield getattr(resources, STORE_KEY).ledger()
 
 
 @contextmanager

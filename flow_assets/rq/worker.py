@@ -25,8 +25,8 @@ reported) and ``ack_failure`` (the job raised, timed out, or its worker died; on
 will not retry it). An ack is a guarded transition in SQL (the source of truth) then in
 the run's Redis counters, so a repeated or duplicated callback changes nothing; an ack
 that arrives after the run was final is recorded as late in the ledger and counted
-nowhere (``Outcome.LATE``). Dagster is imported only through the heartbeat's
-``MetricsStore``, once per worker (``rq_settings`` preloads this module).
+nowhere (``Outcome.LATE``). The ledger is the Dagster-free ``Ledger``; Dagster comes in
+only with the flows module the worker loads.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -46,8 +45,7 @@ from flow_assets.dispatch import JobBatch, error_text, handler_error_text
 from flow_assets.errors import HandlerError
 from flow_assets.heartbeat import heartbeat, heartbeat_interval
 from flow_assets.rq import guard as rq_guard
-from resources.ledger import db, flow_key_queries, job_queries, migrations, run_queries
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from resources.live import lua_rq
 from resources.live.lua import Outcome
 from resources.run_policy import RunPolicy
@@ -83,15 +81,14 @@ def run_jobs(
     allows; the failed jobs' rows get the whole message (secrets redacted).
     """
     loaded = rq_guard.flow_for(flow, handler_path)  # first: a refused job runs nothing
-    with _ledger(write=False) as conn:
-        gate = job_queries.run_gate(conn, run_id)
+    gate = _ledger().run_gate(run_id)
     if gate is None or not gate.running:
         why = f"run {run_id} is {gate.status} in the ledger" if gate else f"run {run_id} is unknown"
         log.warning("flow %s page %d: %s; job skipped, handler not called", flow, page_index, why)
         return {"completed": [], "failed": {}, "skipped": f"not run: {why}"}
     batch = JobBatch(keys, records)
     deadline = (gate.policy or RunPolicy()).deadline
-    with heartbeat(_store(), run_id, heartbeat_interval(deadline)):
+    with heartbeat(_ledger(), run_id, heartbeat_interval(deadline)):
         failure = _call_handler(loaded, page_index, batch)
     if failure is not None:
         # Raised here, outside any `except`: chained to nothing, not even as __context__.
@@ -179,12 +176,7 @@ def acknowledge(
     transaction, if the finalizer had released it: the record was handled after all.
     """
     flow, run_id, ttl = job.meta["flow"], job.meta["run_id"], int(job.meta["ttl"])
-    now = _now()
-    with _ledger() as conn:
-        result = job_queries.ack_jobs(conn, run_id, completed, failed, now)
-        policy = result.gate.policy if result.gate else None
-        if result.completed_late and policy is not None and policy.dedup == "flow":
-            flow_key_queries.reclaim_flow_keys(conn, flow, run_id, result.completed_late, now)
+    result = _ledger().ack_jobs(flow, run_id, completed, failed)
     if result.run_final:
         if not result.late:
             return Outcome.NOOP
@@ -200,6 +192,7 @@ def acknowledge(
     for page_index, delta in sorted(result.deltas.items()):
         if not delta:
             continue
+        # RQ hands the callback its own connection (raw replies): the script runs on it.
         outcome = lua_rq.ack_jobs(
             connection,
             flow,
@@ -213,26 +206,14 @@ def acknowledge(
         if outcome is Outcome.LOST:
             # The ledger has the outcome; the next page step (or the finalizer) rebuilds
             # the counters from it. Note it on the run while it is running.
-            with _ledger() as conn:
-                run_queries.note_counter_mismatch(conn, run_id, COUNTERS_LOST)
+            _ledger().note_counter_mismatch(run_id, COUNTERS_LOST)
             break
     return outcome
 
 
-def _ledger(*, write: bool = True) -> Any:
-    url = db.resolve_url(None)
-    migrations.ensure_schema(url, auto_migrate=False, retry_seconds=CONNECT_RETRY_SECONDS)
-    return db.transaction(db.get_engine(url), write=write, retry_seconds=CONNECT_RETRY_SECONDS)
-
-
-@cache
-def _store_for(url: str) -> MetricsStore:
-    return MetricsStore(url=url, auto_migrate=False, connect_retry_seconds=CONNECT_RETRY_SECONDS)
-
-
-def _store() -> MetricsStore:
-    """The ledger as the heartbeat writes to it (engines are per process, never forked)."""
-    return _store_for(db.resolve_url(None))
+def _ledger() -> Ledger:
+    """The ledger of $FLOW_DATABASE_URL (the worker never migrates: ``flowctl db upgrade``)."""
+    return Ledger(auto_migrate=False, connect_retry_seconds=CONNECT_RETRY_SECONDS)
 
 
 def _now() -> datetime:

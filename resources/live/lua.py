@@ -20,7 +20,7 @@ right above it. The run-counter scripts share these rules:
 - Every write refreshes the TTL of all four keys, so they expire together.
 - The helpers ``intact()``, ``refresh(ttl)`` and ``unpack_counts(packed)`` are written
   out in each script that uses them, so that each script reads on its own; a unit test
-  (tests/services/test_redis_counters.py) keeps the copies identical.
+  (tests/services/test_live_counters.py) keeps the copies identical.
 
 Scripts are registered with :func:`registered`: one ``redis.commands.core.Script`` per
 client and script, created on first use. A Script is bound to the client that registered

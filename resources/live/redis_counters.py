@@ -1,47 +1,19 @@
-"""Live run counters in Redis: dedup claims and page counts, one round trip per page.
+"""``RedisCounters``: the Dagster resource that configures the live counters in Redis.
 
-Redis is a cache of the SQL ledger. Each method is idempotent, so a call retried after a
-dropped connection is harmless; a run whose keys Redis lost is reported as lost (None or
-False) and rebuilt from the ledger with :meth:`RedisCounters.rebuild`. The Lua scripts
-behind the page methods live with their wrappers in ``resources.live.lua_pages`` and
-``resources.live.lua_rq``.
+It holds settings only; :meth:`RedisCounters.counters` returns the Dagster-free
+:class:`~resources.live.counters.LiveCounters` that does the work.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, TypeVar
-
-import redis
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
-from resources.counts import COUNT_FIELDS, Counts
-from resources.errors import CountersUnavailableError
-from resources.home import flow_home
-from resources.live import lua_pages, lua_rq
-from resources.live.embedded_redis import configured_redis_url, ensure_embedded_redis
-from resources.live.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_key, run_keys
-from resources.live.lua import Outcome
-from resources.redaction import redact_url
-
-_T = TypeVar("_T")
-_EMBEDDED = "embedded:"
-_CHUNK = 1000  # fields per HSET when rebuilding, runs per pipeline: bounded, few round trips
-
-
-# One client per (process id, target): a forked step process must not share sockets.
-_CLIENTS: dict[tuple[int, str], redis.Redis] = {}
-_RQ_CLIENTS: dict[tuple[int, str], redis.Redis] = {}
+from resources.live.counters import DEFAULT_KEY_TTL_SECONDS, LiveCounters
 
 
 class RedisCounters(ConfigurableResource):
-    """Live counters of flow runs in Redis (dedup claims, page counts, run totals).
+    """Settings of the live counters of flow runs in Redis.
 
     Args:
         url: Redis URL; None reads FLOW_REDIS_URL, else runs the embedded server.
@@ -54,13 +26,14 @@ class RedisCounters(ConfigurableResource):
             from resources.live.redis_counters import RedisCounters
 
             @op
-            def page_step(context, counters: RedisCounters):
+            def page_step(context, redis_counters: RedisCounters):
+                counters = redis_counters.counters()
                 owned = counters.claim_page("orders_api", context.run_id, 0, ["a", "b"])
 
             defs = Definitions(
                 jobs=[...],
                 # url unset: FLOW_REDIS_URL, else the embedded server under FLOW_HOME.
-                resources={"counters": RedisCounters(key_ttl_seconds=6 * 3600)},
+                resources={"redis_counters": RedisCounters(key_ttl_seconds=6 * 3600)},
             )
     """
 
@@ -72,303 +45,15 @@ class RedisCounters(ConfigurableResource):
         ),
     )
     key_ttl_seconds: int = Field(
-        default=86400,
+        default=DEFAULT_KEY_TTL_SECONDS,
         gt=0,
         description="Seconds every run-scoped key lives after its last write (default 24 h).",
     )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         # Fail when the step starts, naming the setting, rather than at its first page.
-        self._target()
+        self.counters().redacted_url()
 
-    def client(self) -> redis.Redis:
-        """The cached client of this process (decoded responses, retries with backoff)."""
-        return self._client(self._target())
-
-    def redacted_url(self) -> str:
-        """The URL in use, password hidden; ``embedded:<home>`` for the embedded server."""
-        target = self._target()
-        return redact_url(target) if _is_url(target) else target
-
-    def start_run(self, flow: str, run_id: str) -> None:
-        """Mark the run's state as present in Redis (``meta``), with its TTL."""
-        meta = run_key(flow, run_id, "meta")
-
-        def op(client: redis.Redis) -> None:
-            pipe = client.pipeline(transaction=True)
-            pipe.hsetnx(meta, "created_at", _now())
-            pipe.expire(meta, self.key_ttl_seconds)
-            pipe.execute()
-
-        self._run(op)
-
-    def claim_page(
-        self, flow: str, run_id: str, page_index: int, record_keys: Sequence[str]
-    ) -> list[bool] | None:
-        """Claim a page's record keys; True where the page owns the key (dispatch it).
-
-        One round trip. A key already owned by another page, or repeated on this page, is
-        a duplicate (False); a retried page owns its keys again.
-
-        Returns:
-            One flag per record key, or None when Redis lost the run: rebuild it from the
-            SQL ledger and call again.
-        """
-        run_keys(flow, run_id)  # a bad name fails before any I/O
-        _page(page_index)
-        owned = self._run(
-            lambda client: lua_pages.claim_page(
-                client, flow, run_id, page_index, record_keys, self.key_ttl_seconds
-            )
-        )
-        return None if owned is Outcome.LOST else owned
-
-    def record_pages(self, flow: str, run_id: str, pages: Sequence[tuple[int, Counts]]) -> bool:
-        """Store the counts of each ``(page_index, counts)``, replacing their earlier ones,
-        in one round trip; False when Redis lost the run.
-
-        The run totals move by the difference, so a page recorded twice counts once.
-        """
-        run_keys(flow, run_id)  # a bad name fails before any I/O
-        for page_index, counts in pages:
-            _page(page_index)
-            if errors := [f for f in COUNT_FIELDS if getattr(counts, f) < 0]:
-                raise ValueError(f"page {page_index} of run {run_id}: negative counts {errors}")
-        if not pages:
-            return True
-        done = self._run(
-            lambda client: lua_pages.record_pages(client, flow, run_id, pages, self.key_ttl_seconds)
-        )
-        return done is not Outcome.LOST
-
-    def totals(self, flow: str, run_id: str) -> Counts | None:
-        """The run's live totals, or None when Redis has no state for the run."""
-        return self.totals_many([(flow, run_id)])[(flow, run_id)]
-
-    def totals_many(self, runs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Counts | None]:
-        """Live totals of each ``(flow, run_id)``, None where Redis has no state for the run.
-
-        One round trip per ``_CHUNK`` runs; each chunk is read atomically (MULTI/EXEC).
-        """
-
-        def op(client: redis.Redis) -> list[Any]:
-            replies: list[Any] = []
-            for start in range(0, len(runs), _CHUNK):
-                pipe = client.pipeline(transaction=True)
-                for flow, run_id in runs[start : start + _CHUNK]:
-                    pipe.exists(run_key(flow, run_id, "meta"))
-                    pipe.hgetall(run_key(flow, run_id, "totals"))
-                replies.extend(pipe.execute())
-            return replies
-
-        replies = self._run(op) if runs else []
-        found: dict[tuple[str, str], Counts | None] = {}
-        for run, exists, totals in zip(runs, replies[::2], replies[1::2], strict=True):
-            found[run] = (
-                Counts(**{field: int(totals.get(field, 0)) for field in COUNT_FIELDS})
-                if exists
-                else None
-            )
-        return found
-
-    def rebuild(
-        self,
-        flow: str,
-        run_id: str,
-        claims: Mapping[str, int],
-        pages: Mapping[int, Counts],
-        *,
-        force: bool = False,
-    ) -> bool:
-        """Rewrite the run's state from the SQL ledger, atomically (MULTI/EXEC).
-
-        Args:
-            claims: record key -> index of the page that owns it.
-            pages: page index -> that page's recorded counts.
-            force: rewrite even if the run's state is present.
-
-        Returns:
-            True if rewritten. False if the state was whole (unless ``force``), or if
-            another process rebuilt it meanwhile: a second rebuild from an older snapshot
-            of the ledger would drop claims made since, so it is skipped.
-        """
-        meta, seen, pages_key, totals_key = run_keys(flow, run_id)
-        seen_items = [(key, _page(page)) for key, page in claims.items()]
-        page_items = [(_page(i), ",".join(map(str, c.as_tuple()))) for i, c in pages.items()]
-        total = sum(pages.values(), Counts())
-
-        def op(client: redis.Redis) -> bool:
-            with client.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(meta, seen, pages_key)
-                    if not force and _intact(pipe, meta, seen, pages_key):
-                        return False
-                    pipe.multi()
-                    pipe.delete(seen, pages_key, totals_key, meta)
-                    for key, items in ((seen, seen_items), (pages_key, page_items)):
-                        for start in range(0, len(items), _CHUNK):
-                            pipe.hset(key, mapping=dict(items[start : start + _CHUNK]))
-                    pipe.hset(totals_key, mapping={f: getattr(total, f) for f in COUNT_FIELDS})
-                    pipe.hset(
-                        meta,
-                        mapping={
-                            "created_at": _now(),
-                            "rebuilt_at": _now(),
-                            "claims": len(seen_items),
-                            "pages": len(page_items),
-                        },
-                    )
-                    for key in (seen, pages_key, totals_key, meta):
-                        pipe.expire(key, self.key_ttl_seconds)
-                    # One MULTI/EXEC: no claim ever sees a half-rebuilt run.
-                    pipe.execute()
-                except redis.WatchError:
-                    return False
-            return True
-
-        return self._run(op)
-
-    def delete_run(self, flow: str, run_id: str) -> int:
-        """Remove every key of the run; the number of keys removed."""
-        return self.delete_runs([(flow, run_id)])
-
-    def delete_runs(self, runs: Sequence[tuple[str, str]]) -> int:
-        """Remove every key of each ``(flow, run_id)``; the number of keys removed.
-
-        One DEL per run (a run's keys share a cluster slot), one round trip per chunk.
-        """
-
-        def op(client: redis.Redis) -> int:
-            removed = 0
-            for start in range(0, len(runs), _CHUNK):
-                pipe = client.pipeline(transaction=False)
-                for flow, run_id in runs[start : start + _CHUNK]:
-                    pipe.delete(*run_keys(flow, run_id))
-                removed += sum(int(n) for n in pipe.execute())
-            return removed
-
-        return self._run(op) if runs else 0
-
-    def stray_runs(self) -> list[tuple[str, str]]:
-        """``(flow, run_id)`` of every run that has keys in Redis (SCAN, never KEYS)."""
-
-        def op(client: redis.Redis) -> list[tuple[str, str]]:
-            runs = set()
-            for key in client.scan_iter(match=ALL_RUN_KEYS_PATTERN, count=1000):
-                if parsed := parse_run_key(key):
-                    runs.add(parsed[:2])
-            return sorted(runs)
-
-        return self._run(op)
-
-    def _target(self) -> str:
-        """The configured URL, validated, or ``embedded:<FLOW_HOME>``.
-
-        Raises:
-            ConfigurationError: the URL is not a usable Redis URL (never quoting a password).
-        """
-        url = configured_redis_url(self.url)
-        if url is None:
-            home = flow_home()
-            return f"{_EMBEDDED}{home}"
-        return url
-
-    def _client(self, target: str) -> redis.Redis:
-        key = (os.getpid(), target)
-        client = _CLIENTS.get(key)
-        if client is None:
-            url = target if _is_url(target) else ensure_embedded_redis(_embedded_home(target))
-            client = redis.Redis.from_url(
-                url,
-                decode_responses=True,
-                socket_connect_timeout=5,
-                socket_timeout=30,
-                # Safe to retry: every operation here is idempotent.
-                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=4),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            )
-            _CLIENTS[key] = client
-        return client
-
-    def _run(self, op: Callable[[redis.Redis], _T]) -> _T:
-        """Run ``op`` on this process's client; raise CountersUnavailableError if unreachable.
-
-        The client has already retried with backoff. An embedded server that is gone
-        (stopped, machine restarted) is started again and ``op`` runs once more: the new
-        server is empty, so the scripts report the run as lost and the caller rebuilds it.
-        """
-        target = self._target()
-        try:
-            try:
-                return op(self._client(target))
-            except (redis.ConnectionError, redis.TimeoutError):
-                if _is_url(target):
-                    raise
-                ensure_embedded_redis(_embedded_home(target))
-                return op(self._client(target))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise CountersUnavailableError(
-                f"Redis at {self.redacted_url()} is unreachable after retries"
-                f" ({type(exc).__name__}). Check that the server is running and that"
-                " FLOW_REDIS_URL points at it."
-            ) from None  # redis-py's text names the host and port, which we show redacted
-
-    # --- jobs dispatched to RQ workers (dispatch="rq") ------------------------------------
-
-    def rq_connection(self) -> redis.Redis:
-        """A client for RQ on the same server (RQ needs undecoded responses), per process."""
-        target = self._target()
-        key = (os.getpid(), f"rq:{target}")
-        client = _RQ_CLIENTS.get(key)
-        if client is None:
-            url = target if _is_url(target) else ensure_embedded_redis(_embedded_home(target))
-            client = redis.Redis.from_url(
-                url,
-                socket_connect_timeout=5,
-                socket_timeout=30,
-                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=4),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            )
-            _RQ_CLIENTS[key] = client
-        return client
-
-    def record_dispatched_page(
-        self, flow: str, run_id: str, page_index: int, counts: Counts
-    ) -> bool:
-        """Record a page whose jobs go to workers: its dispatch counts, keeping any job
-        outcomes already acked (a retried page); False when Redis lost the run."""
-        _page(page_index)
-        done = self._run(
-            lambda client: lua_rq.record_dispatched_page(
-                client, flow, run_id, page_index, counts, self.key_ttl_seconds
-            )
-        )
-        return done is not Outcome.LOST
-
-
-def _intact(client: Any, meta: str, seen: str, pages: str) -> bool:
-    """The run's state is whole: meta exists and agrees with the sizes of seen and pages
-    (the same test as the Lua scripts' ``intact()``)."""
-    recorded = client.hmget(meta, "claims", "pages")
-    if not client.exists(meta):
-        return False
-    claims, page_count = (int(value or 0) for value in recorded)
-    return bool(client.hlen(seen) == claims and client.hlen(pages) == page_count)
-
-
-def _is_url(target: str) -> bool:
-    return not target.startswith(_EMBEDDED)
-
-
-def _embedded_home(target: str) -> Path:
-    return Path(target.removeprefix(_EMBEDDED))
-
-
-def _page(page_index: int) -> str:
-    if isinstance(page_index, bool) or not isinstance(page_index, int) or page_index < 0:
-        raise ValueError(f"page index {page_index!r} must be an integer >= 0")
-    return str(page_index)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    def counters(self) -> LiveCounters:
+        """The live counters these settings describe (cheap: clients are cached per process)."""
+        return LiveCounters(url=self.url, key_ttl_seconds=self.key_ttl_seconds)

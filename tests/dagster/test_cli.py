@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from resources.ledger.migrations import head_revision
 from resources.live.embedded_redis import embedded_redis_running, socket_path, stop_embedded_redis
 from tests.flowkit import run_keys_left
@@ -167,7 +167,7 @@ def test_demo_keeps_its_runs_finalized_in_the_instance_the_ui_opens(demo: DemoRu
     asset_keys = repository.asset_graph.get_all_asset_keys()
     check_keys = repository.asset_graph.asset_check_keys
 
-    ledger = MetricsStore(url=f"sqlite:///{demo.database}")
+    ledger = Ledger(url=f"sqlite:///{demo.database}")
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         for flow_name, run_id in run_ids.items():
             [row] = ledger.runs(run_id=run_id)
@@ -233,7 +233,7 @@ def test_run_prints_a_completed_row_on_the_test_servers(
     )
     assert result.returncode == 0, result.stderr
     assert table_rows(result.stdout) == {"demo_customers": DEMO_ROWS["demo_customers"]}
-    [row] = MetricsStore(url=postgres_url).runs()
+    [row] = Ledger(url=postgres_url).runs()
     assert (row.flow_name, row.flow_status) == ("demo_customers", "completed")
     assert row.run_id in result.stdout
     assert run_keys_left(redis_url) == []

@@ -21,7 +21,8 @@ import dagster as dg
 import pytest
 
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import RunRow
 from tests.dagster import cli_flows
 from tests.flowkit import assert_conserved, assert_counts
 
@@ -100,7 +101,7 @@ def persistent_cli(cli: Cli, dagster_home: Path) -> Cli:
 
 
 def ledger(sqlite_url: str) -> list[RunRow]:
-    return MetricsStore(url=sqlite_url).runs()
+    return Ledger(url=sqlite_url).runs()
 
 
 def printed_run_id(result: subprocess.CompletedProcess[str]) -> str:

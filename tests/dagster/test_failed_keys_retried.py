@@ -17,13 +17,9 @@ from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
 from resources.ledger import db, job_queries
-from resources.ledger.metrics_store import (
-    FinalState,
-    JobFailure,
-    MetricsStore,
-    PageRecord,
-    RunPolicy,
-)
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import FinalState, JobFailure, PageRecord
+from resources.run_policy import RunPolicy
 from tests.dagster import settle_flows
 from tests.dagster.settle_flows import handled_keys, write_jsonl
 from tests.flowkit import assert_conserved, assert_counts, make_defs, row_of, run_flow, tick
@@ -85,7 +81,7 @@ def test_the_next_run_dispatches_exactly_the_failed_records_again(
     row = row_of(database_url, first.run_id)
     assert row.flow_status == "failed"
     assert_counts(row, Counts(source=120, dispatched=120, completed=97, failed=23))
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     assert sorted(f.record_key for f in store.job_failures(first.run_id, 1000)) == failed_keys
     assert sorted(handled_keys(handled)) == sorted(set(IDS) - set(DOWN_PAGE))
 
@@ -113,12 +109,12 @@ def test_the_next_run_dispatches_exactly_the_failed_records_again(
 # ------------------------------------------------------------ the release, directly
 
 
-def _start(store: MetricsStore, run_id: str, **policy: Any) -> None:
+def _start(store: Ledger, run_id: str, **policy: Any) -> None:
     settings: dict[str, Any] = {"dedup": "flow", **policy}
     store.start_run(run_id, FLOW, None, datetime.now(timezone.utc), RunPolicy(**settings))
 
 
-def _finalize(store: MetricsStore, run_id: str, *, awaiting: bool = False) -> None:
+def _finalize(store: Ledger, run_id: str, *, awaiting: bool = False) -> None:
     totals = store.page_totals([run_id])[run_id]
     counts = totals.counts
     final = FinalState(
@@ -133,7 +129,7 @@ def _finalize(store: MetricsStore, run_id: str, *, awaiting: bool = False) -> No
     assert store.finalize_many([final]) == [run_id]
 
 
-def _ledger_run(store: MetricsStore, run_id: str, **policy: Any) -> dict[str, list[str]]:
+def _ledger_run(store: Ledger, run_id: str, **policy: Any) -> dict[str, list[str]]:
     """A run in the ledger with every kind of job outcome; its keys by outcome.
 
     Page 0 inline done: a0 completed, a1 failed. Page 1 inline never finished (its step
@@ -161,7 +157,7 @@ def _ledger_run(store: MetricsStore, run_id: str, **policy: Any) -> dict[str, li
     return {"completed": ["a0", "c0"], "failed": ["a1", "b0", "b1", "c1", "c2"]}
 
 
-def _claimable(store: MetricsStore, keys: list[str]) -> list[str]:
+def _claimable(store: Ledger, keys: list[str]) -> list[str]:
     """The keys a new run of the flow would dispatch (claimed by it, as a real run would)."""
     probe = f"probe-{len(keys)}-{datetime.now(timezone.utc).timestamp()}"
     _start(store, probe)
@@ -169,7 +165,7 @@ def _claimable(store: MetricsStore, keys: list[str]) -> list[str]:
     return [key for key, mine in zip(keys, flags, strict=True) if mine]
 
 
-def test_release_frees_exactly_the_failed_and_lost_keys_once(store: MetricsStore) -> None:
+def test_release_frees_exactly_the_failed_and_lost_keys_once(store: Ledger) -> None:
     keys = _ledger_run(store, "run-a")
     everything = sorted(keys["completed"] + keys["failed"])
     assert release_failed_keys(store, ["run-a"]) == 0  # still running: nothing to release
@@ -187,7 +183,7 @@ def test_release_frees_exactly_the_failed_and_lost_keys_once(store: MetricsStore
     ids=["dedup-run", "keep_failed_keys"],
 )
 def test_release_leaves_runs_whose_policy_keeps_their_keys(
-    store: MetricsStore, policy: dict[str, Any]
+    store: Ledger, policy: dict[str, Any]
 ) -> None:
     _ledger_run(store, "run-k", **policy)
     _finalize(store, "run-k")
@@ -195,7 +191,7 @@ def test_release_leaves_runs_whose_policy_keeps_their_keys(
 
 
 def test_a_stalled_run_whose_dagster_run_still_works_keeps_its_keys_until_it_ends(
-    store: MetricsStore,
+    store: Ledger,
 ) -> None:
     """Decided while its steps may still finish pages (awaiting Dagster): nothing is
     released yet; once its Dagster run ended the run is decided again, and released then."""

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from tests.dagster import dedup_flows
 from tests.dagster.dedup_flows import FLOW_NAME, IN_PROCESS, handled_keys, write_partition
 from tests.flowkit import (
@@ -126,7 +126,7 @@ def test_a_run_reexecuted_from_failure_keeps_its_own_keys(
     with dg.execute_job(job, instance=instance, run_config=IN_PROCESS, tags=tags) as failed:
         assert not failed.success
         root = failed.run_id
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     # The step's last attempt failed the page's jobs with the handler's error.
     assert store.page_counts(root)[5] == Counts(source=50, dispatched=50, failed=50)
     tick(defs, instance)

@@ -22,7 +22,7 @@ from flow_assets.errors import ConfigurationError, FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.sources import HttpJsonSource, PageNumberPaginator
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from tests.flowkit import (
     assert_conserved,
     assert_counts,
@@ -198,7 +198,7 @@ def test_rejected_records_are_counted_and_quarantined_with_reason_and_raw_record
     assert_conserved(row)
     assert sorted(handled) == sorted(f"ok-{i}" for i in range(23))
 
-    stored = MetricsStore(url=database_url).rejected_records(result.run_id)
+    stored = Ledger(url=database_url).rejected_records(result.run_id)
     expected = {json.dumps(record): reason for record, reason in BAD_RECORDS}
     assert len(stored) == len(BAD_RECORDS)
     for reject in stored:
@@ -285,7 +285,7 @@ def test_failed_jobs_keep_their_error_and_the_tolerance_decides_the_status(
     assert row.failure_reason == reason
     assert_counts(row, Counts(source=60, dispatched=60, completed=57, failed=3))
     assert_conserved(row)
-    failures = MetricsStore(url=sqlite_url).job_failures(result.run_id)
+    failures = Ledger(url=sqlite_url).job_failures(result.run_id)
     assert {(f.record_key, f.page_index, f.error) for f in failures} == {
         (str(i), i // 20, f"ValueError: amount of order {i} is negative") for i in (7, 27, 47)
     }
@@ -318,7 +318,7 @@ def test_a_handler_raising_for_a_whole_page_fails_its_jobs_with_the_error_kept(
     assert row.flow_status == "failed"
     assert "RuntimeError: payments API rejected the batch: HTTP 500" in (row.failure_reason or "")
     assert run_keys_left(redis_url) == []
-    failures = MetricsStore(url=sqlite_url).job_failures(result.run_id)
+    failures = Ledger(url=sqlite_url).job_failures(result.run_id)
     assert {f.record_key for f in failures} == {str(i) for i in range(10, 20)}
     assert all("payments API rejected the batch" in f.error for f in failures)
     assert_counts(row, Counts(source=30, dispatched=30, completed=20, failed=10))

@@ -18,7 +18,7 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from tests.flowkit import (
     assert_conserved,
     assert_counts,
@@ -83,7 +83,7 @@ def test_hostile_keys_are_quarantined_and_the_run_goes_on(
     assert_conserved(row)
     assert run_keys_left(redis_url) == []
 
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     rejects = store.rejected_records(result.run_id)
     expected = {json.dumps(record): reason for record, reason in HOSTILE_KEYS + HOSTILE_FIELDS}
     assert len(rejects) == len(expected)
@@ -122,6 +122,6 @@ def test_a_handler_error_holding_nul_and_a_surrogate_is_stored_and_the_run_final
     assert row.flow_status == "failed"
     assert "ValueError: upstream said \\u0000 and \\udfff" in (row.failure_reason or "")
     assert_counts(row, Counts(source=20, dispatched=20, completed=10, failed=10))
-    failures = MetricsStore(url=database_url).job_failures(result.run_id)
+    failures = Ledger(url=database_url).job_failures(result.run_id)
     assert {f.record_key for f in failures} == {f"ok-{i}" for i in range(10, 20)}
     assert {f.error for f in failures} == {"ValueError: upstream said \\u0000 and \\udfff"}

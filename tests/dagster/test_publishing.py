@@ -15,8 +15,8 @@ from sqlalchemy.pool import NullPool
 from devservers import PostgresServer
 from flow_assets.dagster_private import sql_storages as _sql_storages
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 from sensors import publish
 from sensors.finalizer import finalize_runs
 from sensors.pooling import pooled_storage_connections
@@ -33,7 +33,7 @@ RUNS = {
 
 
 def seed_final_runs(
-    instance: dg.DagsterInstance, store: MetricsStore, counters: RedisCounters
+    instance: dg.DagsterInstance, store: Ledger, counters: LiveCounters
 ) -> dict[str, list[str]]:
     """Final, unpublished runs of two flows, interleaved in finish order; their Dagster
     run records and Redis keys exist. Returns flow -> run ids in finish order."""
@@ -70,13 +70,15 @@ def any_instance(request: pytest.FixtureRequest) -> dg.DagsterInstance:
 def test_a_batch_of_two_flows_publishes_every_run_and_the_right_latest_per_flow(
     any_instance: dg.DagsterInstance, sqlite_url: str, redis_url: str
 ) -> None:
-    store, counters = MetricsStore(url=sqlite_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=sqlite_url), LiveCounters(url=redis_url)
     run_ids = seed_final_runs(any_instance, store, counters)
 
     with pooled_storage_connections(any_instance):
         published = publish_final_runs(any_instance, store, counters, T0, limit=100)
 
-    assert sorted(published) == sorted(r for runs in run_ids.values() for r in runs)
+    assert sorted(row.run_id for row in published) == sorted(
+        r for runs in run_ids.values() for r in runs
+    )
     assert store.unpublished_runs(100) == []
     assert run_keys_left(redis_url) == []
     for flow, statuses in RUNS.items():
@@ -113,7 +115,7 @@ def test_publishing_past_its_budget_leaves_the_rest_for_the_next_call(
     instance: dg.DagsterInstance, sqlite_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(publish, "PUBLISH_CHUNK", 2)
-    store, counters = MetricsStore(url=sqlite_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=sqlite_url), LiveCounters(url=redis_url)
     run_ids = seed_final_runs(instance, store, counters)
     oldest_first = [row.run_id for row in store.unpublished_runs(100)]
 
@@ -121,8 +123,8 @@ def test_publishing_past_its_budget_leaves_the_rest_for_the_next_call(
     first = finalize_runs(instance, store, counters, {}, time_budget_seconds=0).published
     rest = publish_final_runs(instance, store, counters, T0, limit=100, until=None)
 
-    assert first == oldest_first[:2]  # one chunk starts, however late
-    assert rest == oldest_first[2:]
+    assert [row.run_id for row in first] == oldest_first[:2]  # one chunk starts, however late
+    assert [row.run_id for row in rest] == oldest_first[2:]
     assert len(first + rest) == sum(len(runs) for runs in run_ids.values())
     assert store.unpublished_runs(100) == []
 

@@ -28,9 +28,11 @@ from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
 from resources.ledger import db, run_queries
-from resources.ledger.metrics_store import FinalState, MetricsStore, RunPolicy, RunRow
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import FinalState, RunRow
+from resources.live.counters import LiveCounters
 from resources.live.lua import Outcome
-from resources.live.redis_counters import RedisCounters
+from resources.run_policy import RunPolicy
 from sensors.finalizer import FlowPolicy, finalize_runs
 from tests.dagster import settle_flows
 from tests.dagster.rq_flows import rq_workers, wait_for
@@ -57,13 +59,13 @@ def late_flow(data: Path, **options: Any) -> Flow:
     )
 
 
-def agrees_with_ledger(store: MetricsStore, row: RunRow) -> None:
+def agrees_with_ledger(store: Ledger, row: RunRow) -> None:
     """The final row is the ledger's totals, jobs that can no longer finish counted failed."""
     ledger = store.page_totals([row.run_id])[row.run_id].counts
     assert row.counts == replace(ledger, failed=ledger.failed + ledger.pending), (row, ledger)
 
 
-def finalize_by_hand(store: MetricsStore, run_id: str) -> RunRow:
+def finalize_by_hand(store: Ledger, run_id: str) -> RunRow:
     """Finalize as the finalizer would, but without anything after its write (as when the
     finalizer crashed right after committing its final rows)."""
     totals = store.page_totals([run_id])[run_id]
@@ -128,7 +130,7 @@ def test_a_long_job_keeps_its_run_alive_then_its_late_outcome_is_recorded_not_co
         dedup="flow",
     )
     defs = make_defs([flow], redis_url, database_url)
-    store, counters = MetricsStore(url=database_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     env = {"FLOW_DATABASE_URL": database_url, "FLOW_TEST_HANDLED": str(handled)}
     policies = {FLOW: FlowPolicy(tolerance=flow.tolerance, deadline=flow.deadline)}
 
@@ -211,7 +213,7 @@ def test_a_stalled_run_s_jobs_are_cancelled_when_it_is_finalized(
         time.sleep(4)
     assert handled_keys(handled) == []
     assert row_of(sqlite_url, result.run_id) == row
-    agrees_with_ledger(MetricsStore(url=sqlite_url), row)
+    agrees_with_ledger(Ledger(url=sqlite_url), row)
 
 
 def test_a_worker_skips_the_jobs_of_a_final_run(
@@ -225,7 +227,7 @@ def test_a_worker_skips_the_jobs_of_a_final_run(
     defs = make_defs([flow], redis_url, sqlite_url)
     result = run_flow(defs, FLOW, instance)
     assert result.success
-    store = MetricsStore(url=sqlite_url)
+    store = Ledger(url=sqlite_url)
     row = finalize_by_hand(store, result.run_id)
     assert queue_length(redis_url, FLOW) == 20
 
@@ -257,7 +259,7 @@ def test_a_worker_skips_the_jobs_of_a_final_run(
 @pytest.fixture
 def dispatched(
     redis_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> tuple[str, RedisCounters, MetricsStore, list[Job]]:
+) -> tuple[str, LiveCounters, Ledger, list[Job]]:
     """A running dedup="flow" run whose page 0 (a..f) went to RQ as three jobs of two."""
     monkeypatch.setenv("FLOW_DATABASE_URL", database_url)  # as on a worker
     flow = Flow(
@@ -268,7 +270,7 @@ def dispatched(
         dispatch=RqDispatch(batch_size=2),
         dedup="flow",
     )
-    counters, store = RedisCounters(url=redis_url), MetricsStore(url=database_url)
+    counters, store = LiveCounters(url=redis_url), Ledger(url=database_url)
     run_id = "run-late-1"
     store.start_run(run_id, FLOW, None, datetime.now(timezone.utc), flow.run_policy())
     counters.start_run(FLOW, run_id)
@@ -279,7 +281,7 @@ def dispatched(
 
 
 def test_an_ack_after_the_run_is_final_is_late_visible_and_not_counted(
-    dispatched: tuple[str, RedisCounters, MetricsStore, list[Job]],
+    dispatched: tuple[str, LiveCounters, Ledger, list[Job]],
 ) -> None:
     run_id, counters, store, (ab, cd, ef) = dispatched
     conn = counters.rq_connection()
@@ -320,7 +322,7 @@ def test_an_ack_after_the_run_is_final_is_late_visible_and_not_counted(
 
 
 def test_a_late_success_after_the_release_claims_its_key_again(
-    dispatched: tuple[str, RedisCounters, MetricsStore, list[Job]],
+    dispatched: tuple[str, LiveCounters, Ledger, list[Job]],
 ) -> None:
     """The keys were released at finalization (the jobs counted lost), then a job that was
     still running completes: its record was handled, so the next run must not dispatch it."""
@@ -339,7 +341,7 @@ def test_a_late_success_after_the_release_claims_its_key_again(
 # PostgreSQL only: SQLite serializes writers at BEGIN IMMEDIATE, so no such interleaving.
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_an_ack_racing_the_final_write_waits_for_it_and_is_late(
-    dispatched: tuple[str, RedisCounters, MetricsStore, list[Job]], database_url: str
+    dispatched: tuple[str, LiveCounters, Ledger, list[Job]], database_url: str
 ) -> None:
     """An ack arriving while the finalizer's transaction holds the run's row: it waits for
     that transaction, then sees the run final and records its outcome as late (never an
@@ -372,7 +374,7 @@ def test_an_ack_racing_the_final_write_waits_for_it_and_is_late(
 
 
 def test_a_reopened_run_counts_the_outcomes_that_came_in_late(
-    dispatched: tuple[str, RedisCounters, MetricsStore, list[Job]],
+    dispatched: tuple[str, LiveCounters, Ledger, list[Job]],
 ) -> None:
     """A run decided too early (stalled) is reopened when its Dagster run ends: the job
     outcomes acknowledged while it was final now count, so they are not counted lost."""

@@ -33,8 +33,8 @@ from flow_assets.rq.dispatch import ACK_FAILURE, RUN_JOBS, SERIALIZER, RqDispatc
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 from tests.dagster import rq_flows
 from tests.dagster.rq_flows import REPO_ROOT, RQ, rq_workers, wait_for
 from tests.flowkit import assert_counts, make_defs, row_of, run_flow, run_keys_left, tick
@@ -57,7 +57,7 @@ class RunsOnUnpickle:
 @pytest.fixture
 def started(
     redis_url: str, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Flow, RedisCounters, MetricsStore]:
+) -> tuple[Flow, LiveCounters, Ledger]:
     """A running run of ``rq_orders``, as the page step of its Dagster run would see it."""
     monkeypatch.setenv("FLOW_DATABASE_URL", sqlite_url)
     flow = Flow(
@@ -67,7 +67,7 @@ def started(
         handler=rq_flows.handle,
         dispatch=RqDispatch(batch_size=2, retries=0),
     )
-    counters, store = RedisCounters(url=redis_url), MetricsStore(url=sqlite_url)
+    counters, store = LiveCounters(url=redis_url), Ledger(url=sqlite_url)
     store.start_run(RUN_ID, FLOW, None, datetime.now(timezone.utc), flow.run_policy())
     counters.start_run(FLOW, RUN_ID)
     return flow, counters, store
@@ -106,7 +106,7 @@ def wait_until_ended(connection: redis.Redis, job_ids: list[str], logs: Callable
 
 
 def test_the_package_s_jobs_are_json_in_redis(
-    started: tuple[Flow, RedisCounters, MetricsStore],
+    started: tuple[Flow, LiveCounters, Ledger],
 ) -> None:
     flow, counters, store = started
     process_page(flow, RUN_ID, Page(0, [{"id": "a", "n": 1}, {"id": "b"}]), counters, store)
@@ -135,7 +135,7 @@ def test_the_package_s_jobs_are_json_in_redis(
 @pytest.mark.parametrize("worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"])
 def test_a_pickled_job_runs_nothing_and_the_worker_goes_on(
     worker_class: str,
-    started: tuple[Flow, RedisCounters, MetricsStore],
+    started: tuple[Flow, LiveCounters, Ledger],
     redis_url: str,
     sqlite_url: str,
     tmp_path: Path,
@@ -181,7 +181,7 @@ def test_a_pickled_job_runs_nothing_and_the_worker_goes_on(
 
 
 def test_a_job_of_a_flow_or_handler_the_worker_did_not_load_imports_nothing(
-    started: tuple[Flow, RedisCounters, MetricsStore],
+    started: tuple[Flow, LiveCounters, Ledger],
     redis_url: str,
     sqlite_url: str,
     tmp_path: Path,
@@ -257,7 +257,7 @@ def hostile_job(connection: redis.Redis, job_id: str, data: list[Any]) -> None:
 @pytest.mark.parametrize("worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"])
 def test_a_job_naming_an_instance_or_another_function_runs_nothing(
     worker_class: str,
-    started: tuple[Flow, RedisCounters, MetricsStore],
+    started: tuple[Flow, LiveCounters, Ledger],
     redis_url: str,
     sqlite_url: str,
     tmp_path: Path,
@@ -305,7 +305,7 @@ def stored_in_redis(connection: redis.Redis, job_id: str) -> str:
 @pytest.mark.parametrize("worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"])
 def test_a_handler_s_error_reaches_rq_masked_and_the_failure_rows_whole(
     worker_class: str,
-    started: tuple[Flow, RedisCounters, MetricsStore],
+    started: tuple[Flow, LiveCounters, Ledger],
     redis_url: str,
     sqlite_url: str,
     tmp_path: Path,
@@ -356,7 +356,7 @@ def test_a_handler_s_error_reaches_rq_masked_and_the_failure_rows_whole(
 @pytest.mark.parametrize("detail", ["masked", "full"])
 def test_a_handler_s_error_fails_the_job_as_the_flow_s_error_detail_shows_it(
     detail: str,
-    started: tuple[Flow, RedisCounters, MetricsStore],
+    started: tuple[Flow, LiveCounters, Ledger],
     registry: dict[str, Flow],
     tmp_path: Path,
 ) -> None:
@@ -491,7 +491,7 @@ def test_a_flow_runs_through_the_advised_acl_user_and_nothing_else_does(
         max_failed_jobs=0.2,
     )
     defs = make_defs([flow], acl_url, sqlite_url)
-    store = MetricsStore(url=sqlite_url)
+    store = Ledger(url=sqlite_url)
     env = {"FLOW_DATABASE_URL": sqlite_url}
     with rq_workers(1, FLOW, acl_url, env, tmp_path, "rq.worker.Worker") as workers:
         result = run_flow(defs, FLOW, instance)

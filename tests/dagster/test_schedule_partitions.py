@@ -26,7 +26,7 @@ from dagster._core.remote_origin import (  # a queued run's origin: no public co
 from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.sources import FileSource
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from tests.flowkit import make_defs, row_of, run_flow, tick
 
 FLOW = "nightly"
@@ -154,12 +154,8 @@ def test_a_running_ledger_row_is_a_run_in_progress(
 ) -> None:
     # E.g. dispatch="rq": the Dagster run is over, jobs are still pending on the workers.
     defs = make_defs([nightly_flow(tmp_path)], redis_url, postgres_url)
-    MetricsStore(url=postgres_url).start_run(
-        "rq-run-1", FLOW, PARTITION, datetime.now(timezone.utc)
-    )
-    MetricsStore(url=postgres_url).start_run(
-        "other-day", FLOW, "2026-03-03", datetime.now(timezone.utc)
-    )
+    Ledger(url=postgres_url).start_run("rq-run-1", FLOW, PARTITION, datetime.now(timezone.utc))
+    Ledger(url=postgres_url).start_run("other-day", FLOW, "2026-03-03", datetime.now(timezone.utc))
     skipped = evaluate(defs, instance, FIRST_TICK)
     assert isinstance(skipped, str)
     assert f"{PARTITION} has a run in progress: rq-run-1 (running)" in skipped
@@ -178,7 +174,7 @@ def test_rerun_partitions_launches_a_partition_again_after_success(
 
 
 def test_partition_runs_lists_a_partitions_runs_newest_first(postgres_url: str) -> None:
-    store = MetricsStore(url=postgres_url)
+    store = Ledger(url=postgres_url)
     start = datetime(2026, 3, 5, tzinfo=timezone.utc)
     for i, (run_id, partition) in enumerate(
         [("a", PARTITION), ("b", PARTITION), ("c", "2026-03-03"), ("d", None)]

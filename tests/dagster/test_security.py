@@ -30,6 +30,7 @@ from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.sources import HttpJsonSource, PageNumberPaginator
 from resources.counts import Counts
+from resources.ledger.ledger import Ledger
 from resources.ledger.metrics_store import MetricsStore
 from resources.live.keys import run_key
 from resources.live.redis_counters import RedisCounters
@@ -134,7 +135,7 @@ def visible_outputs(
 
 
 def ledger_outputs(database_url: str, run_ids: list[str]) -> dict[str, str]:
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     seen: dict[str, str] = {}
     for run_id in run_ids:
         seen[f"flow_metrics {run_id}"] = str(store.runs(run_id=run_id))
@@ -186,7 +187,7 @@ def test_passwords_in_database_and_redis_urls_never_reach_any_output(
     assert row.flow_status == "partial_success"
     assert_counts(row, Counts(source=50, dispatched=40, skipped=10, completed=36, failed=4))
     assert_conserved(row)
-    failures = MetricsStore(url=secret_pg_url).job_failures(run_id)
+    failures = Ledger(url=secret_pg_url).job_failures(run_id)
     assert len(failures) == 4
     # The error text is kept, with the URLs' passwords masked.
     assert all("postgresql+psycopg://postgres:***@127.0.0.1:" in f.error for f in failures)
@@ -347,7 +348,7 @@ def test_quotes_and_sql_in_keys_and_partitions_are_stored_as_plain_data(
     assert_counts(
         row, Counts(source=12, dispatched=10, skipped=1, rejected=1, completed=9, failed=1)
     )
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     assert set(EVIL_KEYS) <= set(store.claimed_keys(result.run_id))
     [failure] = store.job_failures(result.run_id)
     assert failure.record_key == EVIL_KEYS[2]

@@ -19,7 +19,7 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.sources import HttpJsonSource, JSONCursorPaginator, PageNumberPaginator
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from tests.flowkit import assert_counts, make_defs, row_of, run_flow, tick
 from tests.httpfixture import serve_records
 
@@ -88,7 +88,7 @@ def test_a_dead_source_fails_every_page_step_at_once_with_one_error(
     assert len(retried) == HTTP_RETRIES, [r.getMessage() for r in retried]
 
     # Every page step names the same error: the first one, as the ledger recorded it.
-    down = MetricsStore(url=postgres_url).source_down(result.run_id, attempt=result.run_id)
+    down = Ledger(url=postgres_url).source_down(result.run_id, attempt=result.run_id)
     assert down is not None
     assert "Source 'orders_api', page 1" in down and f"after {HTTP_RETRIES} retries" in down
     assert "Fix: check that the server is up" in down

@@ -15,11 +15,12 @@ import dagster as dg
 import pytest
 from upath import UPath
 
-from flow_assets.chunk_io import RETENTION_ENV, _ChunkFiles, chunks_root, sweep_old_chunks
+from flow_assets.chunk_io import RETENTION_ENV, ChunkFiles, chunks_root
 from flow_assets.dagster_flow import PageChunk
 from flow_assets.errors import ConfigurationError, SourceError
 from flow_assets.sources.base import Page
 from resources.counts import Counts
+from sensors.chunk_cleanup import sweep_old_chunks
 from tests.dagster import chunk_flows
 from tests.flowkit import assert_counts, row_of, tick
 
@@ -203,7 +204,7 @@ def test_a_record_nested_too_deep_to_hand_over_fails_with_a_reason(tmp_path: Pat
     for _ in range(5000):
         deep = {"a": deep}
     chunk = PageChunk(pages=(Page(0, [deep]),))
-    files = _ChunkFiles(base_path=UPath(tmp_path))
+    files = ChunkFiles(base_path=UPath(tmp_path))
     context = dg.build_output_context(step_key="orders_plan", name="result")
     with pytest.raises(SourceError, match="nests too deeply to hand to the page steps"):
         files.dump_to_path(context, chunk, UPath(tmp_path) / "chunk.pickle")

@@ -28,6 +28,7 @@ from flow_assets.build import build_definitions
 from flow_assets.dagster_names import COUNTERS_KEY, STORE_KEY
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
+from resources.ledger.ledger import Ledger
 from resources.ledger.metrics_store import MetricsStore
 from resources.live.redis_counters import RedisCounters
 from tests.flowkit import tick
@@ -145,7 +146,7 @@ def test_a_run_with_a_malformed_redis_url_fails_naming_the_fix_and_leaks_no_frag
 
     assert "FLOW_REDIS_URL / RedisCounters.url is not a valid Redis URL" in failure, failure
     assert "percent-encode reserved characters" in failure and "/ is %2F" in failure
-    outputs["ledger"] = str(MetricsStore(url=sqlite_url).runs())
+    outputs["ledger"] = str(Ledger(url=sqlite_url).runs())
     captured = capfd.readouterr()
     outputs.update(stdout=captured.out, stderr=captured.err, logging=caplog.text)
     assert_no_fragment(outputs, user, password)

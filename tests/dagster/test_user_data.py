@@ -23,7 +23,7 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.errors import FlowDefinitionError
 from flow_assets.flow import Flow
 from flow_assets.sources.files import FileSource
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from tests.dagster.test_security import ledger_outputs, visible_outputs
 from tests.flowkit import assert_conserved, make_defs, row_of, run_flow, tick
 
@@ -107,7 +107,7 @@ def test_a_handler_error_shows_its_class_and_a_masked_message_and_the_rows_keep_
     ))  # fmt: skip
 
     # The operator's place keeps the whole error: the failed jobs' rows.
-    failures = MetricsStore(url=database_url).job_failures(run_id)
+    failures = Ledger(url=database_url).job_failures(run_id)
     assert {f.record_key for f in failures} == {str(i) for i in range(10, 20)}
     assert all(f.error == f"ValueError: {MESSAGE}" for f in failures)
 
@@ -165,7 +165,7 @@ def test_a_key_function_error_rejects_the_record_without_quoting_its_data(
     assert result.success
     row = row_of(sqlite_url, result.run_id)
     assert (row.flow_status, row.rejected_records) == ("partial_success", 1)
-    [reject] = MetricsStore(url=sqlite_url).rejected_records(result.run_id)
+    [reject] = Ledger(url=sqlite_url).rejected_records(result.run_id)
     assert (
         reject.reason == "key function raised ValueError: no key for customer <email> ssn=<number>"
     )

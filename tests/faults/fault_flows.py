@@ -24,7 +24,7 @@ from flow_assets.flow import Flow
 from flow_assets.sources.base import Page, PageRef
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from tests.flowkit import make_defs
 
 FLOW_NAME = "fault_orders"
@@ -127,13 +127,13 @@ class ListSource:
         return f"ListSource({len(self.records)} records, page_size={self.page_size})"
 
 
-def running_run_id(store: MetricsStore, flow_name: str) -> str:
+def running_run_id(store: Ledger, flow_name: str) -> str:
     """The id of the flow's one run in progress (a handler is not told it)."""
     (row,) = [row for row in store.running_runs(10) if row.flow_name == flow_name]
     return row.run_id
 
 
-def ledger_totals(store: MetricsStore, run_id: str) -> Counts:
+def ledger_totals(store: Ledger, run_id: str) -> Counts:
     return store.page_totals([run_id])[run_id].counts
 
 

@@ -38,7 +38,10 @@ from flow_assets.flow import Flow, Handler
 from flow_assets.sources import FileSource
 from resources.counts import Counts
 from resources.errors import StoreUnavailableError
-from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.ledger.ledger import Ledger
+from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.records import RunRow
+from resources.live.counters import LiveCounters
 from resources.live.redis_counters import RedisCounters
 from sensors.finalizer import FinalizeReport, FlowPolicy, finalize_runs
 from tests.flowkit import (
@@ -227,7 +230,7 @@ def test_postgres_stopping_mid_tick_finalizes_nothing_wrongly(
     run_b = run_flow(defs, flow.name, instance).run_id
     # Redis loses run B's keys, so the finalizer logs a counter mismatch for B right before
     # writing B's final row: that log line is where PostgreSQL goes down.
-    RedisCounters(url=redis_url).delete_run(flow.name, run_b)
+    LiveCounters(url=redis_url).delete_run(flow.name, run_b)
     hook = StopPostgresOnLog(postgres_server, run_b)
     logger = logging.getLogger("sensors.finalizer")
     logger.addHandler(hook)
@@ -308,7 +311,7 @@ def prepare_race(
 def race_from_subprocess(database_url: str, redis_url: str, ready: str, out: str) -> None:
     """Subprocess entry: connect everything, signal ready, wait for a line on stdin (go),
     finalize once, write the report."""
-    store, counters = MetricsStore(url=database_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     with dg.DagsterInstance.get() as instance:  # DAGSTER_HOME: the test's instance
         instance.get_runs(limit=1)
         store.running_runs(1)
@@ -406,7 +409,7 @@ class RacerProcess:
 def test_finalizers_racing_in_two_threads_and_two_processes_write_each_run_once(
     redis_url: str, database_url: str, instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
-    store, counters = MetricsStore(url=database_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     store.running_runs(1)  # creates the schema before the racer processes look at it
     # Started first, so that they import while the runs execute.
     processes = [RacerProcess.start(n, database_url, redis_url, tmp_path) for n in range(2)]
@@ -515,7 +518,7 @@ def test_a_failed_dagster_run_gives_failed_with_the_step_error_and_the_lost_jobs
         # with the handler's error.
         assert_final(row, "failed", Counts(15, 15, 0, 0, 12, 3))
         assert reason.startswith("Dagster run failed: ")
-        errors = {f.error for f in MetricsStore(url=database_url).job_failures(result.run_id)}
+        errors = {f.error for f in Ledger(url=database_url).job_failures(result.run_id)}
         assert errors == {
             "ConnectionError: orders service unreachable at " + secret.replace(PASSWORD, "***")
         }
@@ -587,7 +590,7 @@ def test_a_run_with_no_progress_past_its_deadline_gives_failed_stalled(
     [run] = instance.get_runs()
     assert run.status == dg.DagsterRunStatus.STARTED  # nobody is left to say it ended
     assert run_keys_left(redis_url) != []
-    store, counters = MetricsStore(url=sqlite_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=sqlite_url), LiveCounters(url=redis_url)
     flow_policies = policies(stalling_flow(data))
     now = datetime.now(timezone.utc)
 

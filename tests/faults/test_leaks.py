@@ -26,7 +26,9 @@ from flow_assets.sources import FileSource
 from flow_assets.sources.base import Page
 from resources.counts import Counts
 from resources.errors import RunFinalError
+from resources.ledger.ledger import Ledger
 from resources.ledger.metrics_store import MetricsStore
+from resources.live.counters import LiveCounters
 from resources.live.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_keys
 from resources.live.redis_counters import RedisCounters
 from sensors.cleanup import StrayRun
@@ -88,7 +90,7 @@ def test_every_run_key_has_a_ttl_while_running_and_none_is_left_after(
         keys = ttls(client)
         seen.append(keys)
         flow_name, run_id, _ = parse_run_key(next(iter(keys))) or ("", "", "")
-        reported.append(ttl_report(counters, flow_name, run_id))
+        reported.append(ttl_report(counters.counters(), flow_name, run_id))
 
     flow = leaky_flow(tmp_path, handler)
     defs = build_definitions(
@@ -154,7 +156,7 @@ def finished_run_with_stray_keys(
     before = row_of(database_url, run_id)
     assert before.flow_status == "partial_success" and run_keys_left(redis_url) == []
 
-    store, counters = MetricsStore(url=database_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     with pytest.raises(RunFinalError):  # nothing is recorded after the final write
         process_page(flow, run_id, Page(0, records(IDS[:PAGE_SIZE])), counters, store)
     counters.start_run(*FOREIGN)
@@ -210,7 +212,7 @@ def test_flowctl_cleanup_lists_then_removes_stray_keys_of_finished_runs(
 
 
 def test_keys_left_by_a_crashed_process_expire_by_their_ttl(redis_url: str) -> None:
-    counters = RedisCounters(url=redis_url, key_ttl_seconds=2)
+    counters = LiveCounters(url=redis_url, key_ttl_seconds=2)
     flow_name, run_id = "crashed", "run-whose-process-died"
     keys = run_keys(flow_name, run_id)
     counters.start_run(flow_name, run_id)

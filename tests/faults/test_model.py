@@ -5,7 +5,7 @@ against a small in-memory model. Nothing is faked; the handler (scripted by hypo
 the fixed pages are the test's own.
 
 Two steps of a run also interleave: each runs ``process_pages`` in its own thread, and
-wrappers around ``RedisCounters.claim_page`` and ``MetricsStore.record_pages`` (``Hooked*``)
+wrappers around ``LiveCounters.claim_page`` and ``Ledger.record_pages`` (``Hooked*``)
 hold it before each page claim and before its pre-write until a drawn schedule gives it the
 turn, with Redis lost (or not) just before each of those points. Only one thread runs at a
 time, so the order is the schedule's and the run is deterministic.
@@ -51,9 +51,10 @@ from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page, PageRef
 from resources.counts import Counts
 from resources.ledger import db
-from resources.ledger.metrics_store import MetricsStore, PageRecord, PageTotals
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import PageRecord, PageTotals
+from resources.live.counters import LiveCounters
 from resources.live.keys import run_key, run_keys
-from resources.live.redis_counters import RedisCounters
 from sensors.classify import RunSnapshot, RunState, Tolerance, classify
 from sensors.finalizer import FlowPolicy, finalize_runs
 from tests.counters_helpers import ttl_report
@@ -289,7 +290,7 @@ class Hooked:
 
 
 class HookedCounters(Hooked):
-    """``RedisCounters`` waiting for the step's turn before each page's first claim."""
+    """``LiveCounters`` waiting for the step's turn before each page's first claim."""
 
     def claim_page(self, flow: str, run_id: str, page_index: int, keys: Sequence[str]) -> Any:
         if page_index not in self._claimed:  # not the claim repeated after a rebuild
@@ -299,7 +300,7 @@ class HookedCounters(Hooked):
 
 
 class HookedStore(Hooked):
-    """``MetricsStore`` waiting for the step's turn before the pre-write."""
+    """``Ledger`` waiting for the step's turn before the pre-write."""
 
     def record_pages(self, run_id: str, pages: Sequence[PageRecord]) -> Any:
         self._turns.take(self._step, "prewrite")
@@ -309,8 +310,8 @@ class HookedStore(Hooked):
 class Services(NamedTuple):
     """The real things a machine runs on, built by the test's fixtures."""
 
-    store: MetricsStore
-    counters: RedisCounters
+    store: Ledger
+    counters: LiveCounters
     instance: dg.DagsterInstance
 
 
@@ -475,8 +476,8 @@ class AccountingMachine(RuleBasedStateMachine):
 
         def run(step: Step) -> None:
             self.plans.current = step.plan
-            counters = cast(RedisCounters, HookedCounters(self.counters, turns, step.name))
-            store = cast(MetricsStore, HookedStore(self.store, turns, step.name))
+            counters = cast(LiveCounters, HookedCounters(self.counters, turns, step.name))
+            store = cast(Ledger, HookedStore(self.store, turns, step.name))
             pages = [fresh_page(index) for index in step.pages]
             try:
                 outcomes[step.name] = process_pages(
@@ -612,8 +613,8 @@ MODEL_SETTINGS = settings(
 def services(redis_url: str, tmp_path: Path) -> Iterator[Services]:
     """A fresh SQLite ledger, the session's flushed Redis, an ephemeral Dagster instance."""
     with dg.DagsterInstance.ephemeral() as instance:
-        store = MetricsStore(url=f"sqlite:///{tmp_path / 'ledger.db'}")
-        yield Services(store, RedisCounters(url=redis_url), instance)
+        store = Ledger(url=f"sqlite:///{tmp_path / 'ledger.db'}")
+        yield Services(store, LiveCounters(url=redis_url), instance)
 
 
 def test_accounting_matches_the_model(services: Services) -> None:
@@ -686,10 +687,10 @@ def run_deep_batch(
     name = f"model_{uuid.uuid4().hex[:16]}"
     url = f"sqlite:///{sqlite_ledger}" if sqlite_ledger else server.create_database(name)
     try:
-        counters = RedisCounters(url=redis_url)
+        counters = LiveCounters(url=redis_url)
         counters.client().flushall()
         with dg.DagsterInstance.ephemeral() as instance:
-            store = MetricsStore(url=url)
+            store = Ledger(url=url)
             dialect = "sqlite" if sqlite_ledger else "postgresql"
             assert store.engine().dialect.name == dialect, store.redacted_url()
             machine = seed(batch_seed)(bind(Services(store, counters, instance), tally))

@@ -29,8 +29,11 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.page_step import LOST_MID_RUN
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore, RunRow
+from resources.ledger.ledger import Ledger
+from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.records import RunRow
 from resources.live import lua_pages
+from resources.live.counters import LiveCounters
 from resources.live.redis_counters import RedisCounters
 from tests.faults import fault_flows
 from tests.faults.fault_flows import (
@@ -118,7 +121,7 @@ def test_pages_failing_halfway_are_retried_and_pages_recorded_before_count_once(
     tests/services/test_page_step.py.)"""
     records = orders(RECORDS, PAGE)
     truth = ground_truth(records)
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     failing = (4, 10)
     attempts: Counter[int] = Counter()
     ledger_at_failure: dict[int, dict[int, Counts]] = {}
@@ -148,7 +151,7 @@ def test_pages_failing_halfway_are_retried_and_pages_recorded_before_count_once(
             assert before[other].pending == before[other].dispatched > 0
         assert attempts[page - 1] == attempts[page] == 2  # the chunk's pages ran again
     assert {p: n for p, n in attempts.items() if n != 1} == {3: 2, 4: 2, 9: 2, 10: 2}
-    live = RedisCounters(url=redis_url).totals(FLOW, result.run_id)
+    live = LiveCounters(url=redis_url).totals(FLOW, result.run_id)
     assert live == ledger_totals(store, result.run_id) == truth  # Redis counted pages once
 
     tick(defs, instance)
@@ -220,7 +223,7 @@ def test_a_sigkilled_page_step_is_reexecuted_from_failure_and_counted_once(
         reconstructor_working_directory=str(REPO_ROOT),
     )
     defs = fault_flows.build_definitions(**kwargs)
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
 
     with dg.execute_job(job, instance=instance, run_config=MULTIPROCESS) as crashed:
         assert not crashed.success
@@ -308,8 +311,8 @@ def test_redis_losing_the_run_mid_run_and_before_finalization(
     final row is computed from the SQL ledger and both losses are recorded."""
     records = orders(RECORDS, PAGE)
     truth = ground_truth(records)
-    store = MetricsStore(url=database_url)
-    counters = RedisCounters(url=redis_url)
+    store = Ledger(url=database_url)
+    counters = LiveCounters(url=redis_url)
     live_after_loss: list[Counts | None] = []
     live_vs_ledger: list[tuple[Counts | None, Counts]] = []
 
@@ -419,8 +422,8 @@ def test_script_flush_between_pages_reloads_the_scripts_and_loses_nothing(
         assert client.script_exists(*shas) == [False, True]  # the last step's records
     finally:
         client.close()
-    store = MetricsStore(url=database_url)
-    assert RedisCounters(url=redis_url).totals(FLOW, result.run_id) == truth
+    store = Ledger(url=database_url)
+    assert LiveCounters(url=redis_url).totals(FLOW, result.run_id) == truth
     assert ledger_totals(store, result.run_id) == truth
 
     tick(defs, instance)

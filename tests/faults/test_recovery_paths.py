@@ -25,8 +25,8 @@ from flow_assets.dispatch import JobBatch
 from flow_assets.flow import Flow
 from flow_assets.sources import FileSource
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 from sensors.finalizer import finalize_runs
 from tests.faults import recovery_flows
 from tests.flowkit import (
@@ -138,7 +138,7 @@ def test_a_reexecution_from_failure_that_cannot_reach_unstarted_pages_is_not_fin
     kwargs = _job_kwargs(tmp_path, sqlite_url, redis_url, fault)
     defs = recovery_flows.build_definitions(**kwargs)
     root = _interrupted_run(kwargs, instance, tmp_path).run_id
-    store = MetricsStore(url=sqlite_url)
+    store = Ledger(url=sqlite_url)
     missing = store.missing_pages(root)
     assert missing and 11 in missing  # the last steps never started
 
@@ -210,9 +210,9 @@ def test_a_run_is_decided_by_its_own_flows_policy_whichever_code_location_ticks(
 
     # A row of an older release (no recorded policy) of a flow B does not define: B's
     # finalizer leaves it to its own code location, and says so.
-    store = MetricsStore(url=postgres_url)
+    store = Ledger(url=postgres_url)
     store.start_run("legacy-run", "tolerant", None, datetime.now(timezone.utc))
-    report = finalize_runs(instance, store, RedisCounters(url=redis_url), {})
+    report = finalize_runs(instance, store, LiveCounters(url=redis_url), {})
     assert report.not_ours == ["legacy-run"] and "not defined" in report.waiting["legacy-run"]
     assert "left to their own code location: 1" in report.summary()
     assert row_of(postgres_url, "legacy-run").flow_status == "running"
@@ -239,7 +239,7 @@ def test_a_handler_working_past_the_deadline_keeps_its_run_alive(
         deadline=deadline,
     )
     defs = make_defs([flow], redis_url, postgres_url)
-    store, counters = MetricsStore(url=postgres_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=postgres_url), LiveCounters(url=redis_url)
     verdicts: list[dict[str, str]] = []
     done = threading.Event()
 
@@ -288,7 +288,7 @@ def test_a_run_declared_stalled_is_decided_again_when_its_dagster_run_ends(
         deadline=timedelta(minutes=5),
     )
     defs = make_defs([flow], redis_url, postgres_url)
-    store, counters = MetricsStore(url=postgres_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=postgres_url), LiveCounters(url=redis_url)
     results: list[dg.ExecuteInProcessResult] = []
     runner = threading.Thread(target=lambda: results.append(run_flow(defs, flow.name, instance)))
     runner.start()

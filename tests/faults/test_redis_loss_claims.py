@@ -3,7 +3,7 @@ of a step, and between a step's claims and its ledger pre-write while another st
 real Redis and a real PostgreSQL or SQLite ledger, through the real ``process_pages`` and the
 real finalizer (an ephemeral Dagster instance).
 
-What is wrapped, and why: ``RedisCounters.claim_page``, by ``FlushAfterClaim``, which runs a
+What is wrapped, and why: ``LiveCounters.claim_page``, by ``FlushAfterClaim``, which runs a
 fault right after the Nth claim of one step returns. A step claims its pages one after the
 other and pre-writes them all afterwards (``process_pages``), so that is the only place to
 put a fault between two claims, or between the last claim and the pre-write, without
@@ -34,8 +34,8 @@ from flow_assets.flow import Flow
 from flow_assets.page_step import LOST_MID_RUN, process_pages
 from flow_assets.sources.base import Page
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 from sensors.finalizer import FlowPolicy, finalize_runs
 from tests.dagster import rq_flows
 from tests.flowkit import NoSource
@@ -79,10 +79,10 @@ def build_pages() -> list[list[str]]:
 
 
 class FlushAfterClaim:
-    """``RedisCounters`` as ``process_pages`` uses it; after the Nth ``claim_page`` call
+    """``LiveCounters`` as ``process_pages`` uses it; after the Nth ``claim_page`` call
     returns (N counted from 1, a repeat after a rebuild included), its fault runs."""
 
-    def __init__(self, counters: RedisCounters, faults: dict[int, Callable[[], object]]) -> None:
+    def __init__(self, counters: LiveCounters, faults: dict[int, Callable[[], object]]) -> None:
         self._counters, self._faults, self.calls = counters, faults, 0
 
     def claim_page(self, *args: Any, **kwargs: Any) -> list[bool] | None:
@@ -97,7 +97,7 @@ class FlushAfterClaim:
 
 
 def run_the_faulty_steps(
-    flow: Flow, run_id: str, pages: Sequence[Page], counters: RedisCounters, store: MetricsStore
+    flow: Flow, run_id: str, pages: Sequence[Page], counters: LiveCounters, store: Ledger
 ) -> None:
     """The run's four steps, FLUSHALL between the claims of pages 0 and 1, and between the
     claims and the pre-write of pages 4-7 while the step of pages 8-11 runs whole."""
@@ -105,7 +105,7 @@ def run_the_faulty_steps(
 
     def step(chunk: Sequence[Page], faults: dict[int, Callable[[], object]]) -> None:
         hooked = FlushAfterClaim(counters, faults)
-        process_pages(flow, run_id, chunk, cast(RedisCounters, hooked), store)
+        process_pages(flow, run_id, chunk, cast(LiveCounters, hooked), store)
         assert not faults, f"faults never ran: {sorted(faults)}"
 
     def second_fault() -> None:
@@ -134,7 +134,7 @@ def ephemeral_instance() -> Iterator[dg.DagsterInstance]:
 def test_no_key_reaches_the_handler_twice_when_redis_is_flushed_mid_step(
     dedup: str, redis_url: str, database_url: str, ephemeral_instance: dg.DagsterInstance
 ) -> None:
-    store, counters = MetricsStore(url=database_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     handled: Counter[str] = Counter()
 
     def handler(batch: JobBatch) -> None:
@@ -175,7 +175,7 @@ def test_no_key_is_enqueued_for_two_pages_when_redis_is_flushed_mid_step(
     redis_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """dispatch="rq": the same faults; each key goes to the queue for one page only."""
-    store, counters = MetricsStore(url=database_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     enqueued: Counter[str] = Counter()
     enqueue = page_step.enqueue_jobs
 
@@ -205,7 +205,7 @@ def test_a_retry_of_the_ledger_owner_dispatches_its_keys_again(
     """Redis gave key k to pages 0 and 1 after losing the run; the ledger gave it to page 0.
     Redis is realigned with the ledger, so page 0's retry (its handler crashed) owns k again
     in Redis and dispatches it, and page 1's retry still skips it."""
-    store, counters = MetricsStore(url=database_url), RedisCounters(url=redis_url)
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     crash = {"on": True}
     handled: list[list[str]] = []
 
@@ -223,7 +223,7 @@ def test_a_retry_of_the_ledger_owner_dispatches_its_keys_again(
 
     # Both pages in one step: the flush comes between their claims; page 0 crashes.
     with pytest.raises(HandlerError, match="downstream went away"):
-        process_pages(flow, run_id, [page0, page1], cast(RedisCounters, hooked), store)
+        process_pages(flow, run_id, [page0, page1], cast(LiveCounters, hooked), store)
     crash["on"] = False
     process_pages(flow, run_id, [page0, page1], counters, store)
 

@@ -16,16 +16,16 @@ from flow_assets.errors import FlowDefinitionError, HandlerError
 from flow_assets.flow import Flow
 from flow_assets.sources.base import Page
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
 from resources.ledger.schema import flow_dispatched_keys
-from resources.live.redis_counters import RedisCounters
+from resources.live.counters import LiveCounters
 from tests.flowkit import NoSource
 from tests.ledger_helpers import process_page
 
 FLOW = "orders"
 
 
-def owners(store: MetricsStore, flow: str = FLOW) -> dict[str, tuple[str, int]]:
+def owners(store: Ledger, flow: str = FLOW) -> dict[str, tuple[str, int]]:
     table = flow_dispatched_keys
     stmt = select(table.c.record_key, table.c.run_id, table.c.page_index).where(
         table.c.flow_name == flow
@@ -34,7 +34,7 @@ def owners(store: MetricsStore, flow: str = FLOW) -> dict[str, tuple[str, int]]:
         return {key: (run_id, page) for key, run_id, page in conn.execute(stmt)}
 
 
-def test_new_keys_are_claimed_and_stay_their_runs(store: MetricsStore) -> None:
+def test_new_keys_are_claimed_and_stay_their_runs(store: Ledger) -> None:
     assert store.claim_flow_keys(FLOW, "run-a", 0, ["a", "b", "c"]) == [True, True, True]
 
     # The same page again (a retry) owns them still; a new key joins.
@@ -55,12 +55,12 @@ def test_new_keys_are_claimed_and_stay_their_runs(store: MetricsStore) -> None:
     }
 
 
-def test_a_key_repeated_in_one_call_counts_at_its_first_place(store: MetricsStore) -> None:
+def test_a_key_repeated_in_one_call_counts_at_its_first_place(store: Ledger) -> None:
     assert store.claim_flow_keys(FLOW, "run-a", 0, ["a", "a", "b"]) == [True, False, True]
     assert store.claim_flow_keys(FLOW, "run-a", 0, []) == []
 
 
-def test_a_page_larger_than_one_insert_batch(store: MetricsStore) -> None:
+def test_a_page_larger_than_one_insert_batch(store: Ledger) -> None:
     keys = [f"k{i:05d}" for i in range(12_000)]
     assert store.claim_flow_keys(FLOW, "run-a", 0, keys[:7000]) == [True] * 7000
     flags = store.claim_flow_keys(FLOW, "run-b", 3, keys)
@@ -68,7 +68,7 @@ def test_a_page_larger_than_one_insert_batch(store: MetricsStore) -> None:
     assert len(owners(store)) == 12_000
 
 
-def test_concurrent_runs_each_key_is_owned_exactly_once(store: MetricsStore) -> None:
+def test_concurrent_runs_each_key_is_owned_exactly_once(store: Ledger) -> None:
     """Four runs claim the same 300 keys at once, in different orders and page splits."""
     store.claim_flow_keys(FLOW, "warm-up", 0, ["w"])  # migrate before the race
     keys = [f"k{i:03d}" for i in range(300)]
@@ -112,9 +112,9 @@ def page_of(index: int, ids: list[object]) -> Page:
 
 
 def test_the_page_step_skips_keys_of_other_runs_and_keeps_its_own(
-    store: MetricsStore, redis_url: str
+    store: Ledger, redis_url: str
 ) -> None:
-    counters = RedisCounters(url=redis_url)
+    counters = LiveCounters(url=redis_url)
     attempts: list[list[str]] = []
 
     def handler(batch: JobBatch) -> None:

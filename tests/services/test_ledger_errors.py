@@ -19,7 +19,8 @@ from sqlalchemy.engine import make_url
 from resources.counts import Counts
 from resources.errors import StoreError, StoreUnavailableError
 from resources.ledger import db
-from resources.ledger.metrics_store import MetricsStore, PageRecord
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import PageRecord
 
 pytestmark = pytest.mark.services
 
@@ -57,7 +58,7 @@ def test_a_lock_timeout_while_recording_pages_quotes_no_record_key(
     database = make_url(postgres_url).database
     with admin.begin() as conn:
         conn.execute(sa.text(f"ALTER DATABASE \"{database}\" SET lock_timeout = '300ms'"))
-    store = MetricsStore(url=postgres_url)
+    store = Ledger(url=postgres_url)
     store.start_run("run-1", "orders", None, T0)
     with admin.connect() as holder, holder.begin():
         holder.execute(sa.text("SELECT 1 FROM flow_metrics WHERE run_id = 'run-1' FOR UPDATE"))
@@ -73,7 +74,7 @@ def test_a_lock_timeout_while_recording_pages_quotes_no_record_key(
 
 def test_pages_of_an_unknown_run_quote_no_record_key(database_url: str) -> None:
     """The foreign key refuses the page rows: the caller's ValueError, chained to nothing."""
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     with pytest.raises(ValueError, match="Call start_run") as raised:
         store.record_pages("never-started", [page(KEYS)])
     assert_shows_no_record(raised.value)
@@ -85,7 +86,7 @@ def test_pages_of_an_unknown_run_quote_no_record_key(database_url: str) -> None:
 def test_any_failed_statement_is_a_store_error_with_the_driver_s_message_masked(
     database_url: str,
 ) -> None:
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     store.start_run("run-1", "orders", None, T0)
     statement = sa.text("SELECT * FROM no_such_table WHERE record_key = :key")
     with (
@@ -110,7 +111,7 @@ def test_any_failed_statement_is_a_store_error_with_the_driver_s_message_masked(
 def test_a_connection_lost_mid_transaction_is_store_unavailable(
     postgres_url: str, admin: sa.Engine
 ) -> None:
-    store = MetricsStore(url=postgres_url)
+    store = Ledger(url=postgres_url)
     store.start_run("run-1", "orders", None, T0)
     with (
         pytest.raises(StoreUnavailableError, match="lost its connection") as raised,

@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from resources.counts import Counts
 from resources.errors import ConfigurationError
 from resources.ledger import db, migrations
-from resources.ledger.metrics_store import MetricsStore, PageRecord, RejectedRecord
+from resources.ledger.ledger import Ledger
+from resources.ledger.records import PageRecord, RejectedRecord
 from resources.ledger.schema import FINAL_STATUSES, VERSION_TABLE, metadata
 from tests.ledger_helpers import finalize
 
@@ -24,22 +25,22 @@ T0 = datetime(2025, 1, 6, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def store(database_url: str) -> MetricsStore:
-    return MetricsStore(url=database_url, auto_migrate=False)
+def store(database_url: str) -> Ledger:
+    return Ledger(url=database_url, auto_migrate=False)
 
 
-def _statuses(store: MetricsStore) -> dict[str, str]:
+def _statuses(store: Ledger) -> dict[str, str]:
     with store.engine().connect() as conn:
         rows = conn.execute(text("SELECT run_id, flow_status FROM flow_metrics"))
         return {run_id: status for run_id, status in rows}
 
 
-def _count(store: MetricsStore, table: str) -> int:
+def _count(store: Ledger, table: str) -> int:
     with store.engine().connect() as conn:
         return int(conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
 
 
-def _fill_every_status(store: MetricsStore) -> None:
+def _fill_every_status(store: Ledger) -> None:
     """One run per status, each with a page row; partial_success also has a reject."""
     page = PageRecord(
         0,
@@ -56,7 +57,7 @@ def _fill_every_status(store: MetricsStore) -> None:
             finalize(store, run_id, status=status, counts=page.counts, pages_done=1, finished_at=T0)
 
 
-def test_upgrade_downgrade_upgrade_keeps_every_row(store: MetricsStore) -> None:
+def test_upgrade_downgrade_upgrade_keeps_every_row(store: Ledger) -> None:
     assert store.current_revision() is None
     store.upgrade()
     _fill_every_status(store)
@@ -93,7 +94,7 @@ def test_upgrade_downgrade_upgrade_keeps_every_row(store: MetricsStore) -> None:
     )
 
 
-def test_head_schema_matches_schema_py(store: MetricsStore) -> None:
+def test_head_schema_matches_schema_py(store: Ledger) -> None:
     store.upgrade()
 
     with store.engine().connect() as conn:
@@ -108,7 +109,7 @@ def test_head_schema_matches_schema_py(store: MetricsStore) -> None:
     assert "published_at IS NULL" in wheres["ix_flow_metrics_unpublished"]
 
 
-def test_downgrade_to_base_removes_only_our_tables(store: MetricsStore) -> None:
+def test_downgrade_to_base_removes_only_our_tables(store: Ledger) -> None:
     store.upgrade()
     with store.engine().begin() as conn:
         conn.execute(text("CREATE TABLE someone_elses (id INTEGER PRIMARY KEY)"))
@@ -122,7 +123,7 @@ def test_downgrade_to_base_removes_only_our_tables(store: MetricsStore) -> None:
     assert store.current_revision() == migrations.head_revision()
 
 
-def test_an_unknown_or_wrong_way_revision_is_a_configuration_error(store: MetricsStore) -> None:
+def test_an_unknown_or_wrong_way_revision_is_a_configuration_error(store: Ledger) -> None:
     store.upgrade("0002")
 
     with pytest.raises(ConfigurationError, match="'nonsense'"):
@@ -152,14 +153,14 @@ def test_concurrent_upgrades_of_an_empty_database_both_succeed(database_url: str
     assert not any(thread.is_alive() for thread in threads)
 
     assert errors == []
-    assert MetricsStore(url=database_url).current_revision() == migrations.head_revision()
+    assert Ledger(url=database_url).current_revision() == migrations.head_revision()
 
 
-def test_a_database_from_a_newer_release_is_a_configuration_error(store: MetricsStore) -> None:
+def test_a_database_from_a_newer_release_is_a_configuration_error(store: Ledger) -> None:
     store.upgrade()
     with store.engine().begin() as conn:
         conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999_future'"))
     db.dispose_engines()  # forget that this process already checked the schema
 
     with pytest.raises(ConfigurationError, match="newer release"):
-        MetricsStore(url=store.url).runs()
+        Ledger(url=store.url).runs()

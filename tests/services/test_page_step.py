@@ -16,8 +16,8 @@ from flow_assets.flow import Flow
 from flow_assets.page_step import process_pages
 from flow_assets.sources.base import Page
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
-from resources.live.redis_counters import RedisCounters
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 from tests.flowkit import NoSource
 
 pytestmark = pytest.mark.services
@@ -53,9 +53,9 @@ def failing_on(page_index: int, error: BaseException) -> Callable[[JobBatch], No
     return handler
 
 
-def setup(store: MetricsStore, redis_url: str) -> tuple[str, RedisCounters]:
+def setup(store: Ledger, redis_url: str) -> tuple[str, LiveCounters]:
     run_id = f"run-{uuid.uuid4().hex[:8]}"
-    counters = RedisCounters(url=redis_url)
+    counters = LiveCounters(url=redis_url)
     store.start_run(run_id, FLOW, None, datetime.now(timezone.utc))
     counters.start_run(FLOW, run_id)
     return run_id, counters
@@ -65,12 +65,12 @@ def flow_with(handler: Callable[[JobBatch], None]) -> Flow:
     return Flow(name=FLOW, source=NoSource(), key="id", handler=handler)
 
 
-def assert_redis_mirrors_ledger(store: MetricsStore, counters: RedisCounters, run_id: str) -> None:
+def assert_redis_mirrors_ledger(store: Ledger, counters: LiveCounters, run_id: str) -> None:
     assert counters.totals(FLOW, run_id) == store.page_totals([run_id])[run_id].counts
 
 
 def test_an_error_on_a_retried_attempt_records_the_pages_before_it_and_leaves_the_rest_pending(
-    store: MetricsStore, redis_url: str
+    store: Ledger, redis_url: str
 ) -> None:
     run_id, counters = setup(store, redis_url)
     flow = flow_with(failing_on(1, ConnectionError("downstream went away")))
@@ -93,7 +93,7 @@ def test_an_error_on_a_retried_attempt_records_the_pages_before_it_and_leaves_th
 
 
 def test_an_error_on_the_final_attempt_fails_that_pages_jobs_and_still_runs_the_others(
-    store: MetricsStore, redis_url: str
+    store: Ledger, redis_url: str
 ) -> None:
     run_id, counters = setup(store, redis_url)
     ran: list[int] = []
@@ -115,7 +115,7 @@ def test_an_error_on_the_final_attempt_fails_that_pages_jobs_and_still_runs_the_
 
 
 def test_a_final_attempt_error_before_any_ack_fails_the_pages_pending_jobs(
-    store: MetricsStore, redis_url: str
+    store: Ledger, redis_url: str
 ) -> None:
     run_id, counters = setup(store, redis_url)
 
@@ -136,7 +136,7 @@ def test_a_final_attempt_error_before_any_ack_fails_the_pages_pending_jobs(
 
 
 def test_a_crash_inside_a_handler_leaves_the_whole_step_pending(
-    store: MetricsStore, redis_url: str
+    store: Ledger, redis_url: str
 ) -> None:
     run_id, counters = setup(store, redis_url)
 

@@ -29,9 +29,9 @@ from flow_assets.sources.files import FileSource
 from flow_assets.sources.sql import SqlSource
 from resources.errors import ConfigurationError
 from resources.ledger import db
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 from resources.live.embedded_redis import configured_redis_url
-from resources.live.redis_counters import RedisCounters
 from resources.redaction import redact_text, redact_url, userinfo_problem
 
 # Rare letters, none of them a hex digit (run ids and hashes are hex): lower case for
@@ -128,10 +128,10 @@ def test_a_malformed_redis_url_fails_at_load_without_any_fragment(
     with env("FLOW_REDIS_URL", url):
         errors = [
             load_error(lambda: build_definitions([a_flow()])),  # the definitions' load
-            load_error(lambda: RedisCounters().client()),
+            load_error(lambda: LiveCounters().client()),
             load_error(lambda: configured_redis_url()),
         ]
-    errors.append(load_error(lambda: RedisCounters(url=url).redacted_url()))
+    errors.append(load_error(lambda: LiveCounters(url=url).redacted_url()))
 
     for error in errors:
         assert_names_setting_and_fix(error, "FLOW_REDIS_URL")
@@ -158,10 +158,10 @@ def test_a_malformed_database_url_fails_at_load_without_any_fragment(
     with env("FLOW_DATABASE_URL", url):
         errors = [
             load_error(lambda: build_definitions([a_flow()])),
-            load_error(lambda: MetricsStore().resolved_url()),
-            load_error(lambda: MetricsStore().redacted_url()),
+            load_error(lambda: Ledger().resolved_url()),
+            load_error(lambda: Ledger().redacted_url()),
         ]
-    direct = load_error(lambda: MetricsStore(url=url).resolved_url())
+    direct = load_error(lambda: Ledger(url=url).resolved_url())
 
     for error in errors:
         assert_names_setting_and_fix(error, "FLOW_DATABASE_URL")
@@ -184,7 +184,7 @@ def test_the_same_redis_password_percent_encoded_reaches_the_client_exactly(
 ) -> None:
     url = f"{scheme}://app:{quote(password, safe='')}@cache.internal:6379/0"
 
-    counters = RedisCounters(url=url)
+    counters = LiveCounters(url=url)
     client = counters.client()
     try:
         kwargs = client.connection_pool.connection_kwargs
@@ -205,7 +205,7 @@ def test_the_same_database_password_percent_encoded_reaches_the_driver_exactly(
     url = f"postgresql://app:{quote(password, safe='')}@db.internal:5432/flows"
 
     with env("FLOW_DATABASE_URL", url):
-        store = MetricsStore()
+        store = Ledger()
         engine_url = store.engine().url
         assert (engine_url.username, engine_url.password) == ("app", password)
         assert engine_url.drivername == "postgresql+psycopg"
@@ -216,7 +216,7 @@ def test_the_same_database_password_percent_encoded_reaches_the_driver_exactly(
 def test_colons_in_a_password_are_unambiguous_and_accepted() -> None:
     url = "redis://app:qzx:jkv:wqz@cache.internal:6379/0"
     assert userinfo_problem(url) is None
-    client = RedisCounters(url=url).client()
+    client = LiveCounters(url=url).client()
     try:
         assert client.connection_pool.connection_kwargs["password"] == "qzx:jkv:wqz"
     finally:

@@ -1,4 +1,4 @@
-"""RedisCounters and the embedded server against real redis-server processes; nothing faked."""
+"""LiveCounters and the embedded server against real redis-server processes; nothing faked."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from devservers import free_port
 from resources.counts import COUNT_FIELDS, Counts
 from resources.errors import ConfigurationError, CountersUnavailableError
 from resources.live import lua, lua_pages, lua_rq
+from resources.live.counters import LiveCounters
 from resources.live.embedded_redis import ensure_embedded_redis, socket_path, stop_embedded_redis
 from resources.live.keys import ALL_RUN_KEYS_PATTERN, run_key, run_keys
 from resources.live.redis_counters import RedisCounters
@@ -36,12 +37,12 @@ def new_run_id() -> str:
 
 
 @pytest.fixture
-def counters(redis_url: str) -> RedisCounters:
-    return RedisCounters(url=redis_url)
+def counters(redis_url: str) -> LiveCounters:
+    return LiveCounters(url=redis_url)
 
 
 @pytest.fixture
-def run_id(counters: RedisCounters) -> str:
+def run_id(counters: LiveCounters) -> str:
     run_id = new_run_id()
     counters.start_run(FLOW, run_id)
     return run_id
@@ -54,22 +55,22 @@ def all_run_keys(client: redis.Redis) -> list[str]:
 # ----------------------------------------------------------------------------- claims
 
 
-def test_new_keys_are_owned(counters: RedisCounters, run_id: str) -> None:
+def test_new_keys_are_owned(counters: LiveCounters, run_id: str) -> None:
     assert counters.claim_page(FLOW, run_id, 0, ["a", "b", "c"]) == [True, True, True]
 
 
-def test_key_of_another_page_is_a_duplicate(counters: RedisCounters, run_id: str) -> None:
+def test_key_of_another_page_is_a_duplicate(counters: LiveCounters, run_id: str) -> None:
     counters.claim_page(FLOW, run_id, 0, ["a", "b"])
     assert counters.claim_page(FLOW, run_id, 1, ["b", "c"]) == [False, True]
 
 
 def test_key_twice_on_one_page_is_a_duplicate_the_second_time(
-    counters: RedisCounters, run_id: str
+    counters: LiveCounters, run_id: str
 ) -> None:
     assert counters.claim_page(FLOW, run_id, 0, ["a", "b", "a", "a"]) == [True, True, False, False]
 
 
-def test_retried_page_owns_its_keys_again(counters: RedisCounters, run_id: str) -> None:
+def test_retried_page_owns_its_keys_again(counters: LiveCounters, run_id: str) -> None:
     first = counters.claim_page(FLOW, run_id, 0, ["a", "b", "a"])
     counters.claim_page(FLOW, run_id, 1, ["b", "c"])
     # The retry sees exactly what the first attempt saw, within-page duplicate included.
@@ -78,7 +79,7 @@ def test_retried_page_owns_its_keys_again(counters: RedisCounters, run_id: str) 
 
 
 def test_a_page_larger_than_the_scripts_command_chunks_claims_exactly(
-    counters: RedisCounters, run_id: str, redis_url: str
+    counters: LiveCounters, run_id: str, redis_url: str
 ) -> None:
     # 2,600 keys: more than two of the script's 1,000-key HMGET/HSET chunks, with keys of
     # page 0 and repeats within the page spread over every chunk.
@@ -95,7 +96,7 @@ def test_a_page_larger_than_the_scripts_command_chunks_claims_exactly(
 
 
 def test_keys_with_any_characters_are_claimed_as_the_exact_strings(
-    counters: RedisCounters, run_id: str, redis_url: str
+    counters: LiveCounters, run_id: str, redis_url: str
 ) -> None:
     # The keys travel as one JSON argument: what lands in Redis must be each key's exact
     # UTF-8 bytes, as a rebuild from the ledger writes them.
@@ -107,18 +108,18 @@ def test_keys_with_any_characters_are_claimed_as_the_exact_strings(
     client.close()
 
 
-def test_empty_page_claims_nothing(counters: RedisCounters, run_id: str) -> None:
+def test_empty_page_claims_nothing(counters: LiveCounters, run_id: str) -> None:
     assert counters.claim_page(FLOW, run_id, 3, []) == []
 
 
-def test_claims_are_per_run(counters: RedisCounters, run_id: str) -> None:
+def test_claims_are_per_run(counters: LiveCounters, run_id: str) -> None:
     other = new_run_id()
     counters.start_run(FLOW, other)
     counters.claim_page(FLOW, run_id, 0, ["a"])
     assert counters.claim_page(FLOW, other, 1, ["a"]) == [True]
 
 
-def test_record_keys_may_hold_any_characters(counters: RedisCounters, run_id: str) -> None:
+def test_record_keys_may_hold_any_characters(counters: LiveCounters, run_id: str) -> None:
     keys = ["a,b", "*", "{x}", "é", "line\nbreak", ""]
     assert counters.claim_page(FLOW, run_id, 0, keys) == [True] * len(keys)
     assert counters.claim_page(FLOW, run_id, 1, keys) == [False] * len(keys)
@@ -126,7 +127,7 @@ def test_record_keys_may_hold_any_characters(counters: RedisCounters, run_id: st
 
 @pytest.mark.parametrize("page_index", [-1, 1.5, "2", True])
 def test_page_index_must_be_a_non_negative_int(
-    counters: RedisCounters, run_id: str, page_index: object
+    counters: LiveCounters, run_id: str, page_index: object
 ) -> None:
     with pytest.raises(ValueError, match="page index"):
         counters.claim_page(FLOW, run_id, page_index, ["a"])  # type: ignore[arg-type]
@@ -135,14 +136,14 @@ def test_page_index_must_be_a_non_negative_int(
 # ------------------------------------------------------------------------------ pages
 
 
-def test_same_page_recorded_twice_counts_once(counters: RedisCounters, run_id: str) -> None:
+def test_same_page_recorded_twice_counts_once(counters: LiveCounters, run_id: str) -> None:
     page = Counts(source=3, dispatched=2, skipped=1, completed=2)
     assert record_page(counters, FLOW, run_id, 0, page)
     assert record_page(counters, FLOW, run_id, 0, page)
     assert counters.totals(FLOW, run_id) == page
 
 
-def test_a_page_replaces_its_earlier_counts(counters: RedisCounters, run_id: str) -> None:
+def test_a_page_replaces_its_earlier_counts(counters: LiveCounters, run_id: str) -> None:
     record_page(counters, FLOW, run_id, 0, Counts(source=5, dispatched=5, failed=5))
     record_page(counters, FLOW, run_id, 1, Counts(source=2, dispatched=2, completed=1))
     record_page(counters, FLOW, run_id, 0, Counts(source=4, dispatched=3, rejected=1, completed=3))
@@ -151,12 +152,12 @@ def test_a_page_replaces_its_earlier_counts(counters: RedisCounters, run_id: str
     )
 
 
-def test_totals_are_zero_before_any_page(counters: RedisCounters, run_id: str) -> None:
+def test_totals_are_zero_before_any_page(counters: LiveCounters, run_id: str) -> None:
     assert counters.totals(FLOW, run_id) == Counts()
 
 
 def test_negative_counts_are_refused_and_nothing_is_written(
-    counters: RedisCounters, run_id: str
+    counters: LiveCounters, run_id: str
 ) -> None:
     with pytest.raises(ValueError, match="negative counts"):
         record_page(counters, FLOW, run_id, 0, Counts(source=1, failed=-1))
@@ -173,7 +174,7 @@ def test_negative_counts_are_refused_and_nothing_is_written(
     )
 )
 def test_totals_are_the_sum_of_each_pages_latest_counts(
-    counters: RedisCounters, writes: list[tuple[int, list[int]]]
+    counters: LiveCounters, writes: list[tuple[int, list[int]]]
 ) -> None:
     run_id = new_run_id()
     counters.start_run(FLOW, run_id)
@@ -235,7 +236,7 @@ def test_scripts_are_registered_once_per_client(redis_url: str) -> None:
 
 
 def test_every_run_key_has_a_ttl_after_each_operation(redis_url: str) -> None:
-    counters = RedisCounters(url=redis_url, key_ttl_seconds=600)
+    counters = LiveCounters(url=redis_url, key_ttl_seconds=600)
     run_id = new_run_id()
     operations = [
         lambda: counters.start_run(FLOW, run_id),
@@ -254,7 +255,7 @@ def test_every_run_key_has_a_ttl_after_each_operation(redis_url: str) -> None:
     assert sorted(report) == sorted(run_keys(FLOW, run_id))
 
 
-def test_writes_refresh_the_ttl(counters: RedisCounters, run_id: str) -> None:
+def test_writes_refresh_the_ttl(counters: LiveCounters, run_id: str) -> None:
     client = counters.client()
     for key in run_keys(FLOW, run_id):
         client.expire(key, 5)
@@ -263,7 +264,7 @@ def test_writes_refresh_the_ttl(counters: RedisCounters, run_id: str) -> None:
     assert min(ttl_report(counters, FLOW, run_id).values()) > 5
 
 
-def test_delete_run_leaves_no_key(counters: RedisCounters, run_id: str) -> None:
+def test_delete_run_leaves_no_key(counters: LiveCounters, run_id: str) -> None:
     other = new_run_id()
     counters.start_run(FLOW, other)
     counters.claim_page(FLOW, run_id, 0, ["a"])
@@ -274,7 +275,7 @@ def test_delete_run_leaves_no_key(counters: RedisCounters, run_id: str) -> None:
     assert counters.delete_run(FLOW, run_id) == 0
 
 
-def test_stray_runs_finds_every_run_with_keys(counters: RedisCounters) -> None:
+def test_stray_runs_finds_every_run_with_keys(counters: LiveCounters) -> None:
     runs = sorted([(FLOW, new_run_id()), (FLOW, new_run_id()), ("billing", new_run_id())])
     for flow, run_id in runs:
         counters.start_run(flow, run_id)
@@ -289,9 +290,7 @@ def test_stray_runs_finds_every_run_with_keys(counters: RedisCounters) -> None:
 
 
 @pytest.mark.faults
-def test_lost_state_is_reported_and_nothing_is_written(
-    counters: RedisCounters, run_id: str
-) -> None:
+def test_lost_state_is_reported_and_nothing_is_written(counters: LiveCounters, run_id: str) -> None:
     counters.claim_page(FLOW, run_id, 0, ["a"])
     counters.client().flushall()
     assert counters.claim_page(FLOW, run_id, 1, ["b"]) is None
@@ -302,7 +301,7 @@ def test_lost_state_is_reported_and_nothing_is_written(
 
 @pytest.mark.faults
 def test_rebuild_after_flushall_restores_exact_totals_and_claims(
-    counters: RedisCounters, run_id: str
+    counters: LiveCounters, run_id: str
 ) -> None:
     page0, page1 = Counts(3, 2, 1, 0, 2, 0), Counts(2, 1, 0, 1, 0, 1)
     counters.claim_page(FLOW, run_id, 0, ["a", "b", "a"])
@@ -321,7 +320,7 @@ def test_rebuild_after_flushall_restores_exact_totals_and_claims(
     assert counters.totals(FLOW, run_id) == page0 + page1
 
 
-def test_rebuild_in_chunks_keeps_every_claim(counters: RedisCounters) -> None:
+def test_rebuild_in_chunks_keeps_every_claim(counters: LiveCounters) -> None:
     run_id = new_run_id()
     claims = {f"r{i}": i % 7 for i in range(2500)}
     assert counters.rebuild(FLOW, run_id, claims, {})
@@ -331,7 +330,7 @@ def test_rebuild_in_chunks_keeps_every_claim(counters: RedisCounters) -> None:
     assert counters.totals(FLOW, run_id) == Counts()
 
 
-def test_rebuild_skips_present_state_unless_forced(counters: RedisCounters, run_id: str) -> None:
+def test_rebuild_skips_present_state_unless_forced(counters: LiveCounters, run_id: str) -> None:
     counters.claim_page(FLOW, run_id, 0, ["a"])
     record_page(counters, FLOW, run_id, 0, Counts(source=1, dispatched=1))
     # Another process rebuilt already: an older ledger snapshot must not drop claim "a".
@@ -343,7 +342,7 @@ def test_rebuild_skips_present_state_unless_forced(counters: RedisCounters, run_
 
 
 @pytest.mark.faults
-def test_script_flush_between_pages_still_works(counters: RedisCounters, run_id: str) -> None:
+def test_script_flush_between_pages_still_works(counters: LiveCounters, run_id: str) -> None:
     counters.claim_page(FLOW, run_id, 0, ["a"])
     record_page(counters, FLOW, run_id, 0, Counts(source=1, dispatched=1))
     counters.client().script_flush()
@@ -354,7 +353,7 @@ def test_script_flush_between_pages_still_works(counters: RedisCounters, run_id:
 
 @pytest.mark.faults
 def test_unreachable_redis_raises_counters_unavailable_without_the_password() -> None:
-    counters = RedisCounters(url=f"redis://app:s3cret@127.0.0.1:{free_port()}/0")
+    counters = LiveCounters(url=f"redis://app:s3cret@127.0.0.1:{free_port()}/0")
     with pytest.raises(CountersUnavailableError, match="unreachable") as caught:
         counters.start_run(FLOW, new_run_id())
     assert "s3cret" not in str(caught.value)
@@ -369,7 +368,7 @@ def test_unreachable_redis_raises_counters_unavailable_without_the_password() ->
 def test_bad_url_scheme_is_a_configuration_error(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOW_REDIS_URL", url)
     with pytest.raises(ConfigurationError, match="FLOW_REDIS_URL") as caught:
-        RedisCounters().client()
+        LiveCounters().client()
     assert "s3cret" not in str(caught.value)
     assert "redis://" in str(caught.value)
 
@@ -387,7 +386,7 @@ def test_bad_url_fails_when_the_resource_is_initialized() -> None:
 
 def test_url_falls_back_to_flow_redis_url(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOW_REDIS_URL", redis_url)
-    counters = RedisCounters()
+    counters = LiveCounters()
     assert counters.redacted_url() == redis_url
     assert counters.client().ping()
 
@@ -395,6 +394,16 @@ def test_url_falls_back_to_flow_redis_url(redis_url: str, monkeypatch: pytest.Mo
 def test_key_ttl_must_be_positive() -> None:
     with pytest.raises(pydantic.ValidationError, match="greater than 0"):
         RedisCounters(key_ttl_seconds=0)
+    for bad in (0, -5, True, 1.5):
+        with pytest.raises(ValueError, match="key_ttl_seconds"):
+            LiveCounters(key_ttl_seconds=bad)  # type: ignore[arg-type]
+
+
+def test_the_resource_returns_counters_with_its_settings(redis_url: str) -> None:
+    counters = RedisCounters(url=redis_url, key_ttl_seconds=60).counters()
+    assert counters == LiveCounters(url=redis_url, key_ttl_seconds=60)
+    counters.start_run("orders", "r1")
+    assert 0 < counters.client().ttl(run_key("orders", "r1", "meta")) <= 60
 
 
 # -------------------------------------------------------------------- embedded server
@@ -423,7 +432,7 @@ def embedded_servers(home: Path) -> list[psutil.Process]:
 
 
 def test_embedded_server_starts_is_shared_and_stops(embedded_home: Path) -> None:
-    counters = RedisCounters()
+    counters = LiveCounters()
     run_id = new_run_id()
     counters.start_run(FLOW, run_id)
     assert counters.claim_page(FLOW, run_id, 0, ["a"]) == [True]
@@ -446,7 +455,7 @@ def test_embedded_server_starts_is_shared_and_stops(embedded_home: Path) -> None
 def test_stopped_embedded_server_is_restarted_and_the_run_reported_lost(
     embedded_home: Path,
 ) -> None:
-    counters = RedisCounters()
+    counters = LiveCounters()
     run_id = new_run_id()
     counters.start_run(FLOW, run_id)
     counters.claim_page(FLOW, run_id, 0, ["a"])

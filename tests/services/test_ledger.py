@@ -1,4 +1,4 @@
-"""MetricsStore on real SQLite files and a real PostgreSQL server (tests/conftest.py); no fakes."""
+"""Ledger on real SQLite files and a real PostgreSQL server (tests/conftest.py); no fakes."""
 
 from __future__ import annotations
 
@@ -14,15 +14,9 @@ from devservers import PostgresServer, free_port
 from resources.counts import Counts
 from resources.errors import ConfigurationError, RunFinalError, StoreUnavailableError
 from resources.ledger import db, run_queries
-from resources.ledger.metrics_store import (
-    FinalState,
-    JobFailure,
-    MetricsStore,
-    PageRecord,
-    PageTotals,
-    RejectedRecord,
-)
+from resources.ledger.ledger import Ledger
 from resources.ledger.page_queries import MAX_RAW_RECORD_BYTES
+from resources.ledger.records import FinalState, JobFailure, PageRecord, PageTotals, RejectedRecord
 from tests.ledger_helpers import finalize, finish_page
 
 pytestmark = pytest.mark.services
@@ -36,7 +30,7 @@ def _page(index: int, counts: Counts, status: str = "done", **kwargs: object) ->
     return PageRecord(index, counts, status, keys, **kwargs)  # type: ignore[arg-type]
 
 
-def test_start_run_twice_changes_nothing(store: MetricsStore) -> None:
+def test_start_run_twice_changes_nothing(store: Ledger) -> None:
     store.start_run("run-1", "orders", "2025-01-06", T0)
     store.start_run("run-1", "other_flow", None, T0 + timedelta(hours=1))
 
@@ -50,7 +44,7 @@ def test_start_run_twice_changes_nothing(store: MetricsStore) -> None:
     assert row.counts == Counts()
 
 
-def test_timestamps_come_back_as_the_same_instant_in_utc(store: MetricsStore) -> None:
+def test_timestamps_come_back_as_the_same_instant_in_utc(store: Ledger) -> None:
     plus_two = timezone(timedelta(hours=2))
     store.start_run("run-1", "orders", None, datetime(2025, 1, 6, 14, 0, tzinfo=plus_two))
 
@@ -63,7 +57,7 @@ def test_timestamps_come_back_as_the_same_instant_in_utc(store: MetricsStore) ->
 
 
 def test_a_page_recorded_twice_counts_once_and_its_rejects_and_failures_are_replaced(
-    store: MetricsStore,
+    store: Ledger,
 ) -> None:
     store.start_run("run-1", "orders", None, T0)
     first = _page(
@@ -92,7 +86,7 @@ def test_a_page_recorded_twice_counts_once_and_its_rejects_and_failures_are_repl
     assert [(f.record_key, f.error) for f in store.job_failures("run-1")] == [("k-b", "HTTP 500")]
 
 
-def test_finish_page_updates_the_pre_written_page_only(store: MetricsStore) -> None:
+def test_finish_page_updates_the_pre_written_page_only(store: Ledger) -> None:
     store.start_run("run-1", "orders", None, T0)
     pending = Counts(source=4, dispatched=3, rejected=1)
     rejects = [RejectedRecord(2, "missing id", {"n": 2})]
@@ -114,7 +108,7 @@ def test_finish_page_updates_the_pre_written_page_only(store: MetricsStore) -> N
         finish_page(store, "run-1", _page(1, Counts(source=1, dispatched=1, completed=1)))
 
 
-def test_finish_pages_records_a_steps_pages_at_once_or_none_of_them(store: MetricsStore) -> None:
+def test_finish_pages_records_a_steps_pages_at_once_or_none_of_them(store: Ledger) -> None:
     store.start_run("run-1", "orders", None, T0)
     store.record_pages(
         "run-1", [_page(n, Counts(source=2, dispatched=2), "dispatched") for n in (0, 1)]
@@ -140,7 +134,7 @@ def test_finish_pages_records_a_steps_pages_at_once_or_none_of_them(store: Metri
 
 
 def test_page_totals_sum_pages_per_run_and_give_zeros_to_runs_without_pages(
-    store: MetricsStore,
+    store: Ledger,
 ) -> None:
     for run_id in ("run-a", "run-b", "run-empty"):
         store.start_run(run_id, "orders", None, T0)
@@ -165,7 +159,7 @@ def test_page_totals_sum_pages_per_run_and_give_zeros_to_runs_without_pages(
     assert totals["run-empty"] == PageTotals(Counts(), pages_done=0, pages_seen=0)
 
 
-def test_claimed_keys_and_page_counts_are_enough_to_rebuild_a_run(store: MetricsStore) -> None:
+def test_claimed_keys_and_page_counts_are_enough_to_rebuild_a_run(store: Ledger) -> None:
     store.start_run("run-1", "orders", None, T0)
     pages = [
         _page(0, Counts(source=2, dispatched=2, completed=2), keys=["a", "b"]),
@@ -178,7 +172,7 @@ def test_claimed_keys_and_page_counts_are_enough_to_rebuild_a_run(store: Metrics
     assert store.claimed_keys("unknown-run") == {}
 
 
-def test_the_ledger_gives_a_key_to_the_first_page_that_records_it(store: MetricsStore) -> None:
+def test_the_ledger_gives_a_key_to_the_first_page_that_records_it(store: Ledger) -> None:
     """Redis lost the run (noted), so it gave key b to pages 0 and 1: page 0, recorded
     first, owns it; page 1 is recorded without it (skipped), now and on every retry."""
     store.start_run("run-1", "orders", None, T0)
@@ -218,7 +212,7 @@ def test_the_ledger_gives_a_key_to_the_first_page_that_records_it(store: Metrics
     assert (recorded.claimed_keys, recorded.counts.skipped, pending) == (["f"], 1, {"f"})
 
 
-def test_a_key_the_ledger_gave_a_page_stays_its_own_in_a_rebuild(store: MetricsStore) -> None:
+def test_a_key_the_ledger_gave_a_page_stays_its_own_in_a_rebuild(store: Ledger) -> None:
     """Found by the deep model test (seed 319918886): after a loss, page 2 claimed g in the
     ledger; a retry of page 2 that Redis refused g (a stale Redis said page 4 had it) left
     g on no page row. A rebuild from the ledger must still give g to page 2 (which owns it
@@ -236,7 +230,7 @@ def test_a_key_the_ledger_gave_a_page_stays_its_own_in_a_rebuild(store: MetricsS
     assert store.record_pages("run-1", [stale])[0].claimed_keys == []
 
 
-def test_while_redis_held_the_run_pages_are_recorded_as_given(store: MetricsStore) -> None:
+def test_while_redis_held_the_run_pages_are_recorded_as_given(store: Ledger) -> None:
     """Before any loss Redis alone decides (no two pages get a key): no key table rows."""
     store.start_run("run-1", "orders", None, T0)
     pages = [_page(n, Counts(source=1, dispatched=1), "dispatched", keys=["k"]) for n in (0, 1)]
@@ -246,7 +240,7 @@ def test_while_redis_held_the_run_pages_are_recorded_as_given(store: MetricsStor
 
 
 def test_a_steps_claims_go_in_one_statement_beyond_the_bound_parameter_limit(
-    store: MetricsStore,
+    store: Ledger,
 ) -> None:
     store.start_run("run-1", "orders", None, T0)
     store.note_counter_mismatch("run-1", "Redis lost the run")
@@ -259,7 +253,7 @@ def test_a_steps_claims_go_in_one_statement_beyond_the_bound_parameter_limit(
     assert len(store.claimed_keys("run-1")) == 14000
 
 
-def test_record_pages_rejects_inconsistent_pages_and_unknown_runs(store: MetricsStore) -> None:
+def test_record_pages_rejects_inconsistent_pages_and_unknown_runs(store: Ledger) -> None:
     with pytest.raises(ValueError, match="source=3 != dispatched=1"):
         _page(0, Counts(source=3, dispatched=1))
     with pytest.raises(ValueError, match="still pending"):
@@ -269,7 +263,7 @@ def test_record_pages_rejects_inconsistent_pages_and_unknown_runs(store: Metrics
 
 
 def test_quarantine_keeps_large_and_odd_records_truncated_with_a_marker(
-    store: MetricsStore,
+    store: Ledger,
 ) -> None:
     store.start_run("run-1", "orders", None, T0)
     huge = "é" * MAX_RAW_RECORD_BYTES  # 2 bytes each in UTF-8: twice the limit
@@ -288,7 +282,7 @@ def test_quarantine_keeps_large_and_odd_records_truncated_with_a_marker(
     assert json.loads(obj.raw_record) == {"id": None, "tags": ["x"]}
 
 
-def test_finalize_is_a_compare_and_set(store: MetricsStore) -> None:
+def test_finalize_is_a_compare_and_set(store: Ledger) -> None:
     store.start_run("run-1", "orders", None, T0)
     final = Counts(source=4, dispatched=3, skipped=1, completed=3)
 
@@ -329,7 +323,7 @@ def test_finalize_is_a_compare_and_set(store: MetricsStore) -> None:
         finalize(store, "run-1", status="running", counts=Counts(), pages_done=0, finished_at=T0)
 
 
-def test_concurrent_finalizers_write_one_final_state(store: MetricsStore) -> None:
+def test_concurrent_finalizers_write_one_final_state(store: Ledger) -> None:
     store.start_run("run-1", "orders", None, T0)
     store.running_runs(1)  # migrate before the race, so the threads only race to finalize
     statuses = ["completed", "failed", "cancelled", "partial_success"] * 2
@@ -356,7 +350,7 @@ def test_concurrent_finalizers_write_one_final_state(store: MetricsStore) -> Non
     assert winners[0].startswith(row.flow_status)
 
 
-def test_finalize_many_writes_only_running_runs_in_one_call(store: MetricsStore) -> None:
+def test_finalize_many_writes_only_running_runs_in_one_call(store: Ledger) -> None:
     for n in range(3):
         store.start_run(f"run-{n}", "orders", None, T0)
     finalize(store, "run-1", status="failed", counts=Counts(), pages_done=0, finished_at=T0)
@@ -383,7 +377,7 @@ def test_finalize_many_writes_only_running_runs_in_one_call(store: MetricsStore)
 
 
 def test_concurrent_batch_finalizers_give_each_run_one_winner(
-    store: MetricsStore, monkeypatch: pytest.MonkeyPatch
+    store: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(run_queries, "IN_LIST_SIZE", 8)  # several lock batches per call
     run_ids = [f"run-{n}" for n in range(40)]
@@ -417,7 +411,7 @@ def test_concurrent_batch_finalizers_give_each_run_one_winner(
     assert all(rows[run_id] == "failed" for run_id in won["failed"])
 
 
-def test_running_runs_oldest_progress_first_with_limit(store: MetricsStore) -> None:
+def test_running_runs_oldest_progress_first_with_limit(store: Ledger) -> None:
     for n in range(4):
         store.start_run(f"run-{n}", "orders", None, T0 + timedelta(minutes=n))
     # Progress on run-0 makes it the most recently updated one.
@@ -428,7 +422,7 @@ def test_running_runs_oldest_progress_first_with_limit(store: MetricsStore) -> N
     assert [r.run_id for r in store.running_runs(2)] == ["run-1", "run-3"]
 
 
-def test_unpublished_runs_until_marked_published(store: MetricsStore) -> None:
+def test_unpublished_runs_until_marked_published(store: Ledger) -> None:
     for n in range(3):
         store.start_run(f"run-{n}", "orders", None, T0)
     for n in (1, 0):
@@ -448,7 +442,7 @@ def test_unpublished_runs_until_marked_published(store: MetricsStore) -> None:
     assert row.published_at == T0 + timedelta(hours=1)
 
 
-def test_runs_newest_first_filtered_by_flow(store: MetricsStore) -> None:
+def test_runs_newest_first_filtered_by_flow(store: Ledger) -> None:
     for n, flow in enumerate(["orders", "users", "orders"]):
         store.start_run(f"run-{n}", flow, None, T0 + timedelta(minutes=n))
 
@@ -457,7 +451,7 @@ def test_runs_newest_first_filtered_by_flow(store: MetricsStore) -> None:
     assert store.runs(run_id="nope") == []
 
 
-def test_the_plan_is_recorded_and_missing_pages_are_named(store: MetricsStore) -> None:
+def test_the_plan_is_recorded_and_missing_pages_are_named(store: Ledger) -> None:
     store.start_run("run-1", "orders", None, T0)
     assert store.missing_pages("run-1") is None  # no plan yet: nothing is proven
 
@@ -474,7 +468,7 @@ def test_the_plan_is_recorded_and_missing_pages_are_named(store: MetricsStore) -
         store.record_plan("never-started", pages_total=1, reported_total=None)
 
 
-def test_finalizer_queries_can_use_the_partial_indexes(store: MetricsStore) -> None:
+def test_finalizer_queries_can_use_the_partial_indexes(store: Ledger) -> None:
     store.start_run("run-1", "orders", None, T0)
     running = "SELECT run_id FROM flow_metrics WHERE flow_status = 'running' ORDER BY updated_at"
     unpublished = (
@@ -498,7 +492,7 @@ def test_finalizer_queries_can_use_the_partial_indexes(store: MetricsStore) -> N
 def test_auto_migrate_off_on_an_empty_database_asks_for_flowctl_db_upgrade(
     database_url: str,
 ) -> None:
-    store = MetricsStore(url=database_url, auto_migrate=False)
+    store = Ledger(url=database_url, auto_migrate=False)
 
     with pytest.raises(ConfigurationError, match="flowctl db upgrade"):
         store.runs()
@@ -524,7 +518,7 @@ def test_a_bad_url_is_a_configuration_error_without_the_password(
     monkeypatch.setenv("FLOW_DATABASE_URL", bad_url)
 
     with pytest.raises(ConfigurationError) as raised:
-        MetricsStore().runs()
+        Ledger().runs()
 
     message = str(raised.value)
     assert "FLOW_DATABASE_URL" in message
@@ -536,17 +530,17 @@ def test_url_defaults_to_sqlite_in_flow_home_and_postgresql_means_psycopg3(
     flow_home: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("FLOW_DATABASE_URL", raising=False)
-    assert MetricsStore().resolved_url() == f"sqlite:///{flow_home}/flow_metrics.db"
+    assert Ledger().resolved_url() == f"sqlite:///{flow_home}/flow_metrics.db"
 
     monkeypatch.setenv("FLOW_DATABASE_URL", f"postgresql://app:{PASSWORD}@db:5432/flows")
-    store = MetricsStore()
+    store = Ledger()
     assert store.resolved_url() == f"postgresql+psycopg://app:{PASSWORD}@db:5432/flows"
     assert store.redacted_url() == "postgresql+psycopg://app:***@db:5432/flows"
 
 
 def test_an_unreachable_server_raises_store_unavailable_without_the_password() -> None:
     url = f"postgresql+psycopg://app:{PASSWORD}@127.0.0.1:{free_port()}/flows"
-    store = MetricsStore(url=url, connect_retry_seconds=0.5)
+    store = Ledger(url=url, connect_retry_seconds=0.5)
 
     with pytest.raises(StoreUnavailableError) as raised:
         store.start_run("run-1", "orders", None, T0)
@@ -577,7 +571,7 @@ class _StartServerOnRetry(logging.Handler):
 def test_a_connection_refused_while_the_server_restarts_is_retried(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
-    store = MetricsStore(url=postgres_url, connect_retry_seconds=60)
+    store = Ledger(url=postgres_url, connect_retry_seconds=60)
     store.start_run("run-1", "orders", None, T0)
     handler = _StartServerOnRetry(postgres_server)
     logger = logging.getLogger(db.__name__)
@@ -595,7 +589,7 @@ def test_a_connection_refused_while_the_server_restarts_is_retried(
 
 
 def test_a_final_write_is_skipped_for_a_run_that_moved_since_it_was_decided(
-    store: MetricsStore,
+    store: Ledger,
 ) -> None:
     """A heartbeat, page write or ack between the finalizer's read and its lock means the
     run is alive: the final state decided on the older row is not written (next tick)."""
@@ -618,7 +612,7 @@ def test_a_final_write_is_skipped_for_a_run_that_moved_since_it_was_decided(
 
 
 def test_pages_of_a_final_run_are_refused_unless_it_awaits_its_dagster_run(
-    store: MetricsStore,
+    store: Ledger,
 ) -> None:
     """Nothing is recorded after the final write (a step that outlived its run); a run
     decided while its Dagster run still worked (stalled) still takes its steps' pages."""
@@ -631,3 +625,14 @@ def test_pages_of_a_final_run_are_refused_unless_it_awaits_its_dagster_run(
         store.record_pages("gone", [page])
     assert store.page_totals(["gone"])["gone"].counts == Counts()
     assert [p.page_index for p in store.record_pages("stalled", [page])] == [0]
+
+
+def test_the_resource_returns_a_ledger_with_its_settings(database_url: str) -> None:
+    from resources.ledger.metrics_store import MetricsStore
+
+    ledger = MetricsStore(url=database_url, connect_retry_seconds=2.5).ledger()
+    assert ledger == Ledger(url=database_url, auto_migrate=True, connect_retry_seconds=2.5)
+    ledger.start_run("r-resource", "orders", None, T0)
+    assert [row.run_id for row in Ledger(url=database_url).runs()] == ["r-resource"]
+    with pytest.raises(ValueError, match="connect_retry_seconds"):
+        Ledger(url=database_url, connect_retry_seconds=-1)
