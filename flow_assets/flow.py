@@ -119,68 +119,38 @@ class Flow:
                 f"Flow got unknown option(s) {sorted(unknown)}; valid options are {list(_OPTIONS)}"
             )
         self.name = _checked_name(name, "Flow name")
-        self.source = _checked(
-            source,
-            isinstance(source, Source),
-            "source",
-            "an object with plan(), fetch() and pages(), e.g. FileSource(...)",
+        _check_options(
+            source=source,
+            key=key,
+            handler=handler,
+            partitions=partitions,
+            pages_per_step=pages_per_step,
+            deadline=deadline,
+            max_record_bytes=max_record_bytes,
+            dedup=dedup,
+            keep_failed_keys=keep_failed_keys,
+            rerun_partitions=rerun_partitions,
+            error_detail=error_detail,
         )
-        self.key = _checked(
-            key,
-            (isinstance(key, str) and bool(key)) or callable(key),
-            "key",
-            "a non-empty column name or a function of the record",
-        )
-        self.handler = _checked(
-            handler, callable(handler), "handler", "a function taking a JobBatch"
-        )
-        self.partitions = _checked(
-            partitions,
-            partitions is None or isinstance(partitions, dg.PartitionsDefinition),
-            "partitions",
-            "a Dagster PartitionsDefinition such as DailyPartitionsDefinition",
-        )
+        self.source, self.key, self.handler = source, key, handler
+        self.partitions: dg.PartitionsDefinition | None = partitions
         self.schedule = _checked_schedule(schedule, partitions)
         try:
             self.tolerance = Tolerance(max_failed_jobs)
         except ValueError as exc:
             raise FlowDefinitionError(f"Flow {name!r}: {exc}") from exc
         self.group = _checked_name(group or "flows", "Flow group")
-        self.pages_per_step = _checked(
-            pages_per_step, is_int_at_least(pages_per_step, 1), "pages_per_step", "an int >= 1"
-        )
+        self.pages_per_step = pages_per_step
         self.retry_policy = retry_policy or dg.RetryPolicy(max_retries=2, delay=0.5)
-        self.deadline = _checked(
-            deadline,
-            isinstance(deadline, timedelta) and deadline.total_seconds() > 0,
-            "deadline",
-            "a positive timedelta",
-        )
-        self.max_record_bytes = _checked(
-            max_record_bytes,
-            max_record_bytes is None or is_int_at_least(max_record_bytes, 1),
-            "max_record_bytes",
-            "None or an int >= 1",
-        )
+        self.deadline = deadline
+        self.max_record_bytes = max_record_bytes
         # Shown in the UI: a source's str() may hold a URL of the user's own making.
         self.description = redact_text(description or f"Flow {name}: {source}")
-        self.dedup: str = _checked(
-            dedup, dedup in DEDUP_SCOPES, "dedup", " or ".join(map(repr, DEDUP_SCOPES))
-        )
+        self.dedup = dedup
         self.rq: RqDispatch | None = resolve_dispatch(dispatch, handler)
         self.handler_path = handler_path(handler) if self.rq else None
-        self.keep_failed_keys: bool = _checked(
-            keep_failed_keys, isinstance(keep_failed_keys, bool), "keep_failed_keys", "a bool"
-        )
-        self.rerun_partitions: bool = _checked(
-            rerun_partitions, isinstance(rerun_partitions, bool), "rerun_partitions", "a bool"
-        )
-        self.error_detail: str = _checked(
-            error_detail,
-            error_detail in ERROR_DETAILS,
-            "error_detail",
-            " or ".join(map(repr, ERROR_DETAILS)),
-        )
+        self.keep_failed_keys, self.rerun_partitions = keep_failed_keys, rerun_partitions
+        self.error_detail = error_detail
 
     def run_policy(self, code_location: str | None = None) -> RunPolicy:
         """The policy each run of this flow records when it starts (and is decided by)."""
@@ -218,10 +188,42 @@ def _checked_name(value: object, what: str) -> str:
         raise FlowDefinitionError(str(exc)) from exc
 
 
-def _checked(value: Any, ok: bool, option: str, expected: str) -> Any:
-    if not ok:
-        raise FlowDefinitionError(f"Flow option {option}={value!r} is invalid: expected {expected}")
-    return value
+# Option -> (is the value valid?, what it must be): the checks that need the value alone.
+_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "source": (
+        lambda v: isinstance(v, Source),
+        "an object with plan(), fetch() and pages(), e.g. FileSource(...)",
+    ),
+    "key": (
+        lambda v: (isinstance(v, str) and bool(v)) or callable(v),
+        "a non-empty column name or a function of the record",
+    ),
+    "handler": (callable, "a function taking a JobBatch"),
+    "partitions": (
+        lambda v: v is None or isinstance(v, dg.PartitionsDefinition),
+        "a Dagster PartitionsDefinition such as DailyPartitionsDefinition",
+    ),
+    "pages_per_step": (lambda v: is_int_at_least(v, 1), "an int >= 1"),
+    "deadline": (
+        lambda v: isinstance(v, timedelta) and v.total_seconds() > 0,
+        "a positive timedelta",
+    ),
+    "max_record_bytes": (lambda v: v is None or is_int_at_least(v, 1), "None or an int >= 1"),
+    "dedup": (lambda v: v in DEDUP_SCOPES, " or ".join(map(repr, DEDUP_SCOPES))),
+    "keep_failed_keys": (lambda v: isinstance(v, bool), "a bool"),
+    "rerun_partitions": (lambda v: isinstance(v, bool), "a bool"),
+    "error_detail": (lambda v: v in ERROR_DETAILS, " or ".join(map(repr, ERROR_DETAILS))),
+}
+
+
+def _check_options(**values: Any) -> None:
+    """Raise ``FlowDefinitionError`` naming the first option whose value breaks its rule."""
+    for option, value in values.items():
+        valid, expected = _OPTION_RULES[option]
+        if not valid(value):
+            raise FlowDefinitionError(
+                f"Flow option {option}={value!r} is invalid: expected {expected}"
+            )
 
 
 def _checked_schedule(schedule: str | None, partitions: object) -> str | None:

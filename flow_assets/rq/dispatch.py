@@ -172,22 +172,12 @@ def enqueue_jobs(
     job RQ gave up on, or that vanished, is enqueued again with its pending keys only.
     """
     from rq import Callback, Queue, Retry  # imported here: a Flow import stays light
-    from rq.job import Job
 
     batches: dict[str, list[str]] = {}
     for key, job_id in job_ids.items():
         if key in pending:
             batches.setdefault(job_id, []).append(key)
-    if not batches:
-        return 0
-    ids = list(batches)
-    with connection.pipeline(transaction=False) as pipe:
-        for job_id in ids:
-            pipe.hget(Job.key_for(job_id), "status")
-        states = pipe.execute()
-    to_enqueue = [
-        job_id for job_id, state in zip(ids, states, strict=True) if state in _RERUN_STATES
-    ]
+    to_enqueue = _not_in_rq(connection, list(batches))
     if not to_enqueue:
         return 0
     meta = {"flow": flow, "run_id": run_id, "page_index": page_index, "ttl": key_ttl_seconds}
@@ -218,3 +208,16 @@ def enqueue_jobs(
         rq_queue.enqueue_many(datas, pipeline=pipe)
         pipe.execute()
     return len(datas)
+
+
+def _not_in_rq(connection: redis.Redis, job_ids: list[str]) -> list[str]:
+    """The jobs RQ will not run as they stand (gave up on them, or has no such job)."""
+    from rq.job import Job
+
+    if not job_ids:
+        return []
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
+        states = pipe.execute()
+    return [job_id for job_id, state in zip(job_ids, states, strict=True) if state in _RERUN_STATES]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 from requests.auth import AuthBase
@@ -23,7 +23,7 @@ from flow_assets.sources import http_limits as limits
 from flow_assets.sources.auth import BearerAuth
 from flow_assets.sources.base import LazySequence, Page, PageRef
 from flow_assets.sources.http_limits import HttpProblem
-from flow_assets.sources.http_session import CROSS_ORIGIN, HttpTransport, origin_of
+from flow_assets.sources.http_session import CROSS_ORIGIN, HttpTransport, Origin, origin_of
 from flow_assets.sources.json_body import (
     MISSING,
     as_count,
@@ -121,30 +121,13 @@ class HttpJsonSource(HttpTransport):
         total_path: str | None = None,
         name: str | None = None,
     ) -> None:
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            given = redact_url(url) if isinstance(url, str) else repr(url)
-            raise FlowDefinitionError(f"url must be an http(s)://host/path URL, got {given}.")
-        try:
-            origin = origin_of(url)
-        except HttpProblem as exc:
-            raise FlowDefinitionError(f"url {redact_url(url)}: {exc.problem}.") from None
+        parts, origin = _checked_url(url)
         if not isinstance(paginator, BasePaginator):
             raise FlowDefinitionError(
                 f"paginator must be one of flow_assets.sources.paginators, got {paginator!r}."
             )
-        if records_path is not None:
-            require_path(records_path, "records_path")
-        if partition_param is not None:
-            require_name(partition_param, "partition_param")
-        if total_header is not None:
-            require_name(total_header, "total_header")
-        if total_path is not None:
-            require_path(total_path, "total_path")
-        require_int(max_retries, "max_retries", 0)
-        require_int(retry_after_max, "retry_after_max", 0)
-        if not isinstance(backoff_factor, (int, float)) or backoff_factor < 0:
-            raise FlowDefinitionError(f"backoff_factor must be >= 0, got {backoff_factor!r}.")
+        _check_fields(records_path, total_path, partition_param, total_header)
+        _check_retries(max_retries, retry_after_max, backoff_factor)
         if cross_origin not in CROSS_ORIGIN:
             raise FlowDefinitionError(
                 f"cross_origin must be one of {CROSS_ORIGIN}, got {cross_origin!r}."
@@ -362,3 +345,39 @@ class HttpJsonSource(HttpTransport):
         problem = problem.rstrip(".")
         message = f"Source {self.name!r}, page {index} (GET {self._shown_url(url)}): {problem}."
         return SourceError(f"{message} Fix: {fix}." if fix else message)
+
+
+def _checked_url(url: object) -> tuple[SplitResult, Origin]:
+    """The parts and the origin of an http(s) URL; ``FlowDefinitionError`` (the URL
+    redacted) for anything else."""
+    if not isinstance(url, str):
+        raise FlowDefinitionError(f"url must be an http(s)://host/path URL, got {url!r}.")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FlowDefinitionError(f"url must be an http(s)://host/path URL, got {redact_url(url)}.")
+    try:
+        return parts, origin_of(url)
+    except HttpProblem as exc:
+        raise FlowDefinitionError(f"url {redact_url(url)}: {exc.problem}.") from None
+
+
+def _check_fields(
+    records_path: str | None,
+    total_path: str | None,
+    partition_param: str | None,
+    total_header: str | None,
+) -> None:
+    """Paths into the JSON body and names of a parameter and a header, where given."""
+    for path, option in ((records_path, "records_path"), (total_path, "total_path")):
+        if path is not None:
+            require_path(path, option)
+    for field, option in ((partition_param, "partition_param"), (total_header, "total_header")):
+        if field is not None:
+            require_name(field, option)
+
+
+def _check_retries(max_retries: int, retry_after_max: int, backoff_factor: float) -> None:
+    require_int(max_retries, "max_retries", 0)
+    require_int(retry_after_max, "retry_after_max", 0)
+    if not isinstance(backoff_factor, (int, float)) or backoff_factor < 0:
+        raise FlowDefinitionError(f"backoff_factor must be >= 0, got {backoff_factor!r}.")

@@ -24,6 +24,7 @@ from sqlalchemy.sql.selectable import SelectBase
 from flow_assets.errors import FlowDefinitionError, SourceError
 from flow_assets.options import require_int, require_name
 from flow_assets.sources.base import Page, SequentialSource
+from flow_assets.sources.sql_options import checked_selection, checked_url
 from flow_assets.sources.sql_values import jsonable, partition_condition
 from resources.errors import ConfigurationError
 from resources.ledger.db import (
@@ -95,32 +96,8 @@ class SqlSource(SequentialSource):
     ) -> None:
         # A Dagster EnvVar is a str whose str() raises: keep only its name, read it later.
         self._env_var: str | None = getattr(url, "env_var_name", None)
-        self._url: str | None = None
-        if self._env_var is None:
-            if not isinstance(url, str) or not url.strip():
-                # Not the value: a URL object's repr shows a misparsed password's tail.
-                raise FlowDefinitionError(
-                    "url must be a SQLAlchemy database URL string (or a dagster.EnvVar),"
-                    f" got {'an empty string' if isinstance(url, str) else type(url).__name__}."
-                )
-            try:
-                self._url = normalize_url(url, "SqlSource url")
-            except ConfigurationError as exc:
-                raise FlowDefinitionError(str(exc)) from None
-        if (table is None) == (query is None):
-            raise FlowDefinitionError(
-                "SqlSource needs exactly one of table= (a table name) and query= (a select or "
-                "SQL string)."
-            )
-        if table is not None:
-            require_name(table, "table")
-        if isinstance(query, str):
-            query = query.strip().rstrip(";").strip()
-            require_name(query, "query")
-        elif query is not None and not isinstance(query, SelectBase):
-            raise FlowDefinitionError(
-                f"query must be a SQLAlchemy select(...) or a SQL string, got {type(query)}."
-            )
+        self._url = None if self._env_var is not None else checked_url(url)
+        query = checked_selection(table, query)
         self.key_column = require_name(key_column, "key_column")
         self.tiebreak_column = tiebreak_column
         if tiebreak_column is not None:

@@ -134,29 +134,7 @@ def replace_pages(
     ordered = [latest[index] for index in sorted(latest)]
     _upsert_page_rows(conn, run_id, ordered, now)
 
-    indexes = list(latest)
-    for chunk in batched(indexes, IN_LIST_SIZE):
-        conn.execute(
-            delete(_rejects).where(_rejects.c.run_id == run_id, _rejects.c.page_index.in_(chunk))
-        )
-        conn.execute(
-            delete(_failures).where(_failures.c.run_id == run_id, _failures.c.page_index.in_(chunk))
-        )
-    reject_rows = {
-        (page.page_index, reject.position): {
-            "run_id": run_id,
-            "page_index": page.page_index,
-            "position": reject.position,
-            "reason": truncate_text(reject.reason, MAX_ERROR_BYTES),
-            "raw_record": truncate_text(_raw_text(reject.raw), MAX_RAW_RECORD_BYTES),
-            "created_at": now,
-        }
-        for page in ordered
-        for reject in page.rejects
-    }
-    if reject_rows:
-        conn.execute(_rejects.insert(), list(reject_rows.values()))
-    _upsert_failures(conn, run_id, ordered, now)
+    _replace_rejects_and_failures(conn, run_id, ordered, now)
     # Last, so the run row's lock is held for the shortest time.
     stmt = (
         update(_fm)
@@ -183,6 +161,34 @@ def replace_pages(
             latest[index] = latest[index].without_keys(owners)
         _upsert_page_rows(conn, run_id, [latest[index] for index in sorted(lost)], now)
     return list(latest.values())
+
+
+def _replace_rejects_and_failures(
+    conn: Connection, run_id: str, pages: Sequence[PageRecord], now: datetime
+) -> None:
+    """Replace the pages' quarantined records and failed jobs with these attempts' own."""
+    for chunk in batched([page.page_index for page in pages], IN_LIST_SIZE):
+        conn.execute(
+            delete(_rejects).where(_rejects.c.run_id == run_id, _rejects.c.page_index.in_(chunk))
+        )
+        conn.execute(
+            delete(_failures).where(_failures.c.run_id == run_id, _failures.c.page_index.in_(chunk))
+        )
+    reject_rows = {
+        (page.page_index, reject.position): {
+            "run_id": run_id,
+            "page_index": page.page_index,
+            "position": reject.position,
+            "reason": truncate_text(reject.reason, MAX_ERROR_BYTES),
+            "raw_record": truncate_text(_raw_text(reject.raw), MAX_RAW_RECORD_BYTES),
+            "created_at": now,
+        }
+        for page in pages
+        for reject in page.rejects
+    }
+    if reject_rows:
+        conn.execute(_rejects.insert(), list(reject_rows.values()))
+    _upsert_failures(conn, run_id, pages, now)
 
 
 @lru_cache(maxsize=64)
