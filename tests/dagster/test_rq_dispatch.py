@@ -30,9 +30,9 @@ from flow_assets.rq.worker import LOST_ERROR, ack_failure, ack_success
 from flow_assets.sources.base import Page
 from flow_assets.sources.files import FileSource
 from resources.counts import Counts
-from resources.ledger.metrics_store import MetricsStore
+from resources.ledger.ledger import Ledger
+from resources.live.counters import LiveCounters
 from resources.live.lua import Outcome
-from resources.live.redis_counters import RedisCounters
 from tests.dagster import rq_flows
 from tests.dagster.rq_flows import rq_workers, wait_for
 from tests.flowkit import (
@@ -98,23 +98,23 @@ def test_invalid_rq_settings_are_refused(option: str, value: object) -> None:
 @pytest.fixture
 def started(
     redis_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> tuple[Flow, str, RedisCounters, MetricsStore]:
+) -> tuple[Flow, str, LiveCounters, Ledger]:
     """A running flow run with dispatch="rq"; FLOW_DATABASE_URL set as on a worker."""
     monkeypatch.setenv("FLOW_DATABASE_URL", database_url)
     flow = rq_flow(tmp_path / "unused.jsonl", dispatch=RqDispatch(batch_size=2))
-    counters, store = RedisCounters(url=redis_url), MetricsStore(url=database_url)
+    counters, store = LiveCounters(url=redis_url), Ledger(url=database_url)
     run_id = "run-rq-1"
     store.start_run(run_id, FLOW, None, datetime.now(timezone.utc))
     counters.start_run(FLOW, run_id)
     return flow, run_id, counters, store
 
 
-def queued_jobs(counters: RedisCounters, queue: str) -> list[Job]:
+def queued_jobs(counters: LiveCounters, queue: str) -> list[Job]:
     return Queue(queue, connection=counters.rq_connection(), serializer=SERIALIZER).get_jobs()
 
 
 def test_a_retried_page_enqueues_each_job_once_and_keeps_its_acks(
-    started: tuple[Flow, str, RedisCounters, MetricsStore],
+    started: tuple[Flow, str, LiveCounters, Ledger],
 ) -> None:
     flow, run_id, counters, store = started
     page = Page(0, [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "a"}, {"oops": 1}])
@@ -141,7 +141,7 @@ def test_a_retried_page_enqueues_each_job_once_and_keeps_its_acks(
 
 
 def test_acks_are_guarded_transitions_in_sql_and_redis(
-    started: tuple[Flow, str, RedisCounters, MetricsStore],
+    started: tuple[Flow, str, LiveCounters, Ledger],
 ) -> None:
     flow, run_id, counters, store = started
     page = Page(3, [{"id": k} for k in "abcdef"])
@@ -187,7 +187,7 @@ def test_acks_are_guarded_transitions_in_sql_and_redis(
 
 
 def test_an_ack_after_redis_lost_the_run_lands_in_the_ledger_and_is_noted(
-    started: tuple[Flow, str, RedisCounters, MetricsStore],
+    started: tuple[Flow, str, LiveCounters, Ledger],
 ) -> None:
     flow, run_id, counters, store = started
     process_page(flow, run_id, Page(0, [{"id": "a"}]), counters, store)
@@ -226,8 +226,8 @@ def orders(count: int, tmp_path: Path, hang: Path, **extra: Any) -> list[dict[st
 @pytest.mark.parametrize(
     ("ledger", "jobs", "retries", "lost", "worker_class"),
     [
-        ("postgres", 2000, 1, 0, "rq.worker.SimpleWorker"),
-        ("sqlite", 300, 0, 1, "rq.worker.Worker"),
+        ("postgres", 2000, 1, 0, "tests.dagster.rq_flows.QuickAbandonSimpleWorker"),
+        ("sqlite", 300, 0, 1, "tests.dagster.rq_flows.QuickAbandonWorker"),
     ],
     ids=["pg-2000-retried-simple-workers", "sqlite-300-lost-forking-workers"],
 )
@@ -245,7 +245,8 @@ def test_two_workers_one_killed_mid_job_give_exact_counts(
 ) -> None:
     """Two real ``rq worker`` processes run the jobs; the one running the hanging job is
     SIGKILLed (with its work horse, for forking workers). RQ's registry cleanup in the
-    surviving worker finds the abandoned job about a minute later: with a retry left it runs
+    surviving worker finds the abandoned job once its heartbeat expired (RQ's grace cut to
+    5 s, ``rq_flows.QuickAbandonWorker``): with a retry left it runs
     again and completes, without one it is counted failed (reason lost). A duplicated success
     callback of a finished job changes nothing. The run is finalized with exact counts."""
     database_url = str(request.getfixturevalue(f"{ledger}_url"))
@@ -260,7 +261,7 @@ def test_two_workers_one_killed_mid_job_give_exact_counts(
         max_failed_jobs=0.05,
     )
     defs = make_defs([flow], redis_url, database_url)
-    store = MetricsStore(url=database_url)
+    store = Ledger(url=database_url)
     env = {"FLOW_DATABASE_URL": database_url, "FLOW_TEST_HANDLED": str(handled)}
 
     with rq_workers(2, FLOW, redis_url, env, tmp_path, worker_class) as workers:
@@ -352,7 +353,7 @@ def _ack_from_another_process(
 
 
 def test_the_same_acks_sent_concurrently_from_two_processes_count_once(
-    started: tuple[Flow, str, RedisCounters, MetricsStore], redis_url: str, tmp_path: Path
+    started: tuple[Flow, str, LiveCounters, Ledger], redis_url: str, tmp_path: Path
 ) -> None:
     """Two processes deliver every job's success callback three times each, at once: each
     job's outcome is applied exactly once (one DONE or ZERO per job, the rest NOOP),
