@@ -1,4 +1,4 @@
-"""Values the metrics store takes and returns: plain frozen dataclasses, no SQL."""
+"""Values the ledger takes and returns: plain frozen dataclasses, no SQL."""
 
 from __future__ import annotations
 

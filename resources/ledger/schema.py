@@ -79,7 +79,7 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError(
-                f"naive datetime {value.isoformat()} given to the metrics store; pass a"
+                f"naive datetime {value.isoformat()} given to the ledger; pass a"
                 " timezone-aware datetime such as datetime.now(timezone.utc)"
             )
         value = value.astimezone(timezone.utc)

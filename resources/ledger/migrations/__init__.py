@@ -1,6 +1,6 @@
 """Schema versions of the metrics ledger: Alembic driven from code (no alembic.ini).
 
-``MetricsStore.upgrade()`` / ``flowctl db`` run these; ``env.py`` and ``versions/`` in this
+``Ledger.upgrade()`` / ``flowctl db`` run these; ``env.py`` and ``versions/`` in this
 directory are Alembic's own files.
 """
 
