@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -214,7 +213,3 @@ def acknowledge(
 def _ledger() -> Ledger:
     """The ledger of $FLOW_DATABASE_URL (the worker never migrates: ``flowctl db upgrade``)."""
     return Ledger(auto_migrate=False, connect_retry_seconds=CONNECT_RETRY_SECONDS)
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
