@@ -26,7 +26,8 @@ class StrayRun:
 def find_stray_runs(store: Ledger, counters: LiveCounters) -> list[StrayRun]:
     """Runs with Redis keys whose ledger row is final, or missing."""
     pairs = counters.stray_runs()
-    statuses = store.statuses([run_id for _, run_id in pairs])
+    found = store.statuses([run_id for _, run_id in pairs])
+    statuses = {run_id: status for run_id, (status, _) in found.items()}
     return [
         StrayRun(flow_name, run_id, statuses.get(run_id))
         for flow_name, run_id in pairs

@@ -56,16 +56,18 @@ def publish_final_runs(
             break  # the first chunk always goes: every call makes progress
         chunk = _still_final(store, rows[start : start + PUBLISH_CHUNK])
         _publish_chunk(instance, counters, chunk)
-        store.mark_published([row.run_id for row in chunk], now)
-        published.extend(chunk)
+        # A row finalized again meanwhile stays unpublished: its new revision goes out next.
+        marked = set(store.mark_published(chunk, now))
+        published.extend(row for row in chunk if row.run_id in marked)
     return published
 
 
 def _still_final(store: Ledger, rows: Sequence[RunRow]) -> list[RunRow]:
-    """The rows whose run is still as read: one reopened meanwhile (a re-execution) is
-    neither tagged with its old status nor stripped of the Redis keys its steps now use."""
+    """The rows whose run is still as read (status and revision): one reopened meanwhile (a
+    re-execution), or reopened and finalized again, is neither shown with the old row's
+    status and counts nor stripped of the Redis keys its steps now use."""
     current = store.statuses([row.run_id for row in rows])
-    return [row for row in rows if current.get(row.run_id) == row.flow_status]
+    return [row for row in rows if current.get(row.run_id) == (row.flow_status, row.revision)]
 
 
 def _publish_chunk(

@@ -301,13 +301,15 @@ class Ledger:
         with self._tx(write=False) as conn:
             return run_queries.awaiting_dagster_runs(conn, limit)
 
-    def mark_published(self, run_ids: Sequence[str], at: datetime) -> int:
-        """Mark final runs as reported to Dagster; returns how many rows changed."""
+    def mark_published(self, rows: Sequence[RunRow], at: datetime) -> list[str]:
+        """Mark final runs as reported to Dagster, each only if it is still at the revision
+        its row says (it was published as read); the run ids marked."""
         _aware(at, "at")
-        if not run_ids:
-            return 0
+        if not rows:
+            return []
         with self._tx(write=True) as conn:
-            return run_queries.mark_published(conn, run_ids, at)
+            revisions = [(row.run_id, row.revision) for row in rows]
+            return run_queries.mark_published(conn, revisions, at)
 
     # --- reads -------------------------------------------------------------------------
 
@@ -351,8 +353,8 @@ class Ledger:
         with self._tx(write=False) as conn:
             return run_queries.runs(conn, flow_name, run_id, limit)
 
-    def statuses(self, run_ids: Sequence[str]) -> dict[str, str]:
-        """``flow_status`` of each known run id (unknown ids are left out)."""
+    def statuses(self, run_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """``(flow_status, revision)`` of each known run id (unknown ids are left out)."""
         if not run_ids:
             return {}
         with self._tx(write=False) as conn:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     bindparam,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -287,21 +288,31 @@ def reopen(conn: Connection, run_id: str, now: datetime) -> int:
     return reopened
 
 
-def statuses(conn: Connection, run_ids: Sequence[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
+def statuses(conn: Connection, run_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """Run id -> ``(flow_status, revision)``; unknown ids are left out."""
+    found: dict[str, tuple[str, int]] = {}
     for chunk in batched(list(dict.fromkeys(run_ids)), IN_LIST_SIZE):
-        stmt = select(_fm.c.run_id, _fm.c.flow_status).where(_fm.c.run_id.in_(chunk))
-        found.update({run_id: status for run_id, status in conn.execute(stmt)})
+        stmt = select(_fm.c.run_id, _fm.c.flow_status, _fm.c.revision).where(
+            _fm.c.run_id.in_(chunk)
+        )
+        found.update(
+            {run_id: (status, revision) for run_id, status, revision in conn.execute(stmt)}
+        )
     return found
 
 
-def mark_published(conn: Connection, run_ids: Sequence[str], at: datetime) -> int:
-    marked = 0
-    for chunk in batched(list(dict.fromkeys(run_ids)), IN_LIST_SIZE):
+def mark_published(
+    conn: Connection, revisions: Sequence[tuple[str, int]], at: datetime
+) -> list[str]:
+    """Mark each ``(run_id, revision)`` published if the run is still final at that
+    revision (not reopened, nor finalized again, since it was read); the run ids marked."""
+    marked: list[str] = []
+    for chunk in batched(list(dict.fromkeys(revisions)), IN_LIST_SIZE):
         stmt = (
             update(_fm)
-            .where(_fm.c.run_id.in_(chunk), text(UNPUBLISHED_PREDICATE))
+            .where(tuple_(_fm.c.run_id, _fm.c.revision).in_(chunk), text(UNPUBLISHED_PREDICATE))
             .values(published_at=at)
+            .returning(_fm.c.run_id)
         )
-        marked += conn.execute(stmt).rowcount
+        marked += [run_id for (run_id,) in conn.execute(stmt)]
     return marked

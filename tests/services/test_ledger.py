@@ -435,11 +435,31 @@ def test_unpublished_runs_until_marked_published(store: Ledger) -> None:
             finished_at=T0 + timedelta(minutes=n),
         )
 
-    assert [r.run_id for r in store.unpublished_runs(10)] == ["run-0", "run-1"]
-    assert store.mark_published(["run-0", "run-2"], T0 + timedelta(hours=1)) == 1
+    unpublished = store.unpublished_runs(10)
+    assert [r.run_id for r in unpublished] == ["run-0", "run-1"]
+    [running] = store.runs(run_id="run-2")
+    at = T0 + timedelta(hours=1)
+    assert store.mark_published([unpublished[0], running], at) == ["run-0"]
     assert [r.run_id for r in store.unpublished_runs(10)] == ["run-1"]
     [row] = store.runs(run_id="run-0")
-    assert row.published_at == T0 + timedelta(hours=1)
+    assert row.published_at == at
+
+
+def test_a_row_finalized_again_since_it_was_read_is_not_marked_published(store: Ledger) -> None:
+    """The publisher read revision 1; a re-execution reopened the run and a finalizer wrote
+    revision 2 before the mark: revision 2 was never published, so it stays unpublished."""
+    store.start_run("run-0", "orders", None, T0)
+    finish = {"status": "failed", "counts": Counts(), "pages_done": 0, "finished_at": T0}
+    assert finalize(store, "run-0", **finish)  # type: ignore[arg-type]
+    [read] = store.unpublished_runs(10)
+    assert store.reopen("run-0")
+    assert finalize(store, "run-0", **finish)  # type: ignore[arg-type]
+
+    assert store.statuses(["run-0", "nope"]) == {"run-0": ("failed", 2)}
+    assert store.mark_published([read], T0) == []
+    [again] = store.unpublished_runs(10)
+    assert again.revision == 2
+    assert store.mark_published([again], T0) == ["run-0"]
 
 
 def test_runs_newest_first_filtered_by_flow(store: Ledger) -> None:
