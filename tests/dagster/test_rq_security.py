@@ -322,9 +322,12 @@ def test_a_handler_s_error_reaches_rq_masked_and_the_failure_rows_whole(
         {"id": "k3"},
     ]
     env = {"FLOW_DATABASE_URL": sqlite_url}
+    raised_job, failed_job = (f"{FLOW}-{RUN_ID}-p0-j{n}" for n in (0, 1))
     with rq_workers(1, FLOW, redis_url, env, tmp_path, worker_class) as workers:
         process_page(flow, RUN_ID, Page(0, records), counters, store)
         wait_for(lambda: store.page_totals([RUN_ID])[RUN_ID].counts.pending == 0, 120, "acks")
+        # RQ sets a job's status after its callback acked it: wait for both.
+        wait_until_ended(connection, [raised_job, failed_job], workers.tail)
         log = workers.tail()
 
     raised = f"ConnectionError: downstream is down for {EMAIL}"
@@ -334,7 +337,6 @@ def test_a_handler_s_error_reaches_rq_masked_and_the_failure_rows_whole(
         ("k1", raised),
         (OTHER_EMAIL, refused),
     }
-    raised_job, failed_job = (f"{FLOW}-{RUN_ID}-p0-j{n}" for n in (0, 1))
     assert job_states(connection, [raised_job, failed_job]) == ["failed", "finished"]
     exc_string = failure_of(connection, raised_job)
     assert (
