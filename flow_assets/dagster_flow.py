@@ -110,10 +110,12 @@ def _plan_op(flow: Flow, tags: dict[str, str]) -> dg.OpDefinition:
             store.start_run(run_id, flow.name, partition_key, datetime.now(timezone.utc), policy)
             counters.start_run(flow.name, run_id)
             pages_total, reported_totals = 0, []
-            for chunk in _chunks(flow, partition_key):
-                pages_total += len(chunk)
-                reported_totals += _reported_totals(chunk)
-                yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
+            # A sequential source is read here in full, for as long as it takes: alive.
+            with heartbeat(store, run_id, heartbeat_interval(flow.deadline)):
+                for chunk in _chunks(flow, partition_key):
+                    pages_total += len(chunk)
+                    reported_totals += _reported_totals(chunk)
+                    yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
             # Dagster starts the mapped steps once this op has returned: the plan is in the
             # ledger before any page is, and extraction is done when each page has its row.
             store.record_plan(run_id, pages_total, max(reported_totals, default=None))
@@ -205,8 +207,14 @@ def join_flow_run(
       lacks them (a re-execution launched from Python);
     - the ledger row, reopened (``running`` again) if it was final;
     - when reopened, ``STATUS_TAG=running`` on every Dagster run of the group;
-    - the run's Redis state, rebuilt from the ledger when its earlier finalization removed
-      it (not a loss: no counter-mismatch note).
+    - the run's Redis state, rewritten from the ledger by the step that reopened it (its
+      finalization removed it; not a loss: no counter-mismatch note), and restored by any
+      other step that finds it gone. A step cannot tell that from a loss after the restore,
+      so the ledger decides every key of a reopened run (``page_queries.replace_pages``):
+      a key still reaches the handler once.
+
+    A flow run that ended ``completed`` or ``partial_success`` is not reopened: its
+    re-execution fails at its first step, changing nothing.
     """
     run = context.run
     if run.parent_run_id is None:
@@ -218,17 +226,33 @@ def join_flow_run(
         context.instance.add_run_tags(
             run.run_id, {ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: run.parent_run_id}
         )
-    reopened = store.reopen(root)
-    if reopened:
+    flow_run = FlowRun(flow.name, root, store, counters)
+    if store.reopen(root):
         group = context.instance.get_run_ids(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: root}))
         for run_id in {root, *group}:
             context.instance.add_run_tags(run_id, {STATUS_TAG: "running"})
-    if counters.totals(flow.name, root) is None and (
-        reopened or any(row.revision for row in store.runs(run_id=root))
-    ):
-        # Its own finalization removed them: restored, not a loss (no counter-mismatch note).
-        FlowRun(flow.name, root, store, counters).rebuild(note=None)
+        flow_run.restore_reopened()
+    elif _revision_to_continue(flow, store, root) and counters.totals(flow.name, root) is None:
+        # Reopened by another step of this re-execution, which restores it: not a loss.
+        flow_run.rebuild(note=None)
     return root
+
+
+def _revision_to_continue(flow: Flow, store: Ledger, root: str) -> int:
+    """The revision of the flow run a re-execution continues (0: never final, or no row
+    yet). A flow run that ended successfully is never reopened (its final row stands): its
+    re-execution fails at its first step, before it writes anything."""
+    rows = store.runs(run_id=root)
+    if not rows:
+        return 0  # the first attempt failed before its plan step wrote the row
+    if rows[0].flow_status in SUCCESSFUL_STATUSES:
+        raise dg.Failure(
+            f"flow {flow.name}: run {root} already ended {rows[0].flow_status}; a"
+            " re-execution cannot change a finished successful run. Launch a new run of the"
+            " job to read the source again.",
+            allow_retries=False,
+        )
+    return rows[0].revision
 
 
 def _code_location(run: dg.DagsterRun) -> str | None:

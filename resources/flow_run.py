@@ -90,7 +90,7 @@ class FlowRun:
 
         The loss is noted on the run (``note``) *before* the ledger is read: a pre-write
         that did not see the note committed before it, so this read has its keys. None: no
-        loss (a reopened run whose Redis keys its own finalization removed)."""
+        loss (see ``restore_reopened``)."""
         if note is not None:
             log.warning(
                 "flow %s run %s: Redis lost the run's state; rebuilding it from the SQL ledger",
@@ -99,6 +99,13 @@ class FlowRun:
             )
             self.store.note_counter_mismatch(self.run_id, note)
         self._restore(force=False)
+
+    def restore_reopened(self) -> None:
+        """A run reopened after a finalization: rewrite Redis from the ledger, whatever it
+        holds (its finalization removed the keys, or they outlived it while reopening counted
+        late outcomes in the ledger). Not a loss: no note. Safe to force, as the ledger
+        decides every key of a reopened run (``page_queries.replace_pages``)."""
+        self._restore(force=True)
 
     def realign(self) -> None:
         """Redis gave a page keys the ledger gave another: rewrite its claims from the ledger.

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ import dagster as dg
 
 from resources.counts import Counts
 from resources.errors import CountersUnavailableError
+from resources.flow_run import FlowRun
 from resources.ledger.ledger import Ledger
 from resources.ledger.page_ranges import missing_pages_text
 from resources.ledger.records import FinalState, PageTotals, RunRow
@@ -104,7 +106,7 @@ def finalize_runs(
     now = now or datetime.now(timezone.utc)
     started = time.monotonic()
     report = FinalizeReport()
-    report.reopened = _reopen_late_successes(instance, store, batch_size)
+    report.reopened = _reopen_late_successes(instance, store, counters, batch_size)
     rows = store.running_runs(batch_size)
     if rows:
         groups = dagster_run_groups(instance, [row.run_id for row in rows])
@@ -113,7 +115,9 @@ def finalize_runs(
         statuses = {final.run_id: final.status for final in finals}
         for run_id in store.finalize_many(finals):
             report.finalized[run_id] = statuses[run_id]
-        cancel_queued_jobs(counters, [d.row for d in ready if d.row.run_id in report.finalized])
+        # A run awaiting its Dagster run is decided again when that run ends: its jobs stay.
+        settled = [d for d in ready if d.row.run_id in report.finalized]
+        cancel_queued_jobs(counters, [d.row for d in settled if not d.awaiting_dagster])
     publish_until = None if time_budget_seconds is None else started + time_budget_seconds
     report.published = publish_final_runs(
         instance, store, counters, now, batch_size, until=publish_until
@@ -223,7 +227,9 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
-def _reopen_late_successes(instance: dg.DagsterInstance, store: Ledger, limit: int) -> list[str]:
+def _reopen_late_successes(
+    instance: dg.DagsterInstance, store: Ledger, counters: LiveCounters, limit: int
+) -> list[str]:
     """Runs finalized as stalled while their Dagster run still worked are decided again once
     that Dagster run has ended, whatever its outcome (its steps may have finished pages
     meanwhile): reopened here, classified anew this tick from the settled ledger. A run
@@ -245,6 +251,10 @@ def _reopen_late_successes(instance: dg.DagsterInstance, store: Ledger, limit: i
                 row.run_id,
                 state.value,
             )
+            # Its finalization removed its Redis state, which RQ acks still update: restore
+            # it (not a loss, no note) rather than have the next ack report it lost.
+            with contextlib.suppress(CountersUnavailableError):  # the next ack notes it
+                FlowRun(row.flow_name, row.run_id, store, counters).restore_reopened()
             reopened.append(row.run_id)
     return reopened
 

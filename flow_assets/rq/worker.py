@@ -19,7 +19,8 @@ worker (``--maintenance-interval``); see ``RqDispatch.job_timeout``.
 loaded it (a job of a flow the worker did not load fails; nothing named by a job is
 imported), with a ``JobBatch``, heartbeating the run while the handler works (a long job
 keeps its run alive). A job of a run that is already final (finalized as stalled, failed
-or cancelled while the job waited in the queue) is skipped: the handler is not called.
+or cancelled while the job waited in the queue) is skipped: the handler is not called;
+unless the run awaits its Dagster run (``RunGate.runs_jobs``).
 The job's RQ callbacks acknowledge its outcome: ``ack_success`` (the outcomes the handler
 reported) and ``ack_failure`` (the job raised, timed out, or its worker died; only once RQ
 will not retry it). An ack is a guarded transition in SQL (the source of truth) then in
@@ -73,7 +74,9 @@ def run_jobs(
     the one ``handler_path`` names; otherwise ``rq_guard.JobRefusedError``. A job of a run
     that is final in the ledger (or unknown to it) is skipped without calling the handler:
     its jobs were counted failed (lost) when the run was finalized. The result then says
-    why under ``skipped``, with no outcome to acknowledge.
+    why under ``skipped``, with no outcome to acknowledge. A run declared stalled while its
+    Dagster run still works is not final yet in that sense: its jobs run, their outcomes
+    are recorded as late, and they count when the run is decided again.
 
     A handler that raises fails the job with a ``JobHandlerError`` chained to nothing: RQ
     logs it and keeps it in Redis, so it shows the error as the flow's ``error_detail``
@@ -81,7 +84,7 @@ def run_jobs(
     """
     loaded = rq_guard.flow_for(flow, handler_path)  # first: a refused job runs nothing
     gate = _ledger().run_gate(run_id)
-    if gate is None or not gate.running:
+    if gate is None or not gate.runs_jobs:
         why = f"run {run_id} is {gate.status} in the ledger" if gate else f"run {run_id} is unknown"
         log.warning("flow %s page %d: %s; job skipped, handler not called", flow, page_index, why)
         return {"completed": [], "failed": {}, "skipped": f"not run: {why}"}

@@ -89,10 +89,17 @@ class RunGate:
     flow_name: str
     status: str
     policy: RunPolicy | None
+    awaiting_dagster: bool = False
 
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+    @property
+    def runs_jobs(self) -> bool:
+        """Its jobs still run: it is running, or was declared stalled while its Dagster run
+        still works (it is decided again when that run ends, counting their late outcomes)."""
+        return self.running or self.awaiting_dagster
 
 
 def register_jobs(
@@ -139,16 +146,16 @@ def run_gate(conn: Connection, run_id: str, *, lock: bool = False) -> RunGate | 
     ``FOR UPDATE`` conflicts with it, so an ack either commits before a run is finalized
     or sees it final; acks do not block each other, nor their progress updates.
     """
-    stmt = select(_fm.c.flow_name, _fm.c.flow_status, _fm.c.run_policy).where(
-        _fm.c.run_id == run_id
-    )
+    stmt = select(
+        _fm.c.flow_name, _fm.c.flow_status, _fm.c.run_policy, _fm.c.awaiting_dagster
+    ).where(_fm.c.run_id == run_id)
     if lock:
         stmt = stmt.with_for_update(read=True, key_share=True)
     row = conn.execute(stmt).one_or_none()
     if row is None:
         return None
-    flow_name, status, policy = row
-    return RunGate(flow_name, status, RunPolicy.from_json(policy) if policy else None)
+    flow_name, status, policy, awaiting = row
+    return RunGate(flow_name, status, RunPolicy.from_json(policy) if policy else None, awaiting)
 
 
 def ack_jobs(

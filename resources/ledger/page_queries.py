@@ -122,7 +122,10 @@ def replace_pages(
     another page of the run owns is taken out of the page, counted skipped
     (``PageRecord.without_keys``). A ``dedup="flow"`` run, which claims every key in the
     ledger anyway, claims them there from its first page (its failed keys are released
-    from that table, ``flow_key_queries``).
+    from that table, ``flow_key_queries``). So does a run finalized once and reopened
+    (``revision > 0``, a re-execution): its finalization removed its Redis state, so the
+    steps of the re-execution rebuild it from the ledger without a note, and cannot tell
+    that restore from a loss after it; the ledger decides all its keys instead.
 
     The run row is updated last, as the fast path always did (its lock held the shortest
     time); that update also reads the note. A note written concurrently waits for this
@@ -141,7 +144,11 @@ def replace_pages(
         .where(_fm.c.run_id == run_id)
         .values(updated_at=now)
         .returning(
-            _fm.c.flow_status, _fm.c.awaiting_dagster, _fm.c.counter_mismatch, _fm.c.run_policy
+            _fm.c.flow_status,
+            _fm.c.awaiting_dagster,
+            _fm.c.counter_mismatch,
+            _fm.c.run_policy,
+            _fm.c.revision,
         )
     )
     run = conn.execute(stmt).first()
@@ -152,6 +159,7 @@ def replace_pages(
     # its finalization removed, and a loss is noted on running runs only: the ledger decides.
     if (
         run.counter_mismatch is not None
+        or run.revision > 0
         or run.flow_status != "running"
         or _dedup_of(run.run_policy) == "flow"
     ):

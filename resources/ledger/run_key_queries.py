@@ -6,10 +6,11 @@ recorded, so two pages may then both believe they own a key. From the run's firs
 the page pre-write (``page_queries.replace_pages``) claims each page's keys again here,
 and the first page recorded keeps the key: a key reaches the handler at most once per run
 whatever Redis loses. A ``dedup="flow"`` run, which claims every key in the ledger anyway,
-claims them here from its first page. (Otherwise, before a loss, Redis alone decides and
-the page rows' ``claimed_keys`` say what it decided: a row per key on the hot path would
-cost more than the rest of the hot path, bench/hotpath.py.) Given an open transaction; no
-Dagster import.
+claims them here from its first page, and so does a run reopened after a finalization
+(``revision > 0``), whose Redis state was removed and restored. (Otherwise, before a loss,
+Redis alone decides and the page rows' ``claimed_keys`` say what it decided: a row per key
+on the hot path would cost more than the rest of the hot path, bench/hotpath.py.) Given an
+open transaction; no Dagster import.
 """
 
 from __future__ import annotations

@@ -190,6 +190,35 @@ def _tolerant_flow(path: Path, name: str, max_failed_jobs: int) -> Flow:
     )
 
 
+def test_a_reexecution_of_a_completed_run_fails_and_changes_nothing(
+    tmp_path: Path, sqlite_url: str, redis_url: str, instance: dg.DagsterInstance
+) -> None:
+    """The Dagster UI lets a user re-execute a run whose flow run ended completed: the
+    final row stands (a new run reads the source again), so the re-execution fails at its
+    first step, naming the fix, and writes nothing: not the plan, not Redis."""
+    kwargs = {**_job_kwargs(tmp_path, sqlite_url, redis_url, "kill"), "fault_page": 999}
+    with dg.execute_job(
+        _reconstructable(kwargs), instance=instance, run_config=recovery_flows.IN_PROCESS
+    ) as first:
+        assert first.success
+        root = first.run_id
+    defs = recovery_flows.build_definitions(**kwargs)
+    tick(defs, instance)
+    done = row_of(sqlite_url, root)
+    assert done.flow_status == "completed"
+
+    rerun = _reexecute(kwargs, instance, root, from_failure=False)
+    assert rerun.status == dg.DagsterRunStatus.FAILURE
+    failures = instance.all_logs(rerun.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    message = failures[0].dagster_event.step_failure_data.error.message  # type: ignore[union-attr]
+    assert f"run {root} already ended completed" in message
+    assert "Launch a new run" in message
+    tick(defs, instance)
+    assert row_of(sqlite_url, root) == done
+    assert run_keys_left(redis_url) == []
+    assert status_tag(instance, root) == "completed"
+
+
 def test_a_run_is_decided_by_its_own_flows_policy_whichever_code_location_ticks(
     redis_url: str, postgres_url: str, instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
