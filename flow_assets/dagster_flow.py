@@ -207,11 +207,10 @@ def join_flow_run(
       lacks them (a re-execution launched from Python);
     - the ledger row, reopened (``running`` again) if it was final;
     - when reopened, ``STATUS_TAG=running`` on every Dagster run of the group;
-    - the run's Redis state, rewritten from the ledger by the step that reopened it (its
-      finalization removed it; not a loss: no counter-mismatch note), and restored by any
-      other step that finds it gone. A step cannot tell that from a loss after the restore,
-      so the ledger decides every key of a reopened run (``page_queries.replace_pages``):
-      a key still reaches the handler once.
+    - the run's Redis state, restored from the ledger once per reopening by the first step
+      that needs it (its finalization removed it; not a loss: no counter-mismatch note). A
+      step cannot tell a later loss from that removal, so the ledger decides every key of a
+      reopened run (``page_queries.replace_pages``): a key still reaches the handler once.
 
     A flow run that ended ``completed`` or ``partial_success`` is not reopened: its
     re-execution fails at its first step, changing nothing.
@@ -226,15 +225,15 @@ def join_flow_run(
         context.instance.add_run_tags(
             run.run_id, {ROOT_RUN_ID_TAG: root, PARENT_RUN_ID_TAG: run.parent_run_id}
         )
-    flow_run = FlowRun(flow.name, root, store, counters)
-    if store.reopen(root):
+    reopened = store.reopen(root)
+    revision = _revision_to_continue(flow, store, root)
+    if reopened:
         group = context.instance.get_run_ids(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: root}))
         for run_id in {root, *group}:
             context.instance.add_run_tags(run_id, {STATUS_TAG: "running"})
-        flow_run.restore_reopened()
-    elif _revision_to_continue(flow, store, root) and counters.totals(flow.name, root) is None:
-        # Reopened by another step of this re-execution, which restores it: not a loss.
-        flow_run.rebuild(note=None)
+    if revision and (reopened or counters.totals(flow.name, root) is None):
+        # Whichever step of the re-execution comes first restores it: not a loss.
+        FlowRun(flow.name, root, store, counters).restore_reopened(revision)
     return root
 
 

@@ -100,12 +100,14 @@ class FlowRun:
             self.store.note_counter_mismatch(self.run_id, note)
         self._restore(force=False)
 
-    def restore_reopened(self) -> None:
-        """A run reopened after a finalization: rewrite Redis from the ledger, whatever it
-        holds (its finalization removed the keys, or they outlived it while reopening counted
-        late outcomes in the ledger). Not a loss: no note. Safe to force, as the ledger
-        decides every key of a reopened run (``page_queries.replace_pages``)."""
-        self._restore(force=True)
+    def restore_reopened(self, revision: int) -> None:
+        """A run reopened after its finalization (at ``revision``): rewrite Redis from the
+        ledger once, whatever it holds (the finalization removed the keys, or they outlived
+        it while reopening counted late outcomes in the ledger), unless a step of the
+        re-execution restored it already (it may have claimed keys since). Not a loss: no
+        note; the ledger decides every key of a reopened run anyway."""
+        claims, counts = self.store.claimed_keys(self.run_id), self.store.page_counts(self.run_id)
+        self.counters.rebuild(self.flow_name, self.run_id, claims, counts, restore_of=revision)
 
     def realign(self) -> None:
         """Redis gave a page keys the ledger gave another: rewrite its claims from the ledger.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
@@ -161,7 +161,7 @@ def _decide(
         snapshot = RunSnapshot(
             counts=page_totals.counts,
             extraction_done=_extraction_done(row, page_totals),
-            run_state=_run_state(latest),
+            run_state=_group_state(records),
             last_progress_at=row.updated_at,
             extraction_gap=_extraction_gap(store, row, page_totals),
             reported_total=row.source_reported_total,
@@ -232,30 +232,35 @@ def _reopen_late_successes(
 ) -> list[str]:
     """Runs finalized as stalled while their Dagster run still worked are decided again once
     that Dagster run has ended, whatever its outcome (its steps may have finished pages
-    meanwhile): reopened here, classified anew this tick from the settled ledger. A run
-    this instance cannot see (another Dagster instance) stays as it is."""
+    meanwhile), or once jobs of theirs reported outcomes (their workers ran them; the
+    Dagster run may never say it ended): reopened here, classified anew this tick from the
+    settled ledger. A run this instance cannot see (another Dagster instance) and with no
+    late outcome stays as it is."""
     rows = store.awaiting_dagster_runs(limit)
     if not rows:
         return []
     groups = dagster_run_groups(instance, [row.run_id for row in rows])
+    late = store.late_jobs([row.run_id for row in rows])
     ended = (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
     reopened = []
     for row in rows:
-        records = groups.get(row.run_id, [])
-        state = _run_state(records[0].dagster_run if records else None)
-        if state in ended and store.reopen(row.run_id):
-            log.warning(
-                "flow %s run %s: its Dagster run ended (%s) after the run was declared"
-                " stalled; reopened to decide it again",
-                row.flow_name,
-                row.run_id,
-                state.value,
-            )
-            # Its finalization removed its Redis state, which RQ acks still update: restore
-            # it (not a loss, no note) rather than have the next ack report it lost.
-            with contextlib.suppress(CountersUnavailableError):  # the next ack notes it
-                FlowRun(row.flow_name, row.run_id, store, counters).restore_reopened()
-            reopened.append(row.run_id)
+        state = _group_state(groups.get(row.run_id, []))
+        why = f"its Dagster run ended ({state.value})" if state in ended else None
+        if why is None and late[row.run_id]:
+            why = f"{late[row.run_id]} of its jobs reported outcomes"
+        if why is None or not store.reopen(row.run_id):
+            continue
+        log.warning(
+            "flow %s run %s: %s after the run was declared stalled; reopened to decide it again",
+            row.flow_name,
+            row.run_id,
+            why,
+        )
+        # Its finalization removed its Redis state, which RQ acks still update: restore it
+        # (not a loss, no note) rather than have the next ack report it lost.
+        with contextlib.suppress(CountersUnavailableError):  # the next ack notes it
+            FlowRun(row.flow_name, row.run_id, store, counters).restore_reopened(row.revision)
+        reopened.append(row.run_id)
     return reopened
 
 
@@ -282,6 +287,16 @@ def _is_dagster_wrapper(cls_name: str | None) -> bool:
     return cls_name is not None and (
         cls_name.startswith("Dagster") or cls_name == "RetryRequestedFromPolicy"
     )
+
+
+def _group_state(records: Sequence[dg.RunRecord]) -> RunState:
+    """The state of a re-execution group (newest run first): in progress while any of its
+    Dagster runs is (two re-executions launched side by side: the older may still write
+    pages), else its newest run's."""
+    states = [_run_state(record.dagster_run) for record in records]
+    if RunState.IN_PROGRESS in states:
+        return RunState.IN_PROGRESS
+    return states[0] if states else RunState.MISSING
 
 
 def _run_state(run: dg.DagsterRun | None) -> RunState:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import dagster as dg
@@ -55,10 +55,15 @@ def publish_final_runs(
         if start and until is not None and time.monotonic() >= until:
             break  # the first chunk always goes: every call makes progress
         chunk = _still_final(store, rows[start : start + PUBLISH_CHUNK])
-        _publish_chunk(instance, counters, chunk)
-        # A row finalized again meanwhile stays unpublished: its new revision goes out next.
+        groups = dagster_run_groups(instance, [row.run_id for row in chunk])
+        _publish_chunk(instance, groups, chunk)
+        # A row reopened or finalized again meanwhile stays unpublished (its new revision
+        # goes out next) and keeps its Redis keys, which its steps use again.
         marked = set(store.mark_published(chunk, now))
-        published.extend(row for row in chunk if row.run_id in marked)
+        done = [row for row in chunk if row.run_id in marked]
+        _forget_run_keys(counters, done)
+        _retag_reopened(instance, store, groups, [row for row in chunk if row not in done])
+        published.extend(done)
     return published
 
 
@@ -71,21 +76,41 @@ def _still_final(store: Ledger, rows: Sequence[RunRow]) -> list[RunRow]:
 
 
 def _publish_chunk(
-    instance: dg.DagsterInstance, counters: LiveCounters, rows: Sequence[RunRow]
+    instance: dg.DagsterInstance,
+    groups: Mapping[str, list[dg.RunRecord]],
+    rows: Sequence[RunRow],
 ) -> None:
     by_flow: dict[str, list[RunRow]] = defaultdict(list)
     for row in rows:
         by_flow[row.flow_name].append(row)
     for flow_rows in by_flow.values():
         store_materializations(instance, [final_materialization(row) for row in flow_rows])
-    groups = dagster_run_groups(instance, [row.run_id for row in rows])
     for row in rows:
         instance.report_runless_asset_event(final_check(row))
-        # Every Dagster run of the group shows the flow run's current status: a
-        # re-execution inherits its parent's tags, a parent keeps an older verdict.
-        for record in groups.get(row.run_id, ()):
-            instance.add_run_tags(record.dagster_run.run_id, {STATUS_TAG: row.flow_status})
-    _forget_run_keys(counters, rows)
+        _tag_group(instance, groups, row.run_id, row.flow_status)
+
+
+def _tag_group(
+    instance: dg.DagsterInstance, groups: Mapping[str, list[dg.RunRecord]], run_id: str, status: str
+) -> None:
+    """Every Dagster run of the group shows the flow run's current status: a re-execution
+    inherits its parent's tags, a parent keeps an older verdict."""
+    for record in groups.get(run_id, ()):
+        instance.add_run_tags(record.dagster_run.run_id, {STATUS_TAG: status})
+
+
+def _retag_reopened(
+    instance: dg.DagsterInstance,
+    store: Ledger,
+    groups: Mapping[str, list[dg.RunRecord]],
+    rows: Sequence[RunRow],
+) -> None:
+    """Rows reopened while they were published: their re-execution tagged the group
+    ``running``, which the tags just written may have overwritten."""
+    current = store.statuses([row.run_id for row in rows]) if rows else {}
+    for run_id, (status, _) in current.items():
+        if status == "running":
+            _tag_group(instance, groups, run_id, status)
 
 
 def dagster_run_groups(

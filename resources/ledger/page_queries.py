@@ -154,7 +154,7 @@ def replace_pages(
     run = conn.execute(stmt).first()
     if run is None:
         return None
-    _check_still_recording(run_id, run.flow_status, run.awaiting_dagster)
+    check_still_recording(run_id, run.flow_status, run.awaiting_dagster)
     # A step still writing to a run already final (declared stalled) works on Redis state
     # its finalization removed, and a loss is noted on running runs only: the ledger decides.
     if (
@@ -264,11 +264,11 @@ def finish_pages(
         .returning(_fm.c.flow_status, _fm.c.awaiting_dagster)
     )
     if (run := conn.execute(touch).first()) is not None:
-        _check_still_recording(run_id, run.flow_status, run.awaiting_dagster)
+        check_still_recording(run_id, run.flow_status, run.awaiting_dagster)
     return []
 
 
-def _check_still_recording(run_id: str, flow_status: str, awaiting_dagster: bool) -> None:
+def check_still_recording(run_id: str, flow_status: str, awaiting_dagster: bool) -> None:
     """Pages are recorded while the run is running, or final but decided while its Dagster
     run still worked (stalled: decided again once it ends). Otherwise the final row stands
     and agrees with the ledger: raising rolls the step's write back."""

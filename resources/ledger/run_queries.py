@@ -19,10 +19,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Update
 
 from resources.batching import IN_LIST_SIZE, batched
 from resources.ledger import flow_key_queries, job_queries
-from resources.ledger.page_queries import page_totals
+from resources.ledger.page_queries import check_still_recording, page_totals
 from resources.ledger.records import (
     FinalState,
     RunRow,
@@ -76,13 +77,23 @@ def record_plan(
         .where(_fm.c.run_id == run_id)
         .values(pages_total=pages_total, source_reported_total=reported_total, updated_at=now)
     )
-    return conn.execute(stmt).rowcount
+    return _still_recording(conn, run_id, stmt)
 
 
 def mark_extraction_done(conn: Connection, run_id: str, now: datetime) -> int:
     """Collect's hint that every step ran (the finalizer proves it from the page rows)."""
     stmt = update(_fm).where(_fm.c.run_id == run_id).values(extraction_done=True, updated_at=now)
-    return conn.execute(stmt).rowcount
+    return _still_recording(conn, run_id, stmt)
+
+
+def _still_recording(conn: Connection, run_id: str, stmt: Update) -> int:
+    """Run an update of the run's row: 0 if the run is unknown; ``RunFinalError`` (the
+    transaction rolled back) if it is final: its final row stands."""
+    row = conn.execute(stmt.returning(_fm.c.flow_status, _fm.c.awaiting_dagster)).first()
+    if row is None:
+        return 0
+    check_still_recording(run_id, row.flow_status, row.awaiting_dagster)
+    return 1
 
 
 def heartbeat(conn: Connection, run_id: str, now: datetime) -> int:

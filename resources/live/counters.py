@@ -41,6 +41,7 @@ _RQ_CLIENTS: dict[tuple[int, str], redis.Redis] = {}
 
 
 DEFAULT_KEY_TTL_SECONDS = 86400
+RESTORED_FIELD = "restored_revision"  # in meta: this state is the restore of a reopened run
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class LiveCounters:
         pages: Mapping[int, Counts],
         *,
         force: bool = False,
+        restore_of: int | None = None,
     ) -> bool:
         """Rewrite the run's state from the SQL ledger, atomically (MULTI/EXEC).
 
@@ -176,6 +178,10 @@ class LiveCounters:
             claims: record key -> index of the page that owns it.
             pages: page index -> that page's recorded counts.
             force: rewrite even if the run's state is present.
+            restore_of: the revision of a run reopened after its finalization: rewrite
+                (forced) unless a restore of that revision was done already, and mark the
+                state as that restore (steps of the re-execution may have claimed keys
+                in it since).
 
         Returns:
             True if rewritten. False if the state was whole (unless ``force``), or if
@@ -191,7 +197,10 @@ class LiveCounters:
             with client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(meta, seen, pages_key)
-                    if not force and _intact(pipe, meta, seen, pages_key):
+                    if restore_of is not None:
+                        if pipe.hget(meta, RESTORED_FIELD) == str(restore_of):
+                            return False
+                    elif not force and _intact(pipe, meta, seen, pages_key):
                         return False
                     pipe.multi()
                     pipe.delete(seen, pages_key, totals_key, meta)
@@ -206,6 +215,7 @@ class LiveCounters:
                             "rebuilt_at": _now(),
                             "claims": len(seen_items),
                             "pages": len(page_items),
+                            **({} if restore_of is None else {RESTORED_FIELD: restore_of}),
                         },
                     )
                     for key in (seen, pages_key, totals_key, meta):

@@ -30,6 +30,7 @@ from flow_assets.page_step import process_pages
 from flow_assets.rq.dispatch import RqDispatch
 from flow_assets.sources.base import Page, SequentialSource
 from resources.counts import Counts
+from resources.flow_run import FlowRun
 from resources.ledger.ledger import Ledger
 from resources.ledger.records import FinalState, PageRecord, RunRow
 from resources.live.counters import LiveCounters
@@ -45,6 +46,7 @@ from tests.flowkit import (
     make_defs,
     row_of,
     run_flow,
+    status_tag,
     tick,
 )
 
@@ -271,3 +273,189 @@ def test_a_plan_step_reading_past_the_deadline_keeps_its_run_alive(
     row: RunRow = row_of(sqlite_url, result.run_id)
     assert row.flow_status == "completed", row.failure_reason
     assert_counts(row, Counts(source=3, dispatched=3, completed=3))
+
+
+# -------------------------------------- two re-executions of one run, launched side by side
+
+
+def test_a_run_waits_while_any_dagster_run_of_its_group_still_works(
+    sqlite_url: str, redis_url: str
+) -> None:
+    """Two re-executions of a failed run were launched side by side; the newer one failed
+    at once while the older one still works. The run is not decided until that one ends
+    (deciding by the newest run alone finalized it, then refused the older run's pages)."""
+    store, counters = Ledger(url=sqlite_url), LiveCounters(url=redis_url)
+    flow = Flow(name="twice", source=NoSource(), key="id", handler=lambda batch: None)
+    root, job = "twice-root", "twice_job"
+    store.start_run(root, flow.name, None, T0, flow.run_policy())
+    store.record_plan(root, 1, None)
+    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
+    group: dict[str, Any] = {
+        "tags": {ROOT_RUN_ID_TAG: root},
+        "root_run_id": root,
+        "parent_run_id": root,
+    }
+    with dg.DagsterInstance.ephemeral() as instance:
+        dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
+        older = dagster_run(instance, job, "older", dg.DagsterRunStatus.STARTED, **group)
+        time.sleep(0.05)  # the newer one is created later (runs are ordered by creation)
+        dagster_run(instance, job, "newer", dg.DagsterRunStatus.FAILURE, **group)
+        waiting = finalize_runs(instance, store, counters, {})
+        assert waiting.finalized == {} and root in waiting.waiting
+
+        instance.delete_run(older.run_id)
+        dagster_run(instance, job, older.run_id, dg.DagsterRunStatus.SUCCESS, **group)
+        decided = finalize_runs(instance, store, counters, {})
+    assert root in decided.finalized
+
+
+# ------------------------------------------- no loss note where Redis lost nothing
+
+
+def test_the_reopening_step_restoring_late_keeps_the_claims_of_steps_that_joined_first(
+    database_url: str, redis_url: str
+) -> None:
+    """Step A reopens the run, then (while it tags the group's Dagster runs) step B joins,
+    restores the removed Redis state and claims page 1; only then does A restore. A does
+    not overwrite B's claim: step C's page 2 finds k taken, no page is realigned, and the
+    final row carries no note of a Redis loss that never was."""
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
+    handled: Counter[str] = Counter()
+    flow = Flow(name="late_restore", source=NoSource(), key="id", handler=handled_by(handled))
+    root, job = "root-run", "late_restore_job"
+    store.start_run(root, flow.name, None, T0, flow.run_policy())
+    counters.start_run(flow.name, root)
+    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
+    store.record_plan(root, 3, None)
+    with dg.DagsterInstance.ephemeral() as instance:
+        dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
+        assert finalize_runs(instance, store, counters, {}).finalized == {root: "failed"}
+        group: dict[str, Any] = {
+            "parent_run_id": root,
+            "root_run_id": root,
+            "tags": {ROOT_RUN_ID_TAG: root},
+        }
+        rerun = dagster_run(instance, job, "rerun", dg.DagsterRunStatus.STARTED, **group)
+        context = step_context(instance, rerun)
+        handled.clear()
+
+        assert store.reopen(root)  # step A, first half of its join
+        assert join_flow_run(context, flow, store, counters) == root  # step B joins
+
+        def a_restores_then_c_runs() -> None:
+            FlowRun(flow.name, root, store, counters).restore_reopened(1)  # A's second half
+            join_flow_run(context, flow, store, counters)
+            process_pages(flow, root, [Page(2, [{"id": "k"}, {"id": "y"}])], counters, store)
+
+        step_b = cast(LiveCounters, FlushAfterClaim(counters, {1: a_restores_then_c_runs}))
+        process_pages(flow, root, [Page(1, [{"id": "k"}, {"id": "x"}])], step_b, store)
+
+        instance.delete_run(rerun.run_id)
+        dagster_run(instance, job, rerun.run_id, dg.DagsterRunStatus.SUCCESS, **group)
+        report = finalize_runs(instance, store, counters, {})
+    assert handled == Counter({"k": 1, "x": 1, "y": 1})
+    assert report.finalized == {root: "partial_success"}
+    row = store.runs(run_id=root)[0]
+    assert_counts(row, Counts(source=5, dispatched=4, skipped=1, completed=4))
+    assert row.counter_mismatch is None
+
+
+def handled_by(handled: Counter[str]) -> Any:
+    def handler(batch: JobBatch) -> None:
+        handled.update(batch.keys)
+
+    return handler
+
+
+class ReopenWhilePublishing(Ledger):
+    """The ledger; once, right after the publisher checked its rows are still final, a
+    re-execution reopens the run (``then``)."""
+
+    then: Any = None
+
+    def statuses(self, run_ids: Any) -> Any:
+        found = super().statuses(run_ids)
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return found
+
+
+def test_a_run_reopened_while_it_is_published_keeps_its_redis_state_and_running_tag(
+    database_url: str, redis_url: str
+) -> None:
+    store, counters = ReopenWhilePublishing(url=database_url), LiveCounters(url=redis_url)
+    flow = Flow(name="reopened_pub", source=NoSource(), key="id", handler=lambda batch: None)
+    root, job = "root-run", "reopened_pub_job"
+    store.start_run(root, flow.name, None, T0, flow.run_policy())
+    counters.start_run(flow.name, root)
+    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
+    store.record_plan(root, 2, None)
+    with dg.DagsterInstance.ephemeral() as instance:
+        dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
+        rerun = dg.DagsterRun(
+            job_name=job,
+            run_id="rerun",
+            status=dg.DagsterRunStatus.STARTED,
+            parent_run_id=root,
+            root_run_id=root,
+            tags={ROOT_RUN_ID_TAG: root},
+        )
+
+        def reexecution_joins() -> None:
+            instance.add_run(rerun)
+            assert join_flow_run(step_context(instance, rerun), flow, store, counters) == root
+
+        store.then = reexecution_joins
+        report = finalize_runs(instance, store, counters, {})
+        assert report.finalized == {root: "failed"} and report.published == []
+        assert store.runs(run_id=root)[0].flow_status == "running"
+        assert counters.totals(flow.name, root) is not None  # not removed under its steps
+        assert status_tag(instance, root) == "running"
+        assert status_tag(instance, rerun.run_id) == "running"
+        process_pages(flow, root, [Page(1, [{"id": "b"}])], counters, store)
+    assert store.runs(run_id=root)[0].counter_mismatch is None
+
+
+# ----------------------------------- a stalled run whose Dagster run never says it ended
+
+
+def test_jobs_of_a_stalled_run_whose_dagster_run_never_ends_count_when_they_report(
+    database_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the Dagster run stays STARTED for good (its run worker died, no run
+    monitoring). The jobs' outcomes reopen the run: they count, none is called lost."""
+    monkeypatch.setenv("FLOW_DATABASE_URL", database_url)
+    flow = Flow(
+        name="late_orders",
+        source=NoSource(),
+        key="id",
+        handler=settle_flows.handle,
+        dispatch=RqDispatch(retries=0, job_timeout=60),
+        deadline=timedelta(minutes=5),
+    )
+    store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
+    run_id = "stuck"
+    store.start_run(run_id, flow.name, None, T0, flow.run_policy())
+    counters.start_run(flow.name, run_id)
+    with dg.DagsterInstance.ephemeral() as instance:
+        dagster_run(instance, f"{flow.name}_job", run_id, dg.DagsterRunStatus.STARTED)
+        later = T0 + timedelta(minutes=6)
+        assert finalize_runs(instance, store, counters, {}, now=later).finalized
+        store.record_plan(run_id, 1, None)
+        page = Page(0, [{"id": key} for key in ("r1", "r2", "r3")])
+        process_pages(flow, run_id, [page], counters, store)
+        store.mark_extraction_done(run_id)
+        env = {"FLOW_DATABASE_URL": database_url}
+        with rq_workers(1, flow.name, redis_url, env, tmp_path, "rq.worker.SimpleWorker"):
+            wait_until(lambda: store.late_jobs([run_id])[run_id] == 3, "three late outcomes")
+
+        reopened = finalize_runs(instance, store, counters, {})
+        assert reopened.reopened == [run_id] and run_id in reopened.waiting
+        assert store.page_totals([run_id])[run_id].counts == Counts(3, 3, completed=3)
+        much_later = datetime.now(timezone.utc) + timedelta(minutes=6)
+        stalled = finalize_runs(instance, store, counters, {}, now=much_later)
+    assert stalled.finalized == {run_id: "failed"}  # its Dagster run never ended: stalled
+    row = store.runs(run_id=run_id)[0]
+    assert_counts(row, Counts(source=3, dispatched=3, completed=3))
+    assert row.counter_mismatch is None

@@ -656,3 +656,19 @@ def test_the_resource_returns_a_ledger_with_its_settings(database_url: str) -> N
     assert [row.run_id for row in Ledger(url=database_url).runs()] == ["r-resource"]
     with pytest.raises(ValueError, match="connect_retry_seconds"):
         Ledger(url=database_url, connect_retry_seconds=-1)
+
+
+def test_a_final_row_keeps_its_plan(store: Ledger) -> None:
+    """A plan or collect step still going when its run was finalized (a re-execution the
+    finalizer did not see yet) writes nothing over the final row."""
+    store.start_run("r", "orders", None, T0)
+    store.record_plan("r", 2, 20)
+    assert finalize(store, "r", status="failed", counts=Counts(), pages_done=0, finished_at=T0)
+    [final] = store.runs(run_id="r")
+    with pytest.raises(RunFinalError):
+        store.record_plan("r", 5, 50)
+    with pytest.raises(RunFinalError):
+        store.mark_extraction_done("r")
+    assert store.runs(run_id="r") == [final]
+    with pytest.raises(ValueError, match="call start_run first"):
+        store.record_plan("unknown", 1, None)
