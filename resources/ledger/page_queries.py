@@ -122,10 +122,9 @@ def replace_pages(
     another page of the run owns is taken out of the page, counted skipped
     (``PageRecord.without_keys``). A ``dedup="flow"`` run, which claims every key in the
     ledger anyway, claims them there from its first page (its failed keys are released
-    from that table, ``flow_key_queries``). So does a run finalized once and reopened
-    (``revision > 0``, a re-execution): its finalization removed its Redis state, so the
-    steps of the re-execution rebuild it from the ledger without a note, and cannot tell
-    that restore from a loss after it; the ledger decides all its keys instead.
+    from that table, ``flow_key_queries``). So does a reopened run (``revision > 0``):
+    its steps restore the Redis state its finalization removed without a note, and cannot
+    tell that from a later loss.
 
     The run row is updated last, as the fast path always did (its lock held the shortest
     time); that update also reads the note. A note written concurrently waits for this

@@ -179,14 +179,12 @@ class LiveCounters:
             pages: page index -> that page's recorded counts.
             force: rewrite even if the run's state is present.
             restore_of: the revision of a run reopened after its finalization: rewrite
-                (forced) unless a restore of that revision was done already, and mark the
-                state as that restore (steps of the re-execution may have claimed keys
-                in it since).
+                unless that reopening was restored already (its steps may have claimed
+                keys since), and mark the state as its restore.
 
         Returns:
-            True if rewritten. False if the state was whole (unless ``force``), or if
-            another process rebuilt it meanwhile: a second rebuild from an older snapshot
-            of the ledger would drop claims made since, so it is skipped.
+            True if rewritten. False if kept (``_keep``), or if another process rebuilt it
+            meanwhile: a rebuild from an older snapshot would drop claims made since.
         """
         meta, seen, pages_key, totals_key = run_keys(flow, run_id)
         seen_items = [(key, _page(page)) for key, page in claims.items()]
@@ -197,10 +195,7 @@ class LiveCounters:
             with client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(meta, seen, pages_key)
-                    if restore_of is not None:
-                        if pipe.hget(meta, RESTORED_FIELD) == str(restore_of):
-                            return False
-                    elif not force and _intact(pipe, meta, seen, pages_key):
+                    if _keep(pipe, meta, seen, pages_key, force=force, restore_of=restore_of):
                         return False
                     pipe.multi()
                     pipe.delete(seen, pages_key, totals_key, meta)
@@ -326,6 +321,16 @@ class LiveCounters:
             )
         )
         return done is not Outcome.LOST
+
+
+def _keep(
+    client: Any, meta: str, seen: str, pages: str, *, force: bool, restore_of: int | None
+) -> bool:
+    """The run's state is to be kept as it is: restored for this reopening already, or
+    (no reopening, not forced) whole."""
+    if restore_of is not None:
+        return bool(client.hget(meta, RESTORED_FIELD) == str(restore_of))
+    return not force and _intact(client, meta, seen, pages)
 
 
 def _intact(client: Any, meta: str, seen: str, pages: str) -> bool:
