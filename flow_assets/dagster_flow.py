@@ -231,8 +231,8 @@ def join_flow_run(
         group = context.instance.get_run_ids(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: root}))
         for run_id in {root, *group}:
             context.instance.add_run_tags(run_id, {STATUS_TAG: "running"})
-    if revision and (reopened or counters.totals(flow.name, root) is None):
-        # Whichever step of the re-execution comes first restores it: not a loss.
+    if revision:
+        # Whichever step of the re-execution comes first restores it (once): not a loss.
         FlowRun(flow.name, root, store, counters).restore_reopened(revision)
     return root
 

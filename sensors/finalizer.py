@@ -290,13 +290,10 @@ def _is_dagster_wrapper(cls_name: str | None) -> bool:
 
 
 def _group_state(records: Sequence[dg.RunRecord]) -> RunState:
-    """The state of a re-execution group (newest run first): in progress while any of its
-    Dagster runs is (two re-executions launched side by side: the older may still write
-    pages), else its newest run's."""
-    states = [_run_state(record.dagster_run) for record in records]
-    if RunState.IN_PROGRESS in states:
-        return RunState.IN_PROGRESS
-    return states[0] if states else RunState.MISSING
+    """The state of a re-execution group (newest run first): its newest run's. (Not "in
+    progress while any is": an older run stuck STARTED for good would keep the flow run
+    from ever being decided.)"""
+    return _run_state(records[0].dagster_run if records else None)
 
 
 def _run_state(run: dg.DagsterRun | None) -> RunState:

@@ -158,7 +158,7 @@ def store_materializations(
 
 def _forget_run_keys(counters: LiveCounters, rows: Sequence[RunRow]) -> None:
     try:
-        counters.delete_runs([(row.flow_name, row.run_id) for row in rows])
+        counters.forget_final_runs([(row.flow_name, row.run_id, row.revision) for row in rows])
     except CountersUnavailableError as exc:
         # The keys expire by their TTL, and `flowctl cleanup` / the sensor's periodic
         # cleanup remove them once Redis is back; publishing does not wait for Redis.

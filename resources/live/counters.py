@@ -24,7 +24,7 @@ from redis.retry import Retry
 from resources.counts import COUNT_FIELDS, Counts
 from resources.errors import CountersUnavailableError
 from resources.home import flow_home
-from resources.live import lua_pages, lua_rq
+from resources.live import lua_final, lua_pages, lua_rq
 from resources.live.embedded_redis import configured_redis_url, ensure_embedded_redis
 from resources.live.keys import ALL_RUN_KEYS_PATTERN, parse_run_key, run_key, run_keys
 from resources.live.lua import Outcome
@@ -187,9 +187,8 @@ class LiveCounters:
             meanwhile: a rebuild from an older snapshot would drop claims made since.
         """
         meta, seen, pages_key, totals_key = run_keys(flow, run_id)
-        seen_items = [(key, _page(page)) for key, page in claims.items()]
-        page_items = [(_page(i), ",".join(map(str, c.as_tuple()))) for i, c in pages.items()]
-        total = sum(pages.values(), Counts())
+        for page in (*claims.values(), *pages):
+            _page(page)  # a bad index fails before any I/O
 
         def op(client: redis.Redis) -> bool:
             with client.pipeline(transaction=True) as pipe:
@@ -197,22 +196,10 @@ class LiveCounters:
                     pipe.watch(meta, seen, pages_key)
                     if _keep(pipe, meta, seen, pages_key, force=force, restore_of=restore_of):
                         return False
+                    # A rebuild after a loss keeps the mark of the reopening it restores.
+                    marked = pipe.hget(meta, RESTORED_FIELD) if restore_of is None else restore_of
                     pipe.multi()
-                    pipe.delete(seen, pages_key, totals_key, meta)
-                    for key, items in ((seen, seen_items), (pages_key, page_items)):
-                        for start in range(0, len(items), _CHUNK):
-                            pipe.hset(key, mapping=dict(items[start : start + _CHUNK]))
-                    pipe.hset(totals_key, mapping={f: getattr(total, f) for f in COUNT_FIELDS})
-                    pipe.hset(
-                        meta,
-                        mapping={
-                            "created_at": _now(),
-                            "rebuilt_at": _now(),
-                            "claims": len(seen_items),
-                            "pages": len(page_items),
-                            **({} if restore_of is None else {RESTORED_FIELD: restore_of}),
-                        },
-                    )
+                    _rewrite(pipe, (meta, seen, pages_key, totals_key), claims, pages, marked)
                     for key in (seen, pages_key, totals_key, meta):
                         pipe.expire(key, self.key_ttl_seconds)
                     # One MULTI/EXEC: no claim ever sees a half-rebuilt run.
@@ -243,6 +230,11 @@ class LiveCounters:
             return removed
 
         return self._run(op) if runs else 0
+
+    def forget_final_runs(self, runs: Sequence[tuple[str, str, int]]) -> int:
+        """Remove the keys of each published ``(flow, run_id, revision)``, except a run's that
+        a re-execution reopened and restored since (``lua_final``); how many keys went."""
+        return self._run(lambda client: lua_final.forget_final_runs(client, runs)) if runs else 0
 
     def stray_runs(self) -> list[tuple[str, str]]:
         """``(flow, run_id)`` of every run that has keys in Redis (SCAN, never KEYS)."""
@@ -321,6 +313,30 @@ class LiveCounters:
             )
         )
         return done is not Outcome.LOST
+
+
+def _rewrite(
+    pipe: Any,
+    keys: tuple[str, str, str, str],
+    claims: Mapping[str, int],
+    pages: Mapping[int, Counts],
+    marked: object,
+) -> None:
+    """Queue the writes of a run's whole state (in a MULTI): claims, pages, totals, meta."""
+    meta, seen, pages_key, totals_key = keys
+    seen_items = [(key, str(page)) for key, page in claims.items()]
+    page_items = [(str(i), ",".join(map(str, c.as_tuple()))) for i, c in pages.items()]
+    total = sum(pages.values(), Counts())
+    pipe.delete(seen, pages_key, totals_key, meta)
+    for key, items in ((seen, seen_items), (pages_key, page_items)):
+        for start in range(0, len(items), _CHUNK):
+            pipe.hset(key, mapping=dict(items[start : start + _CHUNK]))
+    pipe.hset(totals_key, mapping={f: getattr(total, f) for f in COUNT_FIELDS})
+    state = {"created_at": _now(), "rebuilt_at": _now()}
+    sizes = {"claims": len(seen_items), "pages": len(page_items)}
+    pipe.hset(
+        meta, mapping={**state, **sizes, **({} if marked is None else {RESTORED_FIELD: marked})}
+    )
 
 
 def _keep(

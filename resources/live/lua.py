@@ -4,7 +4,9 @@ The scripts live next to their typed wrappers, one module per concern:
 
 - ``resources.live.lua_pages``: a page step claims a page's record keys and records its counts;
 - ``resources.live.lua_rq``: pages whose jobs go to RQ workers (dispatch="rq"): the page's
-  counts at dispatch, the workers' acks, and the removal of a final run's queued jobs.
+  counts at dispatch, the workers' acks, and the removal of a final run's queued jobs;
+- ``resources.live.lua_final``: a published run's keys removed, unless a re-execution has
+  restored them since.
 
 Every script is a literal module constant, its KEYS/ARGV/return contract in the comment
 right above it. The run-counter scripts share these rules:

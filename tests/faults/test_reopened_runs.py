@@ -33,7 +33,8 @@ from resources.counts import Counts
 from resources.flow_run import FlowRun
 from resources.ledger.ledger import Ledger
 from resources.ledger.records import FinalState, PageRecord, RunRow
-from resources.live.counters import LiveCounters
+from resources.live.counters import RESTORED_FIELD, LiveCounters
+from resources.live.lua_final import FORGET_FINAL_RUN
 from sensors.finalizer import FlowPolicy, finalize_runs
 from sensors.publish import publish_final_runs
 from tests.dagster import settle_flows
@@ -275,50 +276,18 @@ def test_a_plan_step_reading_past_the_deadline_keeps_its_run_alive(
     assert_counts(row, Counts(source=3, dispatched=3, completed=3))
 
 
-# -------------------------------------- two re-executions of one run, launched side by side
-
-
-def test_a_run_waits_while_any_dagster_run_of_its_group_still_works(
-    sqlite_url: str, redis_url: str
-) -> None:
-    """Two re-executions of a failed run were launched side by side; the newer one failed
-    at once while the older one still works. The run is not decided until that one ends
-    (deciding by the newest run alone finalized it, then refused the older run's pages)."""
-    store, counters = Ledger(url=sqlite_url), LiveCounters(url=redis_url)
-    flow = Flow(name="twice", source=NoSource(), key="id", handler=lambda batch: None)
-    root, job = "twice-root", "twice_job"
-    store.start_run(root, flow.name, None, T0, flow.run_policy())
-    store.record_plan(root, 1, None)
-    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
-    group: dict[str, Any] = {
-        "tags": {ROOT_RUN_ID_TAG: root},
-        "root_run_id": root,
-        "parent_run_id": root,
-    }
-    with dg.DagsterInstance.ephemeral() as instance:
-        dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
-        older = dagster_run(instance, job, "older", dg.DagsterRunStatus.STARTED, **group)
-        time.sleep(0.05)  # the newer one is created later (runs are ordered by creation)
-        dagster_run(instance, job, "newer", dg.DagsterRunStatus.FAILURE, **group)
-        waiting = finalize_runs(instance, store, counters, {})
-        assert waiting.finalized == {} and root in waiting.waiting
-
-        instance.delete_run(older.run_id)
-        dagster_run(instance, job, older.run_id, dg.DagsterRunStatus.SUCCESS, **group)
-        decided = finalize_runs(instance, store, counters, {})
-    assert root in decided.finalized
-
-
 # ------------------------------------------- no loss note where Redis lost nothing
 
 
+@pytest.mark.parametrize("keys_at_reopen", ["removed at publish", "outlived the finalization"])
 def test_the_reopening_step_restoring_late_keeps_the_claims_of_steps_that_joined_first(
-    database_url: str, redis_url: str
+    database_url: str, redis_url: str, keys_at_reopen: str
 ) -> None:
     """Step A reopens the run, then (while it tags the group's Dagster runs) step B joins,
-    restores the removed Redis state and claims page 1; only then does A restore. A does
-    not overwrite B's claim: step C's page 2 finds k taken, no page is realigned, and the
-    final row carries no note of a Redis loss that never was."""
+    restores the Redis state and claims page 1; only then does A restore. A does not
+    overwrite B's claim: step C's page 2 finds k taken, no page is realigned, and the final
+    row carries no note of a Redis loss that never was. Whether the finalization removed the
+    run's keys, or they outlived it (reopened before it was published, Redis down then)."""
     store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     handled: Counter[str] = Counter()
     flow = Flow(name="late_restore", source=NoSource(), key="id", handler=handled_by(handled))
@@ -329,7 +298,11 @@ def test_the_reopening_step_restoring_late_keeps_the_claims_of_steps_that_joined
     store.record_plan(root, 3, None)
     with dg.DagsterInstance.ephemeral() as instance:
         dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
-        assert finalize_runs(instance, store, counters, {}).finalized == {root: "failed"}
+        if keys_at_reopen == "removed at publish":
+            assert finalize_runs(instance, store, counters, {}).finalized == {root: "failed"}
+        else:
+            final = FinalState(root, "failed", Counts(1, 1, completed=1), 1, T0, "stalled")
+            assert store.finalize_many([final]) == [root]
         group: dict[str, Any] = {
             "parent_run_id": root,
             "root_run_id": root,
@@ -415,6 +388,60 @@ def test_a_run_reopened_while_it_is_published_keeps_its_redis_state_and_running_
         assert status_tag(instance, rerun.run_id) == "running"
         process_pages(flow, root, [Page(1, [{"id": "b"}])], counters, store)
     assert store.runs(run_id=root)[0].counter_mismatch is None
+
+
+class ReopenAfterMark(Ledger):
+    """The ledger; once, right after the publisher marked its rows published, a
+    re-execution reopens the run and restores its Redis state (``then``)."""
+
+    then: Any = None
+
+    def mark_published(self, rows: Any, at: datetime) -> list[str]:
+        marked = super().mark_published(rows, at)
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return marked
+
+
+def test_a_run_reopened_right_after_it_was_marked_published_keeps_its_redis_state(
+    database_url: str, redis_url: str
+) -> None:
+    """The publisher removes a published run's keys only if no re-execution restored them
+    since (one Lua script: check and delete): the re-execution's next page finds its state,
+    and no Redis loss is noted."""
+    store, counters = ReopenAfterMark(url=database_url), LiveCounters(url=redis_url)
+    flow = Flow(name="after_mark", source=NoSource(), key="id", handler=lambda batch: None)
+    root, job = "root-run", "after_mark_job"
+    store.start_run(root, flow.name, None, T0, flow.run_policy())
+    counters.start_run(flow.name, root)
+    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
+    store.record_plan(root, 2, None)
+    with dg.DagsterInstance.ephemeral() as instance:
+        dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
+        rerun = dg.DagsterRun(
+            job_name=job,
+            run_id="rerun",
+            status=dg.DagsterRunStatus.STARTED,
+            parent_run_id=root,
+            root_run_id=root,
+            tags={ROOT_RUN_ID_TAG: root},
+        )
+
+        def reexecution_joins() -> None:
+            instance.add_run(rerun)
+            assert join_flow_run(step_context(instance, rerun), flow, store, counters) == root
+
+        store.then = reexecution_joins
+        report = finalize_runs(instance, store, counters, {})
+        assert [row.run_id for row in report.published] == [root]
+        assert counters.totals(flow.name, root) is not None
+        process_pages(flow, root, [Page(1, [{"id": "b"}])], counters, store)
+    assert store.runs(run_id=root)[0].counter_mismatch is None
+
+
+def test_the_restore_mark_is_the_field_the_forget_script_reads() -> None:
+    assert f"'{RESTORED_FIELD}'" in FORGET_FINAL_RUN
 
 
 # ----------------------------------- a stalled run whose Dagster run never says it ended
