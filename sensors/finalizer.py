@@ -25,7 +25,7 @@ from resources.live.counters import LiveCounters
 from resources.redaction import redact_text
 from resources.run_policy import RunPolicy
 from sensors.classify import RunSnapshot, RunState, Tolerance, Verdict, classify
-from sensors.publish import dagster_run_groups, publish_final_runs
+from sensors.publish import dagster_run_groups, publish_final_runs, tag_group
 from sensors.settle import cancel_queued_jobs
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,7 @@ def _reopen_late_successes(
             row.run_id,
             why,
         )
+        tag_group(instance, groups, row.run_id, "running")  # as a re-execution tags it
         # Its finalization removed its Redis state, which RQ acks still update: restore it
         # (not a loss, no note) rather than have the next ack report it lost.
         with contextlib.suppress(CountersUnavailableError):  # the next ack notes it

@@ -87,10 +87,10 @@ def _publish_chunk(
         store_materializations(instance, [final_materialization(row) for row in flow_rows])
     for row in rows:
         instance.report_runless_asset_event(final_check(row))
-        _tag_group(instance, groups, row.run_id, row.flow_status)
+        tag_group(instance, groups, row.run_id, row.flow_status)
 
 
-def _tag_group(
+def tag_group(
     instance: dg.DagsterInstance, groups: Mapping[str, list[dg.RunRecord]], run_id: str, status: str
 ) -> None:
     """Every Dagster run of the group shows the flow run's current status: a re-execution
@@ -110,7 +110,7 @@ def _retag_reopened(
     current = store.statuses([row.run_id for row in rows]) if rows else {}
     for run_id, (status, _) in current.items():
         if status == "running":
-            _tag_group(instance, groups, run_id, status)
+            tag_group(instance, groups, run_id, status)
 
 
 def dagster_run_groups(

@@ -479,6 +479,7 @@ def test_jobs_of_a_stalled_run_whose_dagster_run_never_ends_count_when_they_repo
 
         reopened = finalize_runs(instance, store, counters, {})
         assert reopened.reopened == [run_id] and run_id in reopened.waiting
+        assert status_tag(instance, run_id) == "running"  # not the stalled verdict's
         assert store.page_totals([run_id])[run_id].counts == Counts(3, 3, completed=3)
         much_later = datetime.now(timezone.utc) + timedelta(minutes=6)
         stalled = finalize_runs(instance, store, counters, {}, now=much_later)
