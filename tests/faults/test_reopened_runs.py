@@ -65,6 +65,17 @@ def dagster_run(
     return run
 
 
+def first_attempt(
+    flow: Flow, run_id: str, store: Ledger, counters: LiveCounters, *, planned: int
+) -> None:
+    """The flow run's first Dagster run, as far as the ledger and Redis know it: ``planned``
+    pages planned, page 0 (record ``a``) recorded."""
+    store.start_run(run_id, flow.name, None, T0, flow.run_policy())
+    counters.start_run(flow.name, run_id)
+    process_pages(flow, run_id, [Page(0, [{"id": "a"}])], counters, store)
+    store.record_plan(run_id, planned, None)
+
+
 def step_context(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Any:
     """What ``join_flow_run`` reads of an op's context: its run and its instance."""
     return SimpleNamespace(run=run, instance=instance)
@@ -92,10 +103,7 @@ def test_a_reopened_run_flushed_between_a_claim_and_its_prewrite_hands_each_key_
 
     flow = Flow(name="reopened", source=NoSource(), key="id", handler=handler)
     root, job = "root-run", "reopened_job"
-    store.start_run(root, flow.name, None, T0, flow.run_policy())
-    counters.start_run(flow.name, root)
-    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
-    store.record_plan(root, 3, None)
+    first_attempt(flow, root, store, counters, planned=3)
     with dg.DagsterInstance.ephemeral() as instance:
         dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
         report = finalize_runs(instance, store, counters, {flow.name: FlowPolicy()})
@@ -182,14 +190,7 @@ def test_rq_jobs_dispatched_while_a_run_awaits_its_dagster_run_count_when_it_end
     finalizing did not cancel them. When the Dagster run ends the run is reopened and
     decided again: completed, every job counted, Redis restored rather than reported lost."""
     monkeypatch.setenv("FLOW_DATABASE_URL", database_url)  # the workers' ledger
-    flow = Flow(
-        name="late_orders",  # a flow the workers load (tests.dagster.rq_flows.WORKER_FLOWS)
-        source=NoSource(),
-        key="id",
-        handler=settle_flows.handle,
-        dispatch=RqDispatch(retries=0, job_timeout=60),
-        deadline=timedelta(minutes=5),
-    )
+    flow = worker_flow()
     store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     run_id, job = "awaited", f"{flow.name}_job"
     store.start_run(run_id, flow.name, None, T0, flow.run_policy())
@@ -218,6 +219,18 @@ def test_rq_jobs_dispatched_while_a_run_awaits_its_dagster_run_count_when_it_end
     row = store.runs(run_id=run_id)[0]
     assert_counts(row, Counts(source=4, dispatched=4, completed=4))
     assert row.counter_mismatch is None
+
+
+def worker_flow() -> Flow:
+    """An RQ flow the test workers load (``tests.dagster.rq_flows.WORKER_FLOWS``)."""
+    return Flow(
+        name="late_orders",
+        source=NoSource(),
+        key="id",
+        handler=settle_flows.handle,
+        dispatch=RqDispatch(retries=0, job_timeout=60),
+        deadline=timedelta(minutes=5),
+    )
 
 
 def wait_until(ready: Any, what: str, timeout_s: float = 60.0) -> None:
@@ -292,10 +305,7 @@ def test_the_reopening_step_restoring_late_keeps_the_claims_of_steps_that_joined
     handled: Counter[str] = Counter()
     flow = Flow(name="late_restore", source=NoSource(), key="id", handler=handled_by(handled))
     root, job = "root-run", "late_restore_job"
-    store.start_run(root, flow.name, None, T0, flow.run_policy())
-    counters.start_run(flow.name, root)
-    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
-    store.record_plan(root, 3, None)
+    first_attempt(flow, root, store, counters, planned=3)
     with dg.DagsterInstance.ephemeral() as instance:
         dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
         if keys_at_reopen == "removed at publish":
@@ -341,29 +351,41 @@ def handled_by(handled: Counter[str]) -> Any:
 
 
 class ReopenWhilePublishing(Ledger):
-    """The ledger; once, right after the publisher checked its rows are still final, a
-    re-execution reopens the run (``then``)."""
+    """The ledger; once, right after the publisher's step ``at`` (``statuses``: it checked
+    its rows are still final; ``mark_published``: it marked them), a re-execution reopens
+    the run and restores its Redis state (``then``)."""
 
+    at: str = ""
     then: Any = None
+
+    def _fire(self, step: str) -> None:
+        then, self.then = (self.then, None) if step == self.at else (None, self.then)
+        if then is not None:
+            then()
 
     def statuses(self, run_ids: Any) -> Any:
         found = super().statuses(run_ids)
-        then, self.then = self.then, None
-        if then is not None:
-            then()
+        self._fire("statuses")
         return found
 
+    def mark_published(self, rows: Any, at: datetime) -> list[str]:
+        marked = super().mark_published(rows, at)
+        self._fire("mark_published")
+        return marked
 
+
+@pytest.mark.parametrize("reopened_after", ["statuses", "mark_published"])
 def test_a_run_reopened_while_it_is_published_keeps_its_redis_state_and_running_tag(
-    database_url: str, redis_url: str
+    database_url: str, redis_url: str, reopened_after: str
 ) -> None:
+    """Reopened after the publisher checked the row, it is not marked published and keeps
+    its keys; reopened right after the mark, its keys are kept too (the publisher's delete
+    and its check of the restore mark are one Lua script). Either way the re-execution's
+    next page finds its state, no Redis loss is noted, and its Dagster runs say running."""
     store, counters = ReopenWhilePublishing(url=database_url), LiveCounters(url=redis_url)
     flow = Flow(name="reopened_pub", source=NoSource(), key="id", handler=lambda batch: None)
     root, job = "root-run", "reopened_pub_job"
-    store.start_run(root, flow.name, None, T0, flow.run_policy())
-    counters.start_run(flow.name, root)
-    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
-    store.record_plan(root, 2, None)
+    first_attempt(flow, root, store, counters, planned=2)
     with dg.DagsterInstance.ephemeral() as instance:
         dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
         rerun = dg.DagsterRun(
@@ -379,63 +401,15 @@ def test_a_run_reopened_while_it_is_published_keeps_its_redis_state_and_running_
             instance.add_run(rerun)
             assert join_flow_run(step_context(instance, rerun), flow, store, counters) == root
 
-        store.then = reexecution_joins
+        store.at, store.then = reopened_after, reexecution_joins
         report = finalize_runs(instance, store, counters, {})
-        assert report.finalized == {root: "failed"} and report.published == []
+        assert report.finalized == {root: "failed"}
+        marked = reopened_after == "mark_published"
+        assert [row.run_id for row in report.published] == ([root] if marked else [])
         assert store.runs(run_id=root)[0].flow_status == "running"
         assert counters.totals(flow.name, root) is not None  # not removed under its steps
         assert status_tag(instance, root) == "running"
         assert status_tag(instance, rerun.run_id) == "running"
-        process_pages(flow, root, [Page(1, [{"id": "b"}])], counters, store)
-    assert store.runs(run_id=root)[0].counter_mismatch is None
-
-
-class ReopenAfterMark(Ledger):
-    """The ledger; once, right after the publisher marked its rows published, a
-    re-execution reopens the run and restores its Redis state (``then``)."""
-
-    then: Any = None
-
-    def mark_published(self, rows: Any, at: datetime) -> list[str]:
-        marked = super().mark_published(rows, at)
-        then, self.then = self.then, None
-        if then is not None:
-            then()
-        return marked
-
-
-def test_a_run_reopened_right_after_it_was_marked_published_keeps_its_redis_state(
-    database_url: str, redis_url: str
-) -> None:
-    """The publisher removes a published run's keys only if no re-execution restored them
-    since (one Lua script: check and delete): the re-execution's next page finds its state,
-    and no Redis loss is noted."""
-    store, counters = ReopenAfterMark(url=database_url), LiveCounters(url=redis_url)
-    flow = Flow(name="after_mark", source=NoSource(), key="id", handler=lambda batch: None)
-    root, job = "root-run", "after_mark_job"
-    store.start_run(root, flow.name, None, T0, flow.run_policy())
-    counters.start_run(flow.name, root)
-    process_pages(flow, root, [Page(0, [{"id": "a"}])], counters, store)
-    store.record_plan(root, 2, None)
-    with dg.DagsterInstance.ephemeral() as instance:
-        dagster_run(instance, job, root, dg.DagsterRunStatus.FAILURE)
-        rerun = dg.DagsterRun(
-            job_name=job,
-            run_id="rerun",
-            status=dg.DagsterRunStatus.STARTED,
-            parent_run_id=root,
-            root_run_id=root,
-            tags={ROOT_RUN_ID_TAG: root},
-        )
-
-        def reexecution_joins() -> None:
-            instance.add_run(rerun)
-            assert join_flow_run(step_context(instance, rerun), flow, store, counters) == root
-
-        store.then = reexecution_joins
-        report = finalize_runs(instance, store, counters, {})
-        assert [row.run_id for row in report.published] == [root]
-        assert counters.totals(flow.name, root) is not None
         process_pages(flow, root, [Page(1, [{"id": "b"}])], counters, store)
     assert store.runs(run_id=root)[0].counter_mismatch is None
 
@@ -453,14 +427,7 @@ def test_jobs_of_a_stalled_run_whose_dagster_run_never_ends_count_when_they_repo
     """As above, but the Dagster run stays STARTED for good (its run worker died, no run
     monitoring). The jobs' outcomes reopen the run: they count, none is called lost."""
     monkeypatch.setenv("FLOW_DATABASE_URL", database_url)
-    flow = Flow(
-        name="late_orders",
-        source=NoSource(),
-        key="id",
-        handler=settle_flows.handle,
-        dispatch=RqDispatch(retries=0, job_timeout=60),
-        deadline=timedelta(minutes=5),
-    )
+    flow = worker_flow()
     store, counters = Ledger(url=database_url), LiveCounters(url=redis_url)
     run_id = "stuck"
     store.start_run(run_id, flow.name, None, T0, flow.run_policy())
