@@ -85,19 +85,18 @@ class FlowRun:
         ):
             self.rebuild()
 
-    def rebuild(self, *, note: str | None = LOST_MID_RUN) -> None:
-        """Restore Redis's dedup claims and live totals from the ledger.
+    def rebuild(self) -> None:
+        """Redis lost the run: restore its dedup claims and live totals from the ledger.
 
-        The loss is noted on the run (``note``) *before* the ledger is read: a pre-write
-        that did not see the note committed before it, so this read has its keys. None: no
-        loss (see ``restore_reopened``)."""
-        if note is not None:
-            log.warning(
-                "flow %s run %s: Redis lost the run's state; rebuilding it from the SQL ledger",
-                self.flow_name,
-                self.run_id,
-            )
-            self.store.note_counter_mismatch(self.run_id, note)
+        The loss is noted on the run *before* the ledger is read: a pre-write that did not
+        see the note committed before it, so this read has its keys. (A run reopened after
+        its finalization is restored without a note: ``restore_reopened``.)"""
+        log.warning(
+            "flow %s run %s: Redis lost the run's state; rebuilding it from the SQL ledger",
+            self.flow_name,
+            self.run_id,
+        )
+        self.store.note_counter_mismatch(self.run_id, LOST_MID_RUN)
         self._restore(force=False)
 
     def restore_reopened(self, revision: int) -> None:
