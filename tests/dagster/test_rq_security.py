@@ -476,10 +476,10 @@ def test_a_flow_runs_through_the_advised_acl_user_and_nothing_else_does(
     instance: dg.DagsterInstance,
     tmp_path: Path,
 ) -> None:
-    """Dagster, the finalizer and a real forking worker all use the advised ACL user: the
-    flow runs and is finalized with exact counts, and the server refused the user nothing
-    but redis-py's optional ``CLIENT`` calls. The same user cannot touch other keys, run
-    server commands, or flush the server."""
+    """Dagster, the finalizer and a real forking worker all use the advised ACL user: an
+    RQ flow and an inline flow run and are finalized with exact counts, and the server
+    refused the user nothing but redis-py's optional ``CLIENT`` calls. The same user
+    cannot touch other keys, run server commands, or flush the server."""
     acl_url = redis_url.replace("redis://", f"redis://flows:{PASSWORD}@")
     records = [{"id": f"o{n}", "fail": n % 10 == 3} for n in range(40)]
     data = tmp_path / "orders.jsonl"
@@ -492,7 +492,12 @@ def test_a_flow_runs_through_the_advised_acl_user_and_nothing_else_does(
         dispatch=RqDispatch(batch_size=4),
         max_failed_jobs=0.2,
     )
-    defs = make_defs([flow], acl_url, sqlite_url)
+    inline = Flow(
+        name="acl_inline", source=FileSource(str(data), page_size=10), key="id", handler=len
+    )
+    defs = make_defs([flow, inline], acl_url, sqlite_url)
+    inline_run = run_flow(defs, inline.name, instance)  # pipelined scripts on a cold server
+    assert inline_run.success
     store = Ledger(url=sqlite_url)
     env = {"FLOW_DATABASE_URL": sqlite_url}
     with rq_workers(1, FLOW, acl_url, env, tmp_path, "rq.worker.Worker") as workers:
@@ -507,6 +512,9 @@ def test_a_flow_runs_through_the_advised_acl_user_and_nothing_else_does(
     row = row_of(sqlite_url, result.run_id)
     assert (row.flow_status, row.counter_mismatch) == ("partial_success", None)
     assert_counts(row, Counts(40, 40, completed=36, failed=4))
+    inline_row = row_of(sqlite_url, inline_run.run_id)
+    assert (inline_row.flow_status, inline_row.counter_mismatch) == ("completed", None)
+    assert_counts(inline_row, Counts(40, 40, completed=40))
     assert run_keys_left(acl_url) == []
     # redis-py tries CLIENT SETINFO / MAINT_NOTIFICATIONS on connect and ignores a refusal.
     assert refused_commands(admin) <= {"client"}
