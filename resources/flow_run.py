@@ -105,6 +105,8 @@ class FlowRun:
         it while reopening counted late outcomes in the ledger), unless a step of the
         re-execution restored it already (it may have claimed keys since). Not a loss: no
         note; the ledger decides every key of a reopened run anyway."""
+        if self.counters.restored_for(self.flow_name, self.run_id) == revision:
+            return  # the usual case for every step but the first: no ledger read
         claims, counts = self.store.claimed_keys(self.run_id), self.store.page_counts(self.run_id)
         self.counters.rebuild(self.flow_name, self.run_id, claims, counts, restore_of=revision)
 

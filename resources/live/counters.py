@@ -210,6 +210,12 @@ class LiveCounters:
 
         return self._run(op)
 
+    def restored_for(self, flow: str, run_id: str) -> int | None:
+        """The revision of the reopening whose restore the run's state is, if any
+        (``rebuild(restore_of=...)``)."""
+        mark = self._run(lambda client: client.hget(run_key(flow, run_id, "meta"), RESTORED_FIELD))
+        return None if mark is None else int(mark)
+
     def delete_run(self, flow: str, run_id: str) -> int:
         """Remove every key of the run; the number of keys removed."""
         return self.delete_runs([(flow, run_id)])

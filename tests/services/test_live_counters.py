@@ -497,3 +497,14 @@ def test_embedded_server_under_a_too_deep_home_is_a_configuration_error(tmp_path
         ensure_embedded_redis(home)
     assert "FLOW_REDIS_URL" in str(caught.value)
     assert not home.exists()
+
+
+def test_a_restore_of_a_reopened_run_is_marked_once_and_kept_by_a_rebuild(redis_url: str) -> None:
+    counters = LiveCounters(url=redis_url)
+    pages = {0: Counts(source=1, dispatched=1, completed=1)}
+    assert counters.restored_for("orders", "r") is None
+    assert counters.rebuild("orders", "r", {"a": 0}, pages, restore_of=3)
+    assert counters.restored_for("orders", "r") == 3
+    assert not counters.rebuild("orders", "r", {}, {}, restore_of=3)  # done already: kept
+    assert counters.rebuild("orders", "r", {"a": 0}, pages, force=True)  # after a loss
+    assert counters.restored_for("orders", "r") == 3
