@@ -128,11 +128,15 @@ def store(database_url: str) -> Ledger:
 
 
 @pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    """A temporary Dagster instance (imported here: unit tests do not pay for Dagster)."""
+def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
+    """A temporary Dagster instance, its storage and compute logs under the test's
+    ``tmp_path`` (where the security tests search every output for secrets). Dagster is
+    imported here: unit tests do not pay for it."""
     import dagster as dg
 
-    with dg.instance_for_test() as test_instance:
+    home = tmp_path / "dagster_instance"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as test_instance:
         yield test_instance
 
 

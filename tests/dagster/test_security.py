@@ -47,14 +47,6 @@ PATH = "/orders"
 
 
 @pytest.fixture
-def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as test_instance:
-        yield test_instance
-
-
-@pytest.fixture
 def secret_pg_url(postgres_url: str) -> str:
     """The test database, reached with a password (the test server trusts local users)."""
     url = postgres_url.replace("://postgres@", f"://postgres:{PASSWORD}@", 1)

@@ -7,11 +7,9 @@ would (a message quoting a record, chained to another quoting more)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import pytest
 
 from devservers import free_port
 from flow_assets.dispatch import JobBatch
@@ -23,14 +21,6 @@ from tests.flowkit import make_defs, row_of, run_flow, tick
 
 SECRET = "S3CRET-client-xyz123"
 EMAIL = "alice.liddell@example.com"
-
-
-@pytest.fixture
-def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as test_instance:
-        yield test_instance
 
 
 class DriverLikeSource:

@@ -35,15 +35,6 @@ PERSONAL = (EMAIL, "555-867-5309", SSN, TOKEN)
 MESSAGE = f"duplicate customer {EMAIL} phone {PHONE} ssn={SSN} session {TOKEN}"
 
 
-@pytest.fixture
-def instance(tmp_path: Path) -> Any:
-    """An instance whose storage (and compute logs) is on disk, to be searched too."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as test_instance:
-        yield test_instance
-
-
 def orders_file(tmp_path: Path) -> Path:
     path = tmp_path / "orders.jsonl"
     path.write_text("".join(json.dumps({"id": i, "email": EMAIL}) + "\n" for i in range(30)))
