@@ -131,8 +131,13 @@ def test_the_package_s_jobs_are_json_in_redis(
 
 # -------------------------------------------------------------------------- real workers
 
+# Every guard must hold in the worker process (SimpleWorker) and in its forked work horse.
+EITHER_WORKER = pytest.mark.parametrize(
+    "worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"]
+)
 
-@pytest.mark.parametrize("worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"])
+
+@EITHER_WORKER
 def test_a_pickled_job_runs_nothing_and_the_worker_goes_on(
     worker_class: str,
     started: tuple[Flow, LiveCounters, Ledger],
@@ -254,7 +259,7 @@ def hostile_job(connection: redis.Redis, job_id: str, data: list[Any]) -> None:
     connection.hset(Job.key_for(job_id), "data", zlib.compress(json.dumps(data).encode()))
 
 
-@pytest.mark.parametrize("worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"])
+@EITHER_WORKER
 def test_a_job_naming_an_instance_or_another_function_runs_nothing(
     worker_class: str,
     started: tuple[Flow, LiveCounters, Ledger],
@@ -302,7 +307,7 @@ def stored_in_redis(connection: redis.Redis, job_id: str) -> str:
     return "\n".join([*shown, result.exc_string or "", json.dumps(result.return_value)])
 
 
-@pytest.mark.parametrize("worker_class", ["rq.worker.SimpleWorker", "rq.worker.Worker"])
+@EITHER_WORKER
 def test_a_handler_s_error_reaches_rq_masked_and_the_failure_rows_whole(
     worker_class: str,
     started: tuple[Flow, LiveCounters, Ledger],
