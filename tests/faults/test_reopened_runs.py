@@ -35,6 +35,7 @@ from resources.ledger.ledger import Ledger
 from resources.ledger.records import FinalState, PageRecord, RunRow
 from resources.live.counters import RESTORED_FIELD, LiveCounters
 from resources.live.lua_final import FORGET_FINAL_RUN
+from sensors.cleanup import remove_stray_keys
 from sensors.finalizer import FlowPolicy, finalize_runs
 from sensors.publish import publish_final_runs
 from tests.dagster import settle_flows
@@ -454,3 +455,28 @@ def test_jobs_of_a_stalled_run_whose_dagster_run_never_ends_count_when_they_repo
     row = store.runs(run_id=run_id)[0]
     assert_counts(row, Counts(source=3, dispatched=3, completed=3))
     assert row.counter_mismatch is None
+
+
+def test_cleanup_keeps_the_keys_a_reexecution_restored_after_it_looked(
+    database_url: str, redis_url: str
+) -> None:
+    """The periodic cleanup found a final run's keys left behind; before it removed them a
+    re-execution reopened the run and restored its state. The cleanup's delete is the
+    publisher's (check the restore mark and delete in one script): the state stays."""
+    store, counters = ReopenWhilePublishing(url=database_url), LiveCounters(url=redis_url)
+    flow = Flow(name="stray", source=NoSource(), key="id", handler=lambda batch: None)
+    root = "root-run"
+    first_attempt(flow, root, store, counters, planned=2)
+    final = FinalState(root, "failed", Counts(1, 1, completed=1), 1, T0, "step crashed")
+    assert store.finalize_many([final]) == [root]  # not published: its keys are left
+
+    def reexecution_restores() -> None:
+        assert store.reopen(root)
+        FlowRun(flow.name, root, store, counters).restore_reopened(1)
+
+    store.at, store.then = "statuses", reexecution_restores
+    strays = remove_stray_keys(store, counters)
+    assert [(stray.run_id, stray.flow_status, stray.revision) for stray in strays] == [
+        (root, "failed", 1)
+    ]
+    assert counters.totals(flow.name, root) is not None
