@@ -47,15 +47,15 @@ BATCH = DEFAULT_BATCH_SIZE  # the sensor's default
 
 #: Tick phases: label -> (file suffix, function) whose cumulative time it is.
 TICK_PHASES: dict[str, tuple[str, str]] = {
-    "ledger: running_runs": ("resources/ledger/metrics_store.py", "running_runs"),
-    "ledger: page_totals": ("resources/ledger/metrics_store.py", "page_totals"),
+    "ledger: running_runs": ("resources/ledger/ledger.py", "running_runs"),
+    "ledger: page_totals": ("resources/ledger/ledger.py", "page_totals"),
     "Dagster: dagster_run_groups (2 get_run_records)": (
         "sensors/publish.py",
         "dagster_run_groups",
     ),
-    "Redis: totals_many (pipelined)": ("resources/live/redis_counters.py", "totals_many"),
+    "Redis: totals_many (pipelined)": ("resources/live/counters.py", "totals_many"),
     "ledger: finalize_many (one transaction)": (
-        "resources/ledger/metrics_store.py",
+        "resources/ledger/ledger.py",
         "finalize_many",
     ),
     "Dagster: materializations, one event-log batch per flow": (
@@ -70,9 +70,9 @@ TICK_PHASES: dict[str, tuple[str, str]] = {
         "dagster/_core/instance/methods/run_methods.py",
         "add_run_tags",
     ),
-    "Redis: delete_runs (pipelined)": ("resources/live/redis_counters.py", "delete_runs"),
-    "ledger: unpublished_runs": ("resources/ledger/metrics_store.py", "unpublished_runs"),
-    "ledger: mark_published": ("resources/ledger/metrics_store.py", "mark_published"),
+    "Redis: forget_final_runs (pipelined)": ("resources/live/counters.py", "forget_final_runs"),
+    "ledger: unpublished_runs": ("resources/ledger/ledger.py", "unpublished_runs"),
+    "ledger: mark_published": ("resources/ledger/ledger.py", "mark_published"),
 }
 _TICK_TOTAL = ("sensors/sensor.py", "finalize_flow_runs")
 

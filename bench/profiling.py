@@ -22,18 +22,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Hot-path phases: label -> (file suffix, function) whose cumulative time it is.
 HOT_PATH_PHASES: dict[str, tuple[str, str]] = {
     "validate records (Python, per record)": ("flow_assets/validation.py", "validate_records"),
-    "Redis claim_page (Lua dedup)": ("resources/live/redis_counters.py", "claim_page"),
+    "Redis claim_page (Lua dedup)": ("resources/live/counters.py", "claim_page"),
     "SQL page ledger: record_pages (pre-write, keys and rejects)": (
-        "resources/ledger/metrics_store.py",
+        "resources/ledger/ledger.py",
         "record_pages",
     ),
     "SQL page ledger: finish_pages (counts, failures)": (
-        "resources/ledger/metrics_store.py",
+        "resources/ledger/ledger.py",
         "finish_pages",
     ),
     "JobBatch build (Python, per record)": ("flow_assets/dispatch.py", "__init__"),
     "JobBatch finish": ("flow_assets/dispatch.py", "finish"),
-    "Redis record_pages (Lua counts)": ("resources/live/redis_counters.py", "record_pages"),
+    "Redis record_pages (Lua counts)": ("resources/live/counters.py", "record_pages"),
 }
 _TOTAL = ("flow_assets/page_step.py", "process_pages")
 
