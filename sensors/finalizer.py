@@ -106,7 +106,7 @@ def finalize_runs(
     now = now or datetime.now(timezone.utc)
     started = time.monotonic()
     report = FinalizeReport()
-    report.reopened = _reopen_late_successes(instance, store, counters, batch_size)
+    report.reopened = _reopen_awaiting_runs(instance, store, counters, batch_size)
     rows = store.running_runs(batch_size)
     if rows:
         groups = dagster_run_groups(instance, [row.run_id for row in rows])
@@ -227,7 +227,7 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
-def _reopen_late_successes(
+def _reopen_awaiting_runs(
     instance: dg.DagsterInstance, store: Ledger, counters: LiveCounters, limit: int
 ) -> list[str]:
     """Runs finalized as stalled while their Dagster run still worked are decided again once

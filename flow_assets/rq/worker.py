@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 
 LOST_ERROR = "lost: the worker running the job died (RQ AbandonedJobError)"
 COUNTERS_LOST = "Redis lost the run's counters while workers acked jobs; totals are the ledger's"
-CONNECT_RETRY_SECONDS = 10.0
 
 
 def run_jobs(
@@ -215,4 +214,4 @@ def acknowledge(
 
 def _ledger() -> Ledger:
     """The ledger of $FLOW_DATABASE_URL (the worker never migrates: ``flowctl db upgrade``)."""
-    return Ledger(auto_migrate=False, connect_retry_seconds=CONNECT_RETRY_SECONDS)
+    return Ledger(auto_migrate=False)
