@@ -386,6 +386,8 @@ def _serve_tls(server: _Server, directory: Path) -> str:
     """Wrap ``server``'s socket in TLS with a new self-signed certificate for 127.0.0.1;
     the certificate's path (a client trusts it as its CA bundle)."""
     cert, key = directory / "cert.pem", directory / "key.pem"
+    if shutil.which("openssl") is None:  # fail, never skip: the TLS tests guard credentials
+        raise RuntimeError("the TLS tests make their certificate with openssl: install it")
     command = (
         "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
         f" -subj /CN={HOST} -addext subjectAltName=IP:{HOST} -keyout {key} -out {cert}"

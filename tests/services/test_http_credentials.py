@@ -6,7 +6,6 @@ headers each server received are checked. Nothing faked."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,9 +36,6 @@ AUTHS = {
     "header": (lambda: HeaderAuth("X-API-Key", TOKEN), "x-api-key"),
 }
 CREDENTIAL_HEADERS = {"authorization", "x-api-key", "x-tenant-key", "cookie"}
-needs_openssl = pytest.mark.skipif(
-    shutil.which("openssl") is None, reason="the TLS server makes its certificate with openssl"
-)
 
 
 def source(
@@ -183,7 +179,6 @@ def test_cookies_go_to_their_origin_only() -> None:
         assert [r.headers.get("Cookie") for r in home.requests[1:]] == ["session=sess-5ecret"] * 2
 
 
-@needs_openssl
 @pytest.mark.parametrize("cross_origin", ["fail", "drop_credentials"])
 @pytest.mark.parametrize("how", ["link", "redirect", "redirect_same_port"])
 def test_https_never_steps_down_to_http(
@@ -209,7 +204,6 @@ def test_https_never_steps_down_to_http(
         assert plain.requests == [] and len(home.requests) == 1
 
 
-@needs_openssl
 def test_https_source_reads_over_tls_with_its_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     with serve_records(RECORDS, 10, style="json_link", tls=True) as home:
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(home.ca_file))

@@ -6,7 +6,6 @@ huge, slow, endless or deeply nested answers. Nothing faked."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from itertools import islice
 from typing import Any
@@ -31,9 +30,6 @@ pytestmark = pytest.mark.services
 
 RECORDS = [{"id": i} for i in range(25)]
 TOKEN = "tok-3e1f-very-secret"
-needs_openssl = pytest.mark.skipif(
-    shutil.which("openssl") is None, reason="the TLS server makes its certificate with openssl"
-)
 
 
 def source(url: str, paginator: BasePaginator, **kwargs: Any) -> HttpJsonSource:
@@ -126,7 +122,7 @@ def test_a_retried_answer_with_a_large_body_is_not_read(content_length: bool) ->
         assert [r.status for r in api.requests][:2] == [503, 200]
 
 
-@pytest.mark.parametrize("tls", [False, pytest.param(True, marks=needs_openssl)])
+@pytest.mark.parametrize("tls", [False, True])
 def test_a_dripping_head_is_cut_at_request_deadline(
     tls: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
